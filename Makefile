@@ -1,0 +1,36 @@
+# repq: `make demo` and `make test` work on a fresh machine (they create .venv and install everything).
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+# The CPU wheel of torch (pinned: an unpinned torch may pull a multi-GB CUDA build).
+TORCH  ?= torch==2.13.0
+STAMP  := $(VENV)/.installed
+
+.PHONY: demo test test-fast data bench-quick bench clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check $(TORCH)
+	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[dev,export]'
+	touch $(STAMP)
+
+demo: $(STAMP)  ## train a small RepVGG on the bundled digits, fuse, quantize with every PTQ recipe
+	$(VENV)/bin/repq demo --out runs/demo
+
+test: $(STAMP)  ## the whole test suite
+	$(PY) -m pytest -q
+
+test-fast: $(STAMP)  ## skip the slow end-to-end tests
+	$(PY) -m pytest -q -m "not slow"
+
+data:  ## Fashion-MNIST from Debian (needs root); digits ship with scikit-learn
+	@test -d /usr/share/datasets/fashion-mnist || (apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist)
+
+bench-quick: $(STAMP)  ## every benchmark in --quick mode (seconds)
+	cd benchmarks && ../$(PY) train_reference.py --quick && ../$(PY) ptq_benchmark.py --quick
+
+bench: $(STAMP) data  ## the recorded benchmarks (tens of minutes on 2 cores), writes docs/results/
+	cd benchmarks && ../$(PY) train_reference.py && ../$(PY) ptq_benchmark.py
+
+clean:
+	rm -rf $(VENV) runs build src/*.egg-info

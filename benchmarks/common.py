@@ -1,0 +1,70 @@
+"""Shared pieces of the benchmark scripts: the cached reference model, the machine line, table writing."""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import sys
+import time
+from datetime import date
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+
+import repq  # noqa: E402
+from repq.checkpoint import atomic_save  # noqa: E402
+
+RESULTS = ROOT / "docs" / "results"
+CACHE = Path(os.environ.get("REPQ_CACHE", ROOT / "runs"))
+
+# The reference model of the PTQ / QAT / export benchmarks: RepVGG-A0 (full width, ImageNet stem) on Fashion-MNIST.
+REFERENCE = {"model": "repvgg_a0", "model_kwargs": {"num_classes": 10, "in_chans": 1, "small_input": False},
+             "data": "fashion-mnist", "train": {"epochs": 6, "batch_size": 128, "lr": 0.1, "weight_decay": 1e-4,
+                                                "label_smoothing": 0.1, "seed": 0}}
+QUICK_REFERENCE = {"model": "repvgg_a0", "model_kwargs": {"num_classes": 10, "in_chans": 1, "small_input": True,
+                                                          "width_scale": 0.25},
+                   "data": "digits", "train": {"epochs": 15, "batch_size": 64, "lr": 0.05, "seed": 0}}
+
+
+def machine() -> str:
+    return (f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
+            f"{torch.get_num_threads()} threads, {date.today().isoformat()}")
+
+
+def reference_checkpoint(quick: bool = False, progress: bool = True) -> Path:
+    """The trained reference checkpoint, trained once and cached under runs/ (REPQ_CACHE)."""
+    spec = QUICK_REFERENCE if quick else REFERENCE
+    path = CACHE / ("reference_quick.pt" if quick else "reference_fmnist_a0.pt")
+    if path.exists():
+        payload = repq.checkpoint.read_checkpoint(path)
+        if payload.get("reference_spec") == spec:
+            return path
+    model = repq.create_model(spec["model"], **spec["model_kwargs"])
+    train_ds = repq.load_dataset(spec["data"], "train")
+    test_ds = repq.load_dataset(spec["data"], "test")
+    history = repq.train(model, train_ds, repq.TrainConfig(**spec["train"]), eval_data=test_ds, progress=progress)
+    repq.save_checkpoint(path, model, reference_spec=spec, history=history)
+    return path
+
+
+def write_result(name: str, markdown: str, data: dict) -> None:
+    """docs/results/NAME.md (table + command + machine) and NAME.json, written atomically."""
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    for suffix, text in ((".md", markdown), (".json", json.dumps(data, indent=2))):
+        target = RESULTS / f"{name}{suffix}"
+        tmp = target.with_suffix(suffix + ".tmp")
+        tmp.write_text(text)
+        tmp.replace(target)
+
+
+def timed(fn, *args, **kwargs):
+    start = time.perf_counter()
+    out = fn(*args, **kwargs)
+    return out, time.perf_counter() - start
+
+
+__all__ = ["CACHE", "QUICK_REFERENCE", "REFERENCE", "RESULTS", "atomic_save", "machine", "reference_checkpoint",
+           "repq", "timed", "write_result"]

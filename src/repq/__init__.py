@@ -1,0 +1,22 @@
+"""repq: quantization of structurally re-parameterized CNNs (RepVGG family).
+
+    model = repq.create_model("repvgg_a0", num_classes=10, in_chans=1, small_input=True)
+    fused = repq.reparameterize(model)
+    qmodel = repq.quantize(model, calib_images, repq.PTQConfig(weight="cfws", activation="improved_kl"))
+    repq.evaluate(qmodel, test_data)
+"""
+from repq.checkpoint import load_checkpoint, load_into, save_checkpoint
+from repq.data import ImageDataset, load_dataset
+from repq.errors import RepqError
+from repq.evaluate import evaluate
+from repq.models import create_model, list_models, register_model
+from repq.ptq import PTQConfig, quantize
+from repq.quant import cfws_split
+from repq.reparam import reparameterize
+from repq.train import TrainConfig, train
+
+__version__ = "0.1.0"
+
+__all__ = ["ImageDataset", "PTQConfig", "RepqError", "TrainConfig", "cfws_split", "create_model", "evaluate",
+           "list_models", "load_checkpoint", "load_dataset", "load_into", "quantize", "register_model",
+           "reparameterize", "save_checkpoint", "train"]

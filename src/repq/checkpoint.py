@@ -1,0 +1,106 @@
+"""repq checkpoints: model name + arguments, state, and (for quantized models) every scale and option used.
+
+Files are written atomically (temp file + rename) and read with `torch.load(weights_only=True)`, which only
+rebuilds tensors and plain containers: loading never runs code from the file.
+"""
+from __future__ import annotations
+
+import os
+import pickle
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from repq.errors import RepqError
+from repq.models.registry import create_model
+
+FORMAT = "repq-checkpoint"
+VERSION = 1
+
+
+def _describe(config: dict[str, Any]) -> str:
+    args = ", ".join(f"{k}={v}" for k, v in sorted(config.items()) if k not in ("name", "deploy"))
+    return f"{config.get('name', '?')}({args})"
+
+
+def atomic_save(obj: Any, path: str | os.PathLike) -> None:
+    """torch.save to a temp file next to `path`, then rename: a crash never leaves a half-written file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            torch.save(obj, fh)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the file the usual permissions
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_checkpoint(path: str | os.PathLike, model: nn.Module, **extra: Any) -> None:
+    """Write `model` (built by create_model, possibly fused or quantized) with its config and `extra` entries."""
+    config = getattr(model, "repq_config", None)
+    if not isinstance(config, dict):
+        raise RepqError("only models built by repq.create_model can be saved as repq checkpoints")
+    quant = getattr(model, "repq_quant", None)
+    kind = "quantized" if quant else ("fused" if config.get("deploy") else "train")
+    payload = {"format": FORMAT, "version": VERSION, "kind": kind, "model": dict(config),
+               "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()}, "quant": quant, **extra}
+    atomic_save(payload, path)
+
+
+def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+    """The raw checkpoint dictionary, safely unpickled; one-line errors for missing or foreign files."""
+    path = Path(path)
+    if not path.is_file():
+        raise RepqError(f"checkpoint {path} not found; train one with `repq train` or check the path")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else "unsupported content"
+        raise RepqError(f"refusing to load {path}: it holds objects other than tensors ({first[:120]})") from None
+    except (RuntimeError, EOFError, OSError, ValueError) as exc:
+        raise RepqError(f"{path} is not a readable checkpoint ({type(exc).__name__}); is the file complete?") from None
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        raise RepqError(f"{path} is not a repq checkpoint; convert a foreign state dict with repq's loaders first")
+    if payload.get("version", 0) > VERSION:
+        raise RepqError(f"{path} was written by a newer repq (format {payload['version']}); upgrade repq")
+    return payload
+
+
+def _load_state(model: nn.Module, state: dict[str, Any], where: str, expected: str) -> None:
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError:
+        raise RepqError(f"checkpoint {where} does not fit {expected}: parameter names or shapes differ") from None
+
+
+def load_checkpoint(path: str | os.PathLike) -> tuple[nn.Module, dict[str, Any]]:
+    """Rebuild the model a checkpoint describes (train-time, fused or quantized) in eval mode."""
+    payload = read_checkpoint(path)
+    config = dict(payload["model"])
+    model = create_model(config.pop("name"), **config)
+    if payload.get("quant"):
+        from repq.ptq import restore_quantized
+        model = restore_quantized(model, payload["quant"])
+    _load_state(model, payload["state_dict"], str(path), _describe(payload["model"]))
+    return model.eval(), payload
+
+
+def load_into(model: nn.Module, path: str | os.PathLike) -> nn.Module:
+    """Load a checkpoint's state into an existing model, refusing a different architecture or class count."""
+    payload = read_checkpoint(path)
+    mine = getattr(model, "repq_config", {})
+    theirs = payload["model"]
+    differ = {k for k in set(mine) | set(theirs) if k != "deploy" and mine.get(k) != theirs.get(k)}
+    if differ or mine.get("deploy", False) != theirs.get("deploy", False):
+        raise RepqError(f"checkpoint {path} holds {_describe(theirs)} but the model is {_describe(mine)}; "
+                        "build the model the checkpoint was trained with")
+    _load_state(model, payload["state_dict"], str(path), _describe(mine))
+    return model

@@ -1,0 +1,249 @@
+"""The `repq` command line: train, ptq, eval, demo. Human tables by default, one JSON object with --json."""
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Any, Callable
+
+from repq.errors import RepqError
+
+
+# ---------------------------------------------------------------- output helpers
+def format_table(headers: list[str], rows: list[list[Any]]) -> str:
+    cells = [[f"{v:.2f}" if isinstance(v, float) else str(v) for v in row] for row in rows]
+    widths = [max(len(h), *(len(r[i]) for r in cells)) if cells else len(h) for i, h in enumerate(headers)]
+    line = "  ".join(h.ljust(w) for h, w in zip(headers, widths))
+    out = [line, "  ".join("-" * w for w in widths)]
+    out += ["  ".join(c.ljust(w) for c, w in zip(row, widths)) for row in cells]
+    return "\n".join(out)
+
+
+def _emit(args: argparse.Namespace, result: dict[str, Any], human: str) -> None:
+    if args.json:
+        print(json.dumps(result, default=str))
+    else:
+        print(human)
+
+
+def _norm_method(name: str) -> str:
+    return name.strip().replace("-", "_")
+
+
+def _check_output(out: str | None, *inputs: str | None) -> None:
+    """An output path must never be one of the inputs (inputs are never overwritten)."""
+    if not out:
+        return
+    for inp in inputs:
+        if inp and Path(out).resolve() == Path(inp).resolve():
+            raise RepqError(f"--out {out} is the input checkpoint; write to a new file (inputs are never overwritten)")
+
+
+def _check_data_fits(model_config: dict[str, Any], data) -> None:
+    classes, chans = model_config.get("num_classes", 1000), model_config.get("in_chans", 3)
+    if data.num_classes != classes or data.in_chans != chans:
+        raise RepqError(f"the checkpoint's model takes {chans}-channel images and {classes} classes but "
+                        f"{data.name or 'the data'} has {data.in_chans} channels and {data.num_classes} classes; "
+                        "use the data it was trained on")
+
+
+def _limit(data, limit: int | None):
+    if limit and limit < len(data):
+        from dataclasses import replace
+        return replace(data, images=data.images[:limit], labels=data.labels[:limit])
+    return data
+
+
+# ---------------------------------------------------------------- commands
+def cmd_train(args: argparse.Namespace) -> None:
+    import repq
+
+    _check_output(args.out, args.resume)
+    train_ds = repq.load_dataset(args.data, "train", args.image_size)
+    test_ds = _limit(repq.load_dataset(args.data, "test", args.image_size), args.eval_limit)
+    model = repq.create_model(args.model, num_classes=train_ds.num_classes, in_chans=train_ds.in_chans,
+                              small_input=args.small_input, width_scale=args.width_scale)
+    config = repq.TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+                              weight_decay=args.weight_decay, label_smoothing=args.label_smoothing,
+                              warmup_epochs=args.warmup_epochs, augment=not args.no_augment, seed=args.seed,
+                              max_steps_per_epoch=args.max_steps)
+    history = repq.train(model, train_ds, config, eval_data=test_ds, out=args.out, resume=args.resume,
+                         progress=not args.json)
+    from repq.train import distributed_context
+    if distributed_context()[0] != 0:
+        return
+    fused = repq.evaluate(repq.reparameterize(model), test_ds)
+    rows = [[e["epoch"], e["train_top1"], e.get("eval_top1", float("nan")), f"{e['images_per_s']:.0f}"]
+            for e in history["epochs"]]
+    human = format_table(["epoch", "train top-1", "test top-1", "images/s"], rows)
+    human += f"\n\nfused model test top-1: {fused['top1']:.2f}   checkpoint: {args.out}"
+    _emit(args, {"command": "train", "checkpoint": args.out, "epochs": history["epochs"],
+                 "loss": history["loss"][-1] if history["loss"] else None, "fused": fused,
+                 "seconds": history["seconds"]}, human)
+
+
+def _ptq_grid(args: argparse.Namespace) -> list[dict[str, Any]]:
+    weights = [_norm_method(w) for w in args.weight.split(",")]
+    acts = [_norm_method(a) for a in args.activation.split(",")]
+    w_bits = [int(b) for b in str(args.w_bits).split(",")]
+    a_bits = [int(b) for b in str(args.a_bits).split(",")]
+    grans = args.granularity.split(",")
+    grid = list(itertools.product(weights, grans, acts, w_bits, a_bits))
+    if len(grid) > 1 and not args.compare:
+        raise RepqError("several methods or bit-widths were given; add --compare to run them as a grid")
+    return [dict(weight=w, weight_granularity=g, activation=a, w_bits=wb, a_bits=ab)
+            for w, g, a, wb, ab in grid]
+
+
+def cmd_ptq(args: argparse.Namespace) -> None:
+    import repq
+
+    _check_output(args.out, args.checkpoint)
+    model, payload = repq.load_checkpoint(args.checkpoint)
+    if payload.get("quant"):
+        raise RepqError(f"{args.checkpoint} is already quantized; pass the float checkpoint from `repq train`")
+    train_ds = repq.load_dataset(args.data, "train", args.image_size)
+    test_ds = _limit(repq.load_dataset(args.data, "test", args.image_size), args.eval_limit)
+    _check_data_fits(payload["model"], train_ds)
+    fp = repq.evaluate(model, test_ds)
+    results, last = [], None
+    grid = _ptq_grid(args)
+    for options in grid:
+        config = repq.PTQConfig(num_samples=args.calib, seed=args.seed, sequential=not args.fp_calibration,
+                                unsigned_activations=args.unsigned_activations, **options)
+        calib = train_ds.calibration_images(config.num_samples, config.seed)
+        start = time.perf_counter()
+        qmodel = repq.quantize(model, calib, config)
+        seconds = time.perf_counter() - start
+        metrics = repq.evaluate(qmodel, test_ds)
+        results.append({**options, "top1": metrics["top1"], "top5": metrics["top5"],
+                        "drop": fp["top1"] - metrics["top1"], "ptq_seconds": seconds})
+        last = qmodel
+    if args.out:
+        if len(grid) > 1:
+            raise RepqError("--out saves one quantized model; drop --compare or give one method per option")
+        repq.save_checkpoint(args.out, last, source=str(args.checkpoint), data=args.data,
+                             metrics={"fp": fp, "quantized": results[0]})
+    rows = [[r["weight"], r["weight_granularity"], r["activation"], f"W{r['w_bits']}A{r['a_bits']}", r["top1"],
+             r["drop"], f"{r['ptq_seconds']:.1f}"] for r in results]
+    human = (f"FP top-1 {fp['top1']:.2f} ({fp['n']} test images, {args.calib} calibration images, seed {args.seed})\n"
+             + format_table(["weight", "granularity", "activation", "bits", "top-1", "drop", "PTQ s"], rows))
+    if args.out:
+        human += f"\nquantized checkpoint: {args.out}"
+    _emit(args, {"command": "ptq", "fp": fp, "results": results, "checkpoint": args.out}, human)
+
+
+def cmd_eval(args: argparse.Namespace) -> None:
+    import repq
+
+    model, payload = repq.load_checkpoint(args.checkpoint)
+    test_ds = _limit(repq.load_dataset(args.data, "test", args.image_size), args.eval_limit)
+    _check_data_fits(payload["model"], test_ds)
+    rows = {payload["kind"]: repq.evaluate(model, test_ds, progress=not args.json)}
+    if payload["kind"] == "train":
+        rows["fused"] = repq.evaluate(repq.reparameterize(model), test_ds)
+    human = format_table(["model", "top-1", "top-5", "images"],
+                         [[k, v["top1"], v["top5"], v["n"]] for k, v in rows.items()])
+    _emit(args, {"command": "eval", "checkpoint": args.checkpoint, "results": rows}, human)
+
+
+def cmd_demo(args: argparse.Namespace) -> None:
+    from repq.demo import run_demo
+
+    result, human = run_demo(args.out, data=args.data, epochs=args.epochs, progress=not args.json)
+    _emit(args, result, human)
+
+
+# ---------------------------------------------------------------- parser
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--json", action="store_true", help="print one JSON object on stdout instead of tables")
+
+
+def _data_args(p: argparse.ArgumentParser, required: bool = True) -> None:
+    p.add_argument("--data", required=required,
+                   help="fashion-mnist[:FOLDER] | digits | cifar10:PATH | imagefolder:PATH")
+    p.add_argument("--image-size", type=int, default=32, help="imagefolder images are resized to this (default 32)")
+    p.add_argument("--eval-limit", type=int, default=None, help="evaluate on the first N test images only")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="repq", description="Quantize structurally re-parameterized CNNs (RepVGG).")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="train the multi-branch net (torchrun-ready)")
+    p.add_argument("--model", default="repvgg_a0")
+    _data_args(p)
+    p.add_argument("--epochs", type=int, default=5)
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--lr", type=float, default=0.1)
+    p.add_argument("--weight-decay", type=float, default=1e-4)
+    p.add_argument("--label-smoothing", type=float, default=0.0)
+    p.add_argument("--warmup-epochs", type=float, default=0.0)
+    p.add_argument("--no-augment", action="store_true", help="no random crop / flip")
+    p.add_argument("--small-input", action="store_true", help="stride-1 stem for 28x28 / 32x32 images")
+    p.add_argument("--width-scale", type=float, default=1.0, help="thinner model for small data (e.g. 0.5)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-steps", type=int, default=None, help="cap steps per epoch (smoke runs)")
+    p.add_argument("--resume", default=None, help="continue from a checkpoint written by `repq train`")
+    p.add_argument("--out", required=True, help="checkpoint to write (after every epoch, atomically)")
+    _common(p)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("ptq", help="fuse, calibrate and quantize; compare FP vs quantized")
+    p.add_argument("--checkpoint", required=True)
+    _data_args(p)
+    p.add_argument("--weight", default="cfws", help="minmax | mse | cfws | cfws-whole (comma list with --compare)")
+    p.add_argument("--granularity", default="channel", help="channel | tensor weight scales (comma list)")
+    p.add_argument("--activation", default="improved-kl",
+                   help="minmax | percentile | mse | kl | improved-kl (comma list with --compare)")
+    p.add_argument("--w-bits", default="8", help="weight bits (comma list with --compare)")
+    p.add_argument("--a-bits", default="8", help="activation bits (comma list with --compare)")
+    p.add_argument("--calib", type=int, default=32, help="number of calibration images from the train split")
+    p.add_argument("--seed", type=int, default=0, help="seed of the calibration subset")
+    p.add_argument("--fp-calibration", action="store_true",
+                   help="calibrate all layers in one float pass instead of sequentially")
+    p.add_argument("--unsigned-activations", action="store_true", help="uint8 codes for non-negative activations")
+    p.add_argument("--compare", action="store_true", help="run the grid of the listed options, print one table")
+    p.add_argument("--out", default=None, help="quantized checkpoint to write")
+    _common(p)
+    p.set_defaults(func=cmd_ptq)
+
+    p = sub.add_parser("eval", help="top-1/top-5 of any checkpoint repq wrote")
+    p.add_argument("--checkpoint", required=True)
+    _data_args(p)
+    _common(p)
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("demo", help="train a small RepVGG, fuse it, quantize it with every PTQ method")
+    p.add_argument("--data", default="digits", help="digits (bundled, default) or fashion-mnist")
+    p.add_argument("--epochs", type=int, default=None, help="training epochs (default depends on the data)")
+    p.add_argument("--out", default="runs/demo", help="folder for the checkpoints, table and plots")
+    _common(p)
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        with warnings.catch_warnings():
+            if args.json:
+                warnings.simplefilter("ignore")
+            args.func(args)
+    except RepqError as exc:
+        print(f"repq {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    sys.exit(main())

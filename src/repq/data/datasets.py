@@ -1,0 +1,247 @@
+"""Datasets repq can read offline: Fashion-MNIST (idx files), scikit-learn digits, CIFAR-10 python batches,
+and ImageFolder trees. Images stay uint8 in memory and are normalized per batch."""
+from __future__ import annotations
+
+import gzip
+import io
+import os
+import pickle
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from repq.errors import RepqError
+
+FASHION_MNIST_DIRS = ("/usr/share/datasets/fashion-mnist",)
+FASHION_MNIST_CLASSES = ["t-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag",
+                         "ankle-boot"]
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
+
+
+@dataclass
+class ImageDataset:
+    """uint8 images (N, C, H, W) with labels; `mean`/`std` (per channel, on the 0..1 scale) normalize batches."""
+
+    images: Tensor
+    labels: Tensor
+    classes: list[str]
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    name: str = ""
+    augmentation: str = "crop_flip"   # what `augment=True` applies: crop_flip | crop | none
+
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    @property
+    def in_chans(self) -> int:
+        return int(self.images.shape[1])
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    def normalize(self, images: Tensor) -> Tensor:
+        mean = torch.tensor(self.mean).reshape(1, -1, 1, 1)
+        std = torch.tensor(self.std).reshape(1, -1, 1, 1)
+        return (images.float() / 255.0 - mean) / std
+
+    def batches(self, batch_size: int = 256, shuffle: bool = False, seed: int = 0, augment: bool = False,
+                rank: int = 0, world_size: int = 1) -> Iterator[tuple[Tensor, Tensor]]:
+        """Normalized (images, labels) batches; with `world_size` > 1 each rank reads its own shard."""
+        gen = torch.Generator().manual_seed(seed)
+        order = torch.randperm(len(self), generator=gen) if shuffle else torch.arange(len(self))
+        if world_size > 1:
+            usable = len(order) - len(order) % world_size
+            order = order[:usable][rank::world_size]
+        for start in range(0, len(order), batch_size):
+            idx = order[start:start + batch_size]
+            images = self.images[idx]
+            if augment and self.augmentation != "none":
+                images = random_crop_flip(images, gen, flip=self.augmentation == "crop_flip")
+            yield self.normalize(images), self.labels[idx]
+
+    def calibration_images(self, num_samples: int, seed: int = 0) -> Tensor:
+        """A seeded random subset of normalized images (labels are never used for calibration)."""
+        gen = torch.Generator().manual_seed(seed)
+        idx = torch.randperm(len(self), generator=gen)[:num_samples]
+        return self.normalize(self.images[idx])
+
+
+def random_crop_flip(images: Tensor, gen: torch.Generator, padding: int | None = None, flip: bool = True) -> Tensor:
+    """Standard augmentation: random crop after zero padding (1/8 of the side), random horizontal flip."""
+    n, _, h, w = images.shape
+    pad = padding if padding is not None else max(1, h // 8)
+    padded = torch.nn.functional.pad(images, [pad] * 4)
+    dy = torch.randint(0, 2 * pad + 1, (n,), generator=gen)
+    dx = torch.randint(0, 2 * pad + 1, (n,), generator=gen)
+    rows = (dy[:, None] + torch.arange(h)[None, :])[:, None, :, None].expand(n, images.shape[1], h, w + 2 * pad)
+    out = padded.gather(2, rows)
+    cols = (dx[:, None] + torch.arange(w)[None, :])[:, None, None, :].expand(n, images.shape[1], h, w)
+    out = out.gather(3, cols)
+    if flip:
+        flips = torch.rand(n, generator=gen) < 0.5
+        out[flips] = out[flips].flip(-1)
+    return out
+
+
+def _stats(images: Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    x = images.float() / 255.0
+    mean = x.mean(dim=(0, 2, 3))
+    std = x.std(dim=(0, 2, 3)).clamp_min(1e-3)
+    return tuple(round(float(v), 4) for v in mean), tuple(round(float(v), 4) for v in std)
+
+
+# ---------------------------------------------------------------- Fashion-MNIST (idx files)
+def _read_idx(path: Path) -> np.ndarray:
+    opener = gzip.open if path.suffix == ".gz" else open
+    try:
+        with opener(path, "rb") as fh:
+            raw = fh.read()
+        zero, dtype_code, ndim = struct.unpack(">HBB", raw[:4])
+        if zero != 0 or dtype_code != 0x08:
+            raise ValueError("bad magic")
+        dims = struct.unpack(">" + "I" * ndim, raw[4:4 + 4 * ndim])
+        return np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim).reshape(dims)
+    except (OSError, ValueError, struct.error, EOFError) as exc:
+        raise RepqError(f"{path} is not a valid idx file ({exc}); re-install the dataset files") from None
+
+
+def _find_idx(folder: Path, stem: str) -> Path:
+    for name in (stem + ".gz", stem):
+        if (folder / name).is_file():
+            return folder / name
+    raise RepqError(f"{folder} lacks {stem}(.gz); give a folder with the four Fashion-MNIST idx files")
+
+
+def fashion_mnist_dir(path: str | None = None) -> Path:
+    candidates = [path] if path else [os.environ.get("REPQ_FASHION_MNIST"), *FASHION_MNIST_DIRS]
+    for cand in candidates:
+        if cand and Path(cand).is_dir():
+            return Path(cand)
+    where = path or FASHION_MNIST_DIRS[0]
+    raise RepqError(f"Fashion-MNIST not found at {where}; run `apt-get install -y dataset-fashion-mnist` "
+                    "or pass --data fashion-mnist:FOLDER with the idx files")
+
+
+def load_fashion_mnist(split: str, path: str | None = None) -> ImageDataset:
+    folder = fashion_mnist_dir(path)
+    prefix = "train" if split == "train" else "t10k"
+    images = _read_idx(_find_idx(folder, f"{prefix}-images-idx3-ubyte"))
+    labels = _read_idx(_find_idx(folder, f"{prefix}-labels-idx1-ubyte"))
+    if len(images) != len(labels):
+        raise RepqError(f"{folder}: {len(images)} images but {len(labels)} labels; re-install the dataset")
+    return ImageDataset(torch.from_numpy(images.copy()).unsqueeze(1), torch.from_numpy(labels.astype(np.int64)),
+                        FASHION_MNIST_CLASSES, (0.286,), (0.353,), "fashion-mnist")
+
+
+# ---------------------------------------------------------------- scikit-learn digits (8x8, bundled)
+def load_digits(split: str, test_fraction: float = 0.2, split_seed: int = 0) -> ImageDataset:
+    from sklearn.datasets import load_digits as sk_digits
+
+    bunch = sk_digits()
+    images = torch.from_numpy(np.round(bunch.images * (255.0 / 16.0)).astype(np.uint8)).unsqueeze(1)
+    labels = torch.from_numpy(bunch.target.astype(np.int64))
+    order = torch.randperm(len(images), generator=torch.Generator().manual_seed(split_seed))
+    n_test = int(round(len(images) * test_fraction))
+    idx = order[n_test:] if split == "train" else order[:n_test]
+    return ImageDataset(images[idx], labels[idx], [str(i) for i in range(10)], (0.3059,), (0.3766,), "digits",
+                        augmentation="none")  # a 1-pixel shift is 1/8 of an 8x8 digit: too strong
+
+
+# ---------------------------------------------------------------- CIFAR-10 python batches (safe unpickling)
+class _SafeUnpickler(pickle.Unpickler):
+    """Unpickles only plain containers and numpy arrays: a batch file cannot run code."""
+
+    _ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+                ("numpy", "ndarray"), ("numpy", "dtype"), ("numpy.core.multiarray", "scalar"),
+                ("numpy._core.multiarray", "scalar"), ("_codecs", "encode")}
+
+    def find_class(self, module: str, name: str):
+        if (module, name) in self._ALLOWED:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"refusing to load {module}.{name}")
+
+
+def _load_cifar_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    try:
+        with open(path, "rb") as fh:
+            batch = _SafeUnpickler(io.BytesIO(fh.read()), encoding="bytes").load()
+        data = batch.get(b"data", batch.get("data"))
+        labels = batch.get(b"labels", batch.get("labels"))
+        return np.asarray(data, dtype=np.uint8).reshape(-1, 3, 32, 32), np.asarray(labels, dtype=np.int64)
+    except FileNotFoundError:
+        raise RepqError(f"{path} is missing; give the cifar-10-batches-py folder") from None
+    except (pickle.UnpicklingError, AttributeError, ValueError, EOFError, TypeError) as exc:
+        raise RepqError(f"{path} is not a CIFAR-10 python batch ({exc})") from None
+
+
+def load_cifar10(split: str, path: str) -> ImageDataset:
+    folder = Path(path)
+    if not folder.is_dir():
+        raise RepqError(f"CIFAR-10 folder {folder} not found; pass --data cifar10:PATH/cifar-10-batches-py")
+    names = [f"data_batch_{i}" for i in range(1, 6)] if split == "train" else ["test_batch"]
+    parts = [_load_cifar_batch(folder / n) for n in names if (folder / n).exists() or split != "train"]
+    if not parts:
+        raise RepqError(f"{folder} has no data_batch_N files; pass the cifar-10-batches-py folder")
+    images = torch.from_numpy(np.concatenate([p[0] for p in parts]))
+    labels = torch.from_numpy(np.concatenate([p[1] for p in parts]))
+    classes = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+    return ImageDataset(images, labels, classes, (0.4914, 0.4822, 0.4465), (0.247, 0.2435, 0.2616), "cifar10")
+
+
+# ---------------------------------------------------------------- ImageFolder (train/ and val/)
+def load_image_folder(split: str, path: str, image_size: int = 32, classes: list[str] | None = None) -> ImageDataset:
+    from PIL import Image, UnidentifiedImageError
+
+    root = Path(path) / ("train" if split == "train" else "val")
+    if not root.is_dir():
+        raise RepqError(f"{root} not found; an imagefolder needs train/ and val/ with one folder per class")
+    classes = classes or sorted(d.name for d in root.iterdir() if d.is_dir())
+    if not classes:
+        raise RepqError(f"{root} has no class folders")
+    images, labels = [], []
+    for label, cls in enumerate(classes):
+        for file in sorted((root / cls).iterdir()) if (root / cls).is_dir() else []:
+            if file.suffix.lower() not in IMAGE_SUFFIXES:
+                continue
+            try:
+                with Image.open(file) as img:
+                    img = img.convert("RGB").resize((image_size, image_size), Image.BILINEAR)
+                    images.append(np.asarray(img, dtype=np.uint8).transpose(2, 0, 1))
+            except (UnidentifiedImageError, OSError) as exc:
+                raise RepqError(f"cannot read image {file} ({exc.__class__.__name__}); remove or replace it") from None
+            labels.append(label)
+    if not images:
+        raise RepqError(f"{root} holds no images")
+    tensor = torch.from_numpy(np.stack(images))
+    ds = ImageDataset(tensor, torch.tensor(labels), classes, (0.5,) * 3, (0.25,) * 3, "imagefolder")
+    return ds
+
+
+def load_dataset(spec: str, split: str = "train", image_size: int = 32) -> ImageDataset:
+    """`spec` is fashion-mnist[:FOLDER], digits, cifar10:PATH or imagefolder:PATH; split is "train" or "test"."""
+    if split not in ("train", "test"):
+        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+    kind, _, path = spec.partition(":")
+    if kind == "fashion-mnist":
+        return load_fashion_mnist(split, path or None)
+    if kind == "digits":
+        return load_digits(split)
+    if kind == "cifar10" and path:
+        return load_cifar10(split, path)
+    if kind == "imagefolder" and path:
+        train = load_image_folder("train", path, image_size)
+        if split == "train":
+            train.mean, train.std = _stats(train.images)
+            return train
+        test = load_image_folder("test", path, image_size, classes=train.classes)
+        test.mean, test.std = _stats(train.images)
+        return test
+    raise RepqError(f"unknown data '{spec}'; use fashion-mnist[:FOLDER], digits, cifar10:PATH or imagefolder:PATH")

@@ -1,0 +1,8 @@
+"""Models: re-parameterizable blocks, the RepVGG family and the model registry."""
+from repq.models import repvgg as _repvgg  # noqa: F401  (registers the family)
+from repq.models.blocks import ConvBN, FusedConvAct, RepVGGBlock
+from repq.models.registry import create_model, list_models, register_model
+from repq.models.repvgg import RepVGG, RepVGGSpec
+
+__all__ = ["ConvBN", "FusedConvAct", "RepVGG", "RepVGGBlock", "RepVGGSpec", "create_model", "list_models",
+           "register_model"]

@@ -1,0 +1,80 @@
+"""RepVGG building blocks: the multi-branch training block and its single-conv inference form.
+
+Attribute names follow the original RepVGG code (`rbr_dense.conv/bn`, `rbr_1x1`, `rbr_identity`, `rbr_reparam`)
+so that its train-time and deploy checkpoints load without a key map.
+"""
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import Callable
+
+import torch
+from torch import Tensor, nn
+
+from repq.reparam.fold import fold_bn, identity_kernel, merge_branches
+
+NormFactory = Callable[[int], nn.Module]
+
+
+class ConvBN(nn.Sequential):
+    """A bias-free conv followed by BatchNorm (children named `conv` and `bn`, as in the original code)."""
+
+    def __init__(self, in_chans: int, out_chans: int, kernel_size: int, stride: int, padding: int, groups: int,
+                 norm_layer: NormFactory = nn.BatchNorm2d):
+        super().__init__(OrderedDict(
+            conv=nn.Conv2d(in_chans, out_chans, kernel_size, stride, padding, groups=groups, bias=False),
+            bn=norm_layer(out_chans),
+        ))
+
+    def folded(self) -> tuple[Tensor, Tensor]:
+        return fold_bn(self.conv.weight, self.bn)
+
+
+class FusedConvAct(nn.Module):
+    """The deploy form of a block: one conv with bias, then ReLU (`rbr_reparam`, `nonlinearity`)."""
+
+    def __init__(self, in_chans: int, out_chans: int, stride: int, groups: int, kernel_size: int = 3):
+        super().__init__()
+        self.rbr_reparam = nn.Conv2d(in_chans, out_chans, kernel_size, stride, kernel_size // 2, groups=groups,
+                                     bias=True)
+        self.nonlinearity = nn.ReLU()
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.nonlinearity(self.rbr_reparam(x))
+
+
+class RepVGGBlock(nn.Module):
+    """y = ReLU(BN3(K3 * x) + BN1(K1 * x) + [C_in == C_out and s == 1] BN0(x))."""
+
+    def __init__(self, in_chans: int, out_chans: int, stride: int = 1, groups: int = 1,
+                 norm_layer: NormFactory = nn.BatchNorm2d, identity_norm_layer: NormFactory | None = None,
+                 one_by_one_norm_layer: NormFactory | None = None):
+        super().__init__()
+        self.in_chans, self.out_chans, self.stride, self.groups = in_chans, out_chans, stride, groups
+        self.rbr_dense = ConvBN(in_chans, out_chans, 3, stride, 1, groups, norm_layer)
+        self.rbr_1x1 = ConvBN(in_chans, out_chans, 1, stride, 0, groups, one_by_one_norm_layer or norm_layer)
+        has_identity = in_chans == out_chans and stride == 1
+        self.rbr_identity = (identity_norm_layer or norm_layer)(in_chans) if has_identity else None
+        self.nonlinearity = nn.ReLU()
+
+    def forward(self, x: Tensor) -> Tensor:
+        z = self.rbr_dense(x) + self.rbr_1x1(x)
+        if self.rbr_identity is not None:
+            z = z + self.rbr_identity(x)
+        return self.nonlinearity(z)
+
+    def branches(self) -> list[tuple[Tensor, Tensor]]:
+        """The folded (kernel, bias) of each branch: 3x3, 1x1 and, if present, identity."""
+        out = [self.rbr_dense.folded(), self.rbr_1x1.folded()]
+        if self.rbr_identity is not None:
+            eye = identity_kernel(self.in_chans, self.groups, 3, like=self.rbr_dense.conv.weight)
+            out.append(fold_bn(eye, self.rbr_identity))
+        return out
+
+    @torch.no_grad()
+    def fuse(self) -> FusedConvAct:
+        weight, bias = merge_branches(self.branches(), kernel_size=3)
+        fused = FusedConvAct(self.in_chans, self.out_chans, self.stride, self.groups)
+        fused.rbr_reparam.weight.copy_(weight)
+        fused.rbr_reparam.bias.copy_(bias)
+        return fused.to(weight.device)

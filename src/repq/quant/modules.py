@@ -1,0 +1,158 @@
+"""Quantized layers that simulate integer execution exactly: int codes x scales for weights, a per-tensor
+activation quantizer on the input, and an int32-grid bias (scale = input scale x weight scale).
+
+Every number needed for export lives in buffers, so a checkpoint's state dict restores the layer bit-exactly.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from repq.errors import RepqError
+from repq.quant.calibrators import CalibrationConfig, compute_amax
+from repq.quant.primitives import fake_quantize, int_range, symmetric_scale
+from repq.quant.weights import QuantizedWeight
+from repq.reparam.fold import pad_to
+
+_INT32_MIN, _INT32_MAX = -(2 ** 31), 2 ** 31 - 1
+
+
+class ActQuantizer(nn.Module):
+    """Per-tensor symmetric activation quantizer (zero point 0). Modes: "quant", "observe" (calibrate and pass the
+    float input on: one FP pass), "calibrate" (calibrate, then quantize: sequential PTQ), "off"."""
+
+    def __init__(self, bits: int = 8):
+        super().__init__()
+        self.bits = bits
+        qmin, qmax = int_range(bits, signed=True)
+        self.register_buffer("scale", torch.tensor(1.0))
+        self.register_buffer("qmin", torch.tensor(float(qmin)))
+        self.register_buffer("qmax", torch.tensor(float(qmax)))
+        self.mode = "quant"
+        self.calibration: CalibrationConfig | None = None
+        self.allow_unsigned = False
+        self.name = ""
+
+    @property
+    def signed(self) -> bool:
+        return bool(self.qmin < 0)
+
+    @torch.no_grad()
+    def calibrate(self, x: Tensor) -> None:
+        cfg = self.calibration
+        if cfg is None:
+            raise RuntimeError("ActQuantizer.calibration must be set before calibrating")
+        if not torch.isfinite(x).all():
+            raise RepqError(f"NaN/Inf activations at the input of '{self.name}' during calibration; "
+                            "check the model weights and the calibration images")
+        signed = not (self.allow_unsigned and bool(x.min() >= 0))
+        cfg = CalibrationConfig(**{**cfg.__dict__, "bits": self.bits, "signed": signed})
+        qmin, qmax = int_range(self.bits, signed=signed)
+        self.qmin.fill_(qmin)
+        self.qmax.fill_(qmax)
+        self.scale.copy_(symmetric_scale(torch.tensor(compute_amax(x, cfg)), qmax))
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.mode == "off":
+            return x
+        if self.mode in ("calibrate", "observe"):
+            self.calibrate(x)
+            if self.mode == "observe":
+                return x
+        return fake_quantize(x, self.scale, 0.0, int(self.qmin), int(self.qmax))
+
+    def extra_repr(self) -> str:
+        return f"bits={self.bits}, signed={self.signed}, scale={float(self.scale):.6g}"
+
+
+class QuantWeightMixin:
+    """Weight codes and scales (plus the CFWS coarse part) as buffers; `coarse` is None, "center" or "whole"."""
+
+    weight: Tensor
+    bias: Tensor | None
+
+    def _init_quant(self, w_bits: int, a_bits: int, coarse: str | None) -> None:
+        self.w_bits, self.coarse = w_bits, coarse
+        out_ch = self.weight.shape[0]
+        self.register_buffer("weight_codes", torch.zeros_like(self.weight, dtype=torch.int32))
+        self.register_buffer("weight_scale", torch.ones(out_ch))
+        if coarse is not None:
+            shape = self.weight.shape if coarse == "whole" else (*self.weight.shape[:2], 1, 1)
+            self.register_buffer("coarse_codes", torch.zeros(shape, dtype=torch.int32))
+            self.register_buffer("coarse_scale", torch.ones(out_ch))
+        self.input_quantizer = ActQuantizer(a_bits)
+        self.use_float_weight = False
+
+    @torch.no_grad()
+    def set_quantized_weight(self, qw: QuantizedWeight) -> None:
+        if (qw.coarse_codes is not None) != (self.coarse is not None):
+            raise ValueError("quantized weight does not match the layer's coarse/fine layout")
+        self.weight_codes.copy_(qw.codes.to(torch.int32))
+        self.weight_scale.copy_(qw.scale)
+        if qw.coarse_codes is not None:
+            self.coarse_codes.copy_(qw.coarse_codes.to(torch.int32))
+            self.coarse_scale.copy_(qw.coarse_scale)
+
+    def quantized_weight(self) -> QuantizedWeight:
+        coarse = (self.coarse_codes.float(), self.coarse_scale) if self.coarse else (None, None)
+        return QuantizedWeight(self.weight_codes.float(), self.weight_scale, *coarse)
+
+    def effective_weight(self) -> Tensor:
+        """The weight the integer kernel multiplies by: coarse (padded center or whole) + fine, dequantized."""
+        if self.use_float_weight:
+            return self.weight
+        shape = [-1] + [1] * (self.weight.dim() - 1)
+        w = self.weight_codes.float() * self.weight_scale.reshape(shape)
+        if self.coarse is not None:
+            coarse = self.coarse_codes.float() * self.coarse_scale.reshape(shape)
+            w = w + (pad_to(coarse, w.shape[-1]) if self.coarse == "center" else coarse)
+        return w
+
+    def effective_bias(self) -> Tensor | None:
+        """Bias on the integer grid of the (fine) accumulator: scale = input scale x weight scale; int32 up to 8-bit
+        operands (what ONNX QLinearConv takes), unclamped for wider ones (their runtimes accumulate in int64)."""
+        if self.bias is None or self.use_float_weight:
+            return self.bias
+        step = self.input_quantizer.scale * self.weight_scale
+        codes = torch.round(self.bias / step)
+        if max(self.w_bits, self.input_quantizer.bits) <= 8:
+            codes = torch.clamp(codes, _INT32_MIN, _INT32_MAX)
+        return codes * step
+
+
+class QuantConv2d(nn.Conv2d, QuantWeightMixin):
+    @classmethod
+    def from_float(cls, conv: nn.Conv2d, w_bits: int, a_bits: int, coarse: str | None) -> "QuantConv2d":
+        if conv.padding_mode != "zeros" or isinstance(conv.padding, str):
+            raise RepqError("repq quantizes Conv2d with numeric zero padding only")
+        layer = cls(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
+                    conv.dilation, conv.groups, bias=conv.bias is not None)
+        with torch.no_grad():
+            layer.weight.copy_(conv.weight)
+            if conv.bias is not None:
+                layer.bias.copy_(conv.bias)
+        layer._init_quant(w_bits, a_bits, coarse)
+        return layer.to(conv.weight.device)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.conv2d(self.input_quantizer(x), self.effective_weight(), self.effective_bias(), self.stride,
+                        self.padding, self.dilation, self.groups)
+
+
+class QuantLinear(nn.Linear, QuantWeightMixin):
+    @classmethod
+    def from_float(cls, linear: nn.Linear, w_bits: int, a_bits: int, coarse: str | None = None) -> "QuantLinear":
+        layer = cls(linear.in_features, linear.out_features, bias=linear.bias is not None)
+        with torch.no_grad():
+            layer.weight.copy_(linear.weight)
+            if linear.bias is not None:
+                layer.bias.copy_(linear.bias)
+        layer._init_quant(w_bits, a_bits, coarse)
+        return layer.to(linear.weight.device)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.linear(self.input_quantizer(x), self.effective_weight(), self.effective_bias())
+
+
+QUANT_LAYERS = (QuantConv2d, QuantLinear)

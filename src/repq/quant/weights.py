@@ -1,0 +1,117 @@
+"""Weight quantizers: per-channel/per-tensor min-max, MSE-optimal clipping, and CFWS (methods.md section 2).
+
+Each returns a `QuantizedWeight`: integer codes with their per-output-channel scales, plus, for CFWS, a coarse part
+(center-only codes O x I x 1 x 1, or whole-kernel codes for the ablation) with its own scales.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from repq.errors import RepqError
+from repq.quant.primitives import channel_amax, dequantize, int_range, quantize, symmetric_scale
+from repq.reparam.fold import pad_to
+
+WEIGHT_METHODS = ("minmax", "mse", "cfws", "cfws_whole")
+
+
+@dataclass
+class QuantizedWeight:
+    codes: Tensor                      # fine / only codes, shape of the weight
+    scale: Tensor                      # (O,)
+    coarse_codes: Tensor | None = None  # (O, I, 1, 1) center codes (CFWS) or full kernel (CFWS-whole)
+    coarse_scale: Tensor | None = None  # (O,)
+
+    def coarse(self, kernel_size: int | None = None) -> Tensor | None:
+        if self.coarse_codes is None:
+            return None
+        coarse = dequantize(self.coarse_codes, self.coarse_scale, 0.0, axis=0)
+        return pad_to(coarse, kernel_size) if kernel_size and coarse.dim() == 4 else coarse
+
+    def fine(self) -> Tensor:
+        return dequantize(self.codes, self.scale, 0.0, axis=0)
+
+    def dequantize(self) -> Tensor:
+        coarse = self.coarse(self.codes.shape[-1] if self.codes.dim() == 4 else None)
+        return self.fine() if coarse is None else self.fine() + coarse
+
+
+def _symmetric(w: Tensor, amax: Tensor, bits: int, rounding: str = "half_even") -> tuple[Tensor, Tensor]:
+    qmin, qmax = int_range(bits, signed=True, narrow=True)
+    scale = symmetric_scale(amax, qmax)
+    return quantize(w, scale, 0.0, qmin, qmax, axis=0, rounding=rounding), scale
+
+
+def quantize_minmax(w: Tensor, bits: int = 8, per_channel: bool = True) -> QuantizedWeight:
+    return quantize_minmax_at(w, channel_amax(w, per_channel), bits)
+
+
+def quantize_mse(w: Tensor, bits: int = 8, per_channel: bool = True, grid: int = 100,
+                 min_ratio: float = 0.2) -> QuantizedWeight:
+    """Search a clipping ratio of max|w| in [min_ratio, 1] that minimizes the squared error (per channel)."""
+    qmin, qmax = int_range(bits, signed=True, narrow=True)
+    flat = w.detach().reshape(w.shape[0], -1)
+    amax = channel_amax(w, per_channel)
+    ratios = torch.linspace(min_ratio, 1.0, grid, dtype=flat.dtype)
+    scales = symmetric_scale(amax[None, :] * ratios[:, None], qmax)                 # (grid, O)
+    fq = torch.clamp(torch.round(flat[None] / scales[..., None]), qmin, qmax) * scales[..., None]
+    err = (fq - flat[None]).pow(2).sum(dim=2)                                         # (grid, O)
+    if not per_channel:
+        err = err.sum(dim=1, keepdim=True).expand_as(err)
+    best = err.argmin(dim=0)
+    return quantize_minmax_at(w, amax * ratios[best], bits)
+
+
+def quantize_minmax_at(w: Tensor, amax: Tensor, bits: int) -> QuantizedWeight:
+    codes, scale = _symmetric(w, amax, bits)
+    return QuantizedWeight(codes, scale)
+
+
+def quantize_cfws(w: Tensor, bits: int = 8, per_channel: bool = True) -> QuantizedWeight:
+    """Coarse & fine weight splitting of a k x k kernel (k odd, k > 1).
+
+    The center taps C get a coarse int code s_c n_c (round half up); the residual C - s_c n_c goes back at the
+    center and the whole kernel is quantized per channel as the fine part. Center tap = s_c n_c + s_f n_f.
+    """
+    if w.dim() != 4 or w.shape[-1] != w.shape[-2] or w.shape[-1] % 2 == 0 or w.shape[-1] < 3:
+        raise RepqError(f"CFWS needs a square odd k x k conv kernel with k >= 3, got shape {tuple(w.shape)}")
+    k = w.shape[-1]
+    c = k // 2
+    center = w[:, :, c:c + 1, c:c + 1]
+    coarse_codes, coarse_scale = _symmetric(center, channel_amax(center, per_channel), bits, rounding="half_up")
+    residual = center - dequantize(coarse_codes, coarse_scale, 0.0, axis=0)
+    fine_input = w.clone()
+    fine_input[:, :, c:c + 1, c:c + 1] = residual
+    fine_codes, fine_scale = _symmetric(fine_input, channel_amax(fine_input, True), bits)
+    return QuantizedWeight(fine_codes, fine_scale, coarse_codes, coarse_scale)
+
+
+def quantize_cfws_whole(w: Tensor, bits: int = 8, per_channel: bool = True) -> QuantizedWeight:
+    """Ablation: the coarse part is the whole kernel quantized per channel, the fine part its rounding residual."""
+    coarse_codes, coarse_scale = _symmetric(w, channel_amax(w, per_channel), bits, rounding="half_up")
+    residual = w - dequantize(coarse_codes, coarse_scale, 0.0, axis=0)
+    fine_codes, fine_scale = _symmetric(residual, channel_amax(residual, True), bits)
+    return QuantizedWeight(fine_codes, fine_scale, coarse_codes, coarse_scale)
+
+
+def quantize_weight(w: Tensor, method: str, bits: int = 8, per_channel: bool = True) -> QuantizedWeight:
+    """Dispatch by method name. CFWS applies to k x k kernels (k >= 3); other layers fall back to min-max."""
+    if not torch.isfinite(w).all():
+        raise RepqError("weight has NaN/Inf values; fix or retrain the model before quantizing")
+    if method == "minmax":
+        return quantize_minmax(w, bits, per_channel)
+    if method == "mse":
+        return quantize_mse(w, bits, per_channel)
+    if method in ("cfws", "cfws_whole"):
+        if w.dim() != 4 or w.shape[-1] < 3:
+            return quantize_minmax(w, bits, per_channel=True)
+        return (quantize_cfws if method == "cfws" else quantize_cfws_whole)(w, bits, per_channel)
+    raise RepqError(f"unknown weight method '{method}'; choose one of {', '.join(WEIGHT_METHODS)}")
+
+
+def cfws_split(weight: Tensor, bits: int = 8, per_channel: bool = True) -> tuple[Tensor, Tensor]:
+    """The dequantized coarse (center-only) and fine parts of a CFWS-quantized kernel; coarse + fine ~ weight."""
+    q = quantize_cfws(weight, bits, per_channel)
+    return q.coarse(weight.shape[-1]), q.fine()

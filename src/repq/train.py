@@ -1,0 +1,138 @@
+"""Training of the multi-branch (or any) model: SGD + cosine schedule, label smoothing, seeded, resumable.
+
+Runs in one process or under `torchrun` (DDP: gloo on CPU, nccl on GPU); each rank reads its shard of every epoch's
+permutation and only rank 0 logs and writes checkpoints.
+"""
+from __future__ import annotations
+
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from repq.checkpoint import read_checkpoint, save_checkpoint
+from repq.data.datasets import ImageDataset
+from repq.errors import RepqError
+from repq.evaluate import evaluate
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 5
+    batch_size: int = 128
+    lr: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    label_smoothing: float = 0.0
+    warmup_epochs: float = 0.0
+    augment: bool = True
+    seed: int = 0
+    max_steps_per_epoch: int | None = None   # cut epochs short (smoke tests, quick benchmarks)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "TrainConfig":
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+
+def _param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """No weight decay on BN parameters and biases (1-D tensors)."""
+    decay = [p for p in model.parameters() if p.requires_grad and p.dim() > 1]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() <= 1]
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def _lr_factor(step: int, total: int, warmup: int) -> float:
+    if step < warmup:
+        return (step + 1) / warmup
+    return 0.5 * (1.0 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+
+
+def distributed_context() -> tuple[int, int]:
+    """(rank, world size); starts the process group when launched by torchrun."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    if dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def train(model: nn.Module, data: ImageDataset, config: TrainConfig | None = None, eval_data: Any = None,
+          out: str | None = None, resume: str | None = None, progress: bool = True) -> dict[str, Any]:
+    """Train `model` in place; returns the history (per-step loss, per-epoch accuracy, seconds)."""
+    config = config or TrainConfig()
+    rank, world = distributed_context()
+    torch.manual_seed(config.seed)
+    head = getattr(model, "linear", None)
+    if isinstance(head, nn.Linear) and head.out_features != data.num_classes:
+        raise RepqError(f"the data has {data.num_classes} classes but the model has {head.out_features}; "
+                        "build the model with num_classes matching the data")
+    optimizer = torch.optim.SGD(_param_groups(model, config.weight_decay), lr=config.lr, momentum=config.momentum,
+                                nesterov=config.momentum > 0)
+    per_rank = len(data) // world
+    steps_per_epoch = math.ceil(per_rank / config.batch_size)
+    if config.max_steps_per_epoch:
+        steps_per_epoch = min(steps_per_epoch, config.max_steps_per_epoch)
+    total_steps = steps_per_epoch * config.epochs
+    warmup = int(config.warmup_epochs * steps_per_epoch)
+    history: dict[str, Any] = {"loss": [], "epochs": [], "seconds": 0.0}
+    start_epoch = 0
+    if resume:
+        state = read_checkpoint(resume)
+        if "train_state" not in state:
+            raise RepqError(f"{resume} has no training state to resume from (it is a {state['kind']} checkpoint)")
+        model.load_state_dict(state["state_dict"])
+        optimizer.load_state_dict(state["train_state"]["optimizer"])
+        history = state["train_state"]["history"]
+        start_epoch = state["train_state"]["epoch"]
+    net = nn.parallel.DistributedDataParallel(model) if world > 1 else model
+    criterion = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
+    for epoch in range(start_epoch, config.epochs):
+        net.train()
+        began = time.perf_counter()
+        batches = data.batches(config.batch_size, shuffle=True, seed=config.seed * 1000 + epoch,
+                               augment=config.augment, rank=rank, world_size=world)
+        bar = None
+        if progress and rank == 0:
+            from tqdm import tqdm
+            bar = tqdm(total=steps_per_epoch, desc=f"epoch {epoch + 1}/{config.epochs}", unit="step", leave=False,
+                       disable=None)
+        seen = correct = 0
+        for step, (images, labels) in enumerate(batches):
+            if step >= steps_per_epoch:
+                break
+            for group in optimizer.param_groups:
+                group["lr"] = config.lr * _lr_factor(epoch * steps_per_epoch + step, total_steps, warmup)
+            logits = net(images)
+            loss = criterion(logits, labels)
+            loss_value = loss.detach()
+            if not torch.isfinite(loss_value):
+                raise RepqError(f"training diverged (loss {float(loss_value)}) at epoch {epoch + 1}; lower --lr")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            history["loss"].append(float(loss_value))
+            seen += len(labels)
+            correct += int((logits.argmax(1) == labels).sum())
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{float(loss_value):.3f}", acc=f"{100.0 * correct / seen:.1f}")
+        if bar is not None:
+            bar.close()
+        seconds = time.perf_counter() - began
+        history["seconds"] += seconds
+        record = {"epoch": epoch + 1, "train_top1": 100.0 * correct / max(1, seen), "seconds": seconds,
+                  "images_per_s": seen * world / max(seconds, 1e-9)}
+        if eval_data is not None and rank == 0:
+            record["eval_top1"] = evaluate(model, eval_data)["top1"]
+        history["epochs"].append(record)
+        if out and rank == 0:
+            save_checkpoint(out, model, train_state={"epoch": epoch + 1, "optimizer": optimizer.state_dict(),
+                                                     "history": history, "config": asdict(config)})
+    return history
