@@ -42,6 +42,8 @@ def reference_checkpoint(quick: bool = False, progress: bool = True) -> Path:
         payload = repq.checkpoint.read_checkpoint(path)
         if payload.get("reference_spec") == spec:
             return path
+    # The script runs in a fresh process, where torch's generator starts from its fixed default seed, so the
+    # initialization is reproducible; TrainConfig.seed then fixes data order and augmentation.
     model = repq.create_model(spec["model"], **spec["model_kwargs"])
     train_ds = repq.load_dataset(spec["data"], "train")
     test_ds = repq.load_dataset(spec["data"], "test")

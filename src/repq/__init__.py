@@ -8,12 +8,12 @@
 from repq.checkpoint import load_checkpoint, load_into, save_checkpoint
 from repq.data import ImageDataset, load_dataset
 from repq.errors import RepqError
-from repq.evaluate import evaluate
+from repq.evaluation import evaluate
 from repq.models import create_model, list_models, register_model
 from repq.ptq import PTQConfig, quantize
 from repq.quant import cfws_split
 from repq.reparam import reparameterize
-from repq.train import TrainConfig, train
+from repq.training import TrainConfig, train
 
 __version__ = "0.1.0"
 

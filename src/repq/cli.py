@@ -61,11 +61,14 @@ def _limit(data, limit: int | None):
 
 # ---------------------------------------------------------------- commands
 def cmd_train(args: argparse.Namespace) -> None:
+    import torch
+
     import repq
 
     _check_output(args.out, args.resume)
     train_ds = repq.load_dataset(args.data, "train", args.image_size)
     test_ds = _limit(repq.load_dataset(args.data, "test", args.image_size), args.eval_limit)
+    torch.manual_seed(args.seed)  # the initialization is part of the seeded run
     model = repq.create_model(args.model, num_classes=train_ds.num_classes, in_chans=train_ds.in_chans,
                               small_input=args.small_input, width_scale=args.width_scale)
     config = repq.TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
@@ -74,7 +77,7 @@ def cmd_train(args: argparse.Namespace) -> None:
                               max_steps_per_epoch=args.max_steps)
     history = repq.train(model, train_ds, config, eval_data=test_ds, out=args.out, resume=args.resume,
                          progress=not args.json)
-    from repq.train import distributed_context
+    from repq.training import distributed_context
     if distributed_context()[0] != 0:
         return
     fused = repq.evaluate(repq.reparameterize(model), test_ds)

@@ -7,6 +7,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import torch
+
 import repq
 from repq.analysis.plots import plot_accuracy_bars, plot_center_surround
 from repq.analysis.weights import center_surround_stats
@@ -30,9 +32,10 @@ def run_demo(out: str = "runs/demo", data: str = "digits", epochs: int | None = 
     setup = DEMO_SETUPS[data]
     out_dir = Path(out)
     train_ds, test_ds = repq.load_dataset(data, "train"), repq.load_dataset(data, "test")
+    train_cfg = repq.TrainConfig(**{**setup["train"], **({"epochs": epochs} if epochs else {})})
+    torch.manual_seed(train_cfg.seed)
     model = repq.create_model("repvgg_a0", num_classes=train_ds.num_classes, in_chans=train_ds.in_chans,
                               **setup["model_kwargs"])
-    train_cfg = repq.TrainConfig(**{**setup["train"], **({"epochs": epochs} if epochs else {})})
     history = repq.train(model, train_ds, train_cfg, out=str(out_dir / "fp.pt"), progress=progress)
     fused = repq.reparameterize(model)
     fp, fz = repq.evaluate(model, test_ds), repq.evaluate(fused, test_ds)

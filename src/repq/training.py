@@ -18,7 +18,7 @@ from torch import nn
 from repq.checkpoint import read_checkpoint, save_checkpoint
 from repq.data.datasets import ImageDataset
 from repq.errors import RepqError
-from repq.evaluate import evaluate
+from repq.evaluation import evaluate
 
 
 @dataclass

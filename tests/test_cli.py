@@ -1,0 +1,110 @@
+"""The command line: --help everywhere, --json output, one-line errors, and the end-to-end train -> ptq -> eval."""
+import json
+import subprocess
+import sys
+
+import pytest
+
+import repq
+from repq.cli import build_parser, main
+from tests.conftest import tiny
+
+COMMANDS = ["train", "ptq", "eval", "demo"]
+
+
+def run(capsys, *argv):
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.mark.parametrize("command", [None, *COMMANDS])
+def test_help(command, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main([command, "--help"] if command else ["--help"])
+    assert exc.value.code == 0
+    assert "usage: repq" in capsys.readouterr().out
+
+
+def test_entry_point_runs_as_a_program():
+    result = subprocess.run([sys.executable, "-m", "repq.cli", "ptq", "--help"], capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0 and "--activation" in result.stdout
+
+
+@pytest.fixture(scope="module")
+def trained_checkpoint(tmp_path_factory):
+    path = tmp_path_factory.mktemp("cli") / "fp.pt"
+    code = main(["train", "--data", "digits", "--epochs", "2", "--max-steps", "4", "--batch-size", "32",
+                 "--small-input", "--width-scale", "0.125", "--out", str(path), "--json"])
+    assert code == 0 and path.exists()
+    return path
+
+
+def test_train_eval_ptq_json(trained_checkpoint, tmp_path, capsys):
+    code, out, _ = run(capsys, "eval", "--checkpoint", str(trained_checkpoint), "--data", "digits", "--json")
+    result = json.loads(out)
+    assert code == 0 and set(result["results"]) == {"train", "fused"}
+    assert result["results"]["train"]["top1"] == pytest.approx(result["results"]["fused"]["top1"])
+
+    q_path = tmp_path / "int8.pt"
+    code, out, _ = run(capsys, "ptq", "--checkpoint", str(trained_checkpoint), "--data", "digits", "--weight", "cfws",
+                       "--activation", "improved-kl", "--calib", "16", "--out", str(q_path), "--json")
+    result = json.loads(out)
+    assert code == 0 and result["results"][0]["activation"] == "improved_kl" and q_path.exists()
+    code, out, _ = run(capsys, "eval", "--checkpoint", str(q_path), "--data", "digits", "--json")
+    assert json.loads(out)["results"]["quantized"]["top1"] == pytest.approx(result["results"][0]["top1"])
+
+    code, out, _ = run(capsys, "ptq", "--checkpoint", str(trained_checkpoint), "--data", "digits", "--compare",
+                       "--weight", "minmax,cfws", "--activation", "minmax", "--calib", "8")
+    assert code == 0 and "cfws" in out and "minmax" in out and "FP top-1" in out
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["eval", "--checkpoint", "/nonexistent/x.pt", "--data", "digits"], "not found"),
+    (["ptq", "--checkpoint", "CKPT", "--data", "digits", "--out", "CKPT"], "never overwritten"),
+    (["ptq", "--checkpoint", "CKPT", "--data", "digits", "--weight", "minmax,cfws"], "--compare"),
+    (["ptq", "--checkpoint", "CKPT", "--data", "mnist"], "unknown data"),
+    (["ptq", "--checkpoint", "CKPT", "--data", "digits", "--weight", "gptq"], "unknown weight method"),
+    (["train", "--data", "digits", "--model", "resnet50", "--out", "OUT"], "unknown model"),
+])
+def test_user_errors_are_one_line(argv, needle, trained_checkpoint, tmp_path, capsys):
+    argv = [str(trained_checkpoint) if a == "CKPT" else str(tmp_path / "o.pt") if a == "OUT" else a for a in argv]
+    before = trained_checkpoint.read_bytes()
+    code, out, err = run(capsys, *argv)
+    assert code == 2 and needle in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert trained_checkpoint.read_bytes() == before
+
+
+def test_class_mismatch_between_checkpoint_and_data(tmp_path, capsys):
+    repq.save_checkpoint(tmp_path / "seven.pt", tiny(num_classes=7))
+    code, _, err = run(capsys, "eval", "--checkpoint", str(tmp_path / "seven.pt"), "--data", "digits")
+    assert code == 2 and "7 classes" in err and "10 classes" in err
+
+
+def test_parser_lists_every_command():
+    sub = next(a for a in build_parser()._actions if a.dest == "command")
+    assert set(COMMANDS) <= set(sub.choices)
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes_write_one_checkpoint(tmp_path):
+    out = tmp_path / "ddp.pt"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533", "-m",
+           "repq.cli", "train", "--data", "digits", "--epochs", "1", "--max-steps", "3", "--batch-size", "16",
+           "--small-input", "--width-scale", "0.125", "--out", str(out), "--json"]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert out.exists() and len(list(tmp_path.glob("*.pt"))) == 1
+    payload = repq.checkpoint.read_checkpoint(out)
+    assert len(payload["train_state"]["history"]["loss"]) == 3
+
+
+@pytest.mark.slow
+def test_demo_runs_end_to_end(tmp_path, capsys):
+    code, out, _ = run(capsys, "demo", "--out", str(tmp_path / "demo"), "--epochs", "3", "--json")
+    result = json.loads(out)
+    assert code == 0 and len(result["results"]) >= 25
+    for png in result["files"]:
+        with open(png, "rb") as fh:
+            assert fh.read(8) == b"\x89PNG\r\n\x1a\n"

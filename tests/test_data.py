@@ -1,0 +1,114 @@
+"""Dataset readers on small files made here: idx, CIFAR python batches (safe unpickling), ImageFolder, digits."""
+import gzip
+import os
+import pickle
+import struct
+
+import numpy as np
+import pytest
+import torch
+
+import repq
+from repq.data.datasets import random_crop_flip
+
+
+def write_idx(path, array):
+    header = struct.pack(">HBB", 0, 0x08, array.ndim) + struct.pack(">" + "I" * array.ndim, *array.shape)
+    with gzip.open(path, "wb") as fh:
+        fh.write(header + array.astype(np.uint8).tobytes())
+
+
+@pytest.fixture
+def fake_fashion(tmp_path):
+    rng = np.random.default_rng(0)
+    for prefix, n in (("train", 30), ("t10k", 10)):
+        write_idx(tmp_path / f"{prefix}-images-idx3-ubyte.gz", rng.integers(0, 256, (n, 28, 28)))
+        write_idx(tmp_path / f"{prefix}-labels-idx1-ubyte.gz", np.arange(n) % 10)
+    return tmp_path
+
+
+def test_fashion_mnist_idx_reader(fake_fashion):
+    train = repq.load_dataset(f"fashion-mnist:{fake_fashion}", "train")
+    test = repq.load_dataset(f"fashion-mnist:{fake_fashion}", "test")
+    assert train.images.shape == (30, 1, 28, 28) and len(test) == 10
+    assert train.labels.tolist()[:11] == [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 0]
+    images, labels = next(train.batches(8))
+    assert images.dtype == torch.float32 and images.shape == (8, 1, 28, 28) and labels.shape == (8,)
+
+
+def test_corrupt_or_missing_idx(tmp_path, fake_fashion):
+    with pytest.raises(repq.RepqError, match="not found"):
+        repq.load_dataset(f"fashion-mnist:{tmp_path / 'nope'}")
+    (fake_fashion / "t10k-images-idx3-ubyte.gz").write_bytes(b"garbage")
+    with pytest.raises(repq.RepqError, match="not a valid idx file"):
+        repq.load_dataset(f"fashion-mnist:{fake_fashion}", "test")
+
+
+@pytest.mark.skipif(not os.path.isdir("/usr/share/datasets/fashion-mnist"),
+                    reason="Debian package dataset-fashion-mnist not installed (make data)")
+def test_real_fashion_mnist():
+    train, test = repq.load_dataset("fashion-mnist", "train"), repq.load_dataset("fashion-mnist", "test")
+    assert (len(train), len(test), train.num_classes) == (60000, 10000, 10)
+    assert abs(float(train.images.float().mean() / 255) - train.mean[0]) < 0.01
+
+
+def test_cifar_batches_and_refusal_of_code(tmp_path):
+    rng = np.random.default_rng(1)
+    for name in ["data_batch_1", "test_batch"]:
+        batch = {b"data": rng.integers(0, 256, (6, 3072), dtype=np.uint8), b"labels": [0, 1, 2, 3, 4, 5]}
+        (tmp_path / name).write_bytes(pickle.dumps(batch))
+    train = repq.load_dataset(f"cifar10:{tmp_path}", "train")
+    assert train.images.shape == (6, 3, 32, 32) and train.labels.tolist() == [0, 1, 2, 3, 4, 5]
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, ("echo pwned > " + str(tmp_path / "pwned"),))
+    (tmp_path / "test_batch").write_bytes(pickle.dumps({b"data": Evil(), b"labels": []}))
+    with pytest.raises(repq.RepqError, match="not a CIFAR-10 python batch"):
+        repq.load_dataset(f"cifar10:{tmp_path}", "test")
+    assert not (tmp_path / "pwned").exists()
+
+
+def test_image_folder_and_corrupt_image(tmp_path):
+    from PIL import Image
+    for split in ("train", "val"):
+        for cls, color in (("cat", (255, 0, 0)), ("dog", (0, 0, 255))):
+            folder = tmp_path / split / cls
+            folder.mkdir(parents=True)
+            for i in range(2):
+                Image.new("RGB", (20, 16), color).save(folder / f"{i}.png")
+    train = repq.load_dataset(f"imagefolder:{tmp_path}", "train", image_size=12)
+    test = repq.load_dataset(f"imagefolder:{tmp_path}", "test", image_size=12)
+    assert train.images.shape == (4, 3, 12, 12) and train.classes == ["cat", "dog"] and test.classes == ["cat", "dog"]
+    assert train.images[0, 0].float().mean() == 255 and train.labels.tolist() == [0, 0, 1, 1]
+    (tmp_path / "val" / "dog" / "broken.jpg").write_bytes(b"not a jpeg")
+    with pytest.raises(repq.RepqError, match="broken.jpg"):
+        repq.load_dataset(f"imagefolder:{tmp_path}", "test")
+
+
+def test_digits_split_is_deterministic_and_disjoint():
+    a, b = repq.load_dataset("digits", "train"), repq.load_dataset("digits", "train")
+    test = repq.load_dataset("digits", "test")
+    assert torch.equal(a.images, b.images) and len(a) + len(test) == 1797
+    train_set = {bytes(x.numpy()) + bytes([int(y)]) for x, y in zip(a.images, a.labels)}
+    overlap = sum(bytes(x.numpy()) + bytes([int(y)]) in train_set for x, y in zip(test.images, test.labels))
+    assert overlap < 10  # digits has a few exact duplicate images, never shared by index
+    calib1, calib2 = a.calibration_images(32, 0), a.calibration_images(32, 0)
+    assert torch.equal(calib1, calib2) and not torch.equal(calib1, a.calibration_images(32, 1))
+
+
+def test_unknown_data_spec():
+    with pytest.raises(repq.RepqError, match="unknown data"):
+        repq.load_dataset("mnist")
+
+
+def test_random_crop_is_a_shift_and_sharding():
+    x = torch.arange(2 * 1 * 6 * 6, dtype=torch.uint8).reshape(2, 1, 6, 6)
+    out = random_crop_flip(x, torch.Generator().manual_seed(0), padding=1, flip=False)
+    for i in range(2):  # every crop equals the image shifted by at most one pixel (zeros shifted in)
+        padded = torch.nn.functional.pad(x[i], [1, 1, 1, 1])
+        assert any(torch.equal(out[i], padded[:, dy:dy + 6, dx:dx + 6]) for dy in range(3) for dx in range(3))
+    ds = repq.load_dataset("digits", "test")
+    shards = [torch.cat([lbl for _, lbl in ds.batches(50, shuffle=True, seed=3, rank=r, world_size=2)])
+              for r in range(2)]
+    assert len(shards[0]) == len(shards[1]) == len(ds) // 2
