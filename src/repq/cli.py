@@ -155,6 +155,55 @@ def cmd_eval(args: argparse.Namespace) -> None:
     _emit(args, {"command": "eval", "checkpoint": args.checkpoint, "results": rows}, human)
 
 
+def cmd_export(args: argparse.Namespace) -> None:
+    import numpy as np
+    import torch
+
+    import repq
+    from repq.export import export_onnx, integer_kernels, run_onnx
+
+    _check_output(args.onnx, args.checkpoint)
+    model, payload = repq.load_checkpoint(args.checkpoint)
+    quant = payload.get("quant") or {}
+    data_spec = args.data or payload.get("data")
+    if args.fp:
+        model = repq.reparameterize(model)
+    elif not quant:
+        raise RepqError(f"{args.checkpoint} is not quantized; run `repq ptq ... --out` first, or add --fp")
+    test_ds = None
+    if data_spec:
+        test_ds = _limit(repq.load_dataset(data_spec, "test", args.image_size), args.eval_limit)
+        _check_data_fits(payload["model"], test_ds)
+        example = test_ds.normalize(test_ds.images[:1])
+    elif quant.get("input_shape"):
+        example = torch.zeros(1, *quant["input_shape"])
+    else:
+        raise RepqError("give --data so that repq knows the input size of the model")
+    path = export_onnx(model, args.onnx, example, allow_float=args.fp)
+    result: dict[str, Any] = {"command": "export", "onnx": str(path), "bytes": path.stat().st_size,
+                              "kernels": integer_kernels(path)}
+    human = f"wrote {path} ({path.stat().st_size / 1e6:.2f} MB)\nONNX Runtime kernels: {result['kernels']}"
+    if args.verify:
+        if test_ds is None:
+            raise RepqError("--verify needs --data (the evaluation images)")
+        images = test_ds.normalize(test_ds.images)
+        with torch.no_grad():
+            sim = torch.cat([model(images[i:i + 256]) for i in range(0, len(images), 256)]).numpy()
+        ort = run_onnx(path, images.numpy())
+        labels = test_ds.labels.numpy()
+        result["verify"] = {"n": len(labels), "top1_repq": float((sim.argmax(1) == labels).mean() * 100),
+                            "top1_onnxruntime": float((ort.argmax(1) == labels).mean() * 100),
+                            "max_logit_diff": float(np.abs(ort - sim).max()),
+                            "logit_scale": float(np.abs(sim).max()),
+                            "argmax_agreement": float((ort.argmax(1) == sim.argmax(1)).mean() * 100)}
+        v = result["verify"]
+        human += ("\n" + format_table(["runtime", "top-1"], [["repq simulation", v["top1_repq"]],
+                                                             ["ONNX Runtime", v["top1_onnxruntime"]]])
+                  + f"\nmax |logit difference| {v['max_logit_diff']:.4g} (logits up to {v['logit_scale']:.3g}), "
+                  f"same prediction on {v['argmax_agreement']:.2f}% of {v['n']} images")
+    _emit(args, result, human)
+
+
 def cmd_demo(args: argparse.Namespace) -> None:
     from repq.demo import run_demo
 
@@ -221,6 +270,15 @@ def build_parser() -> argparse.ArgumentParser:
     _data_args(p)
     _common(p)
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("export", help="write a QDQ ONNX model; --verify runs it in ONNX Runtime")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--onnx", required=True, help="ONNX file to write")
+    p.add_argument("--fp", action="store_true", help="export the fused float model (the FP32 reference)")
+    p.add_argument("--verify", action="store_true", help="compare ONNX Runtime with repq's simulation on --data")
+    _data_args(p, required=False)
+    _common(p)
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("demo", help="train a small RepVGG, fuse it, quantize it with every PTQ method")
     p.add_argument("--data", default="digits", help="digits (bundled, default) or fashion-mnist")

@@ -139,7 +139,8 @@ def quantize(model: nn.Module, calib_data: Any, config: PTQConfig | None = None)
     for name, layer in swapped.items():
         q = layer.input_quantizer
         layers[name].update(input_scale=float(q.scale), input_signed=q.signed)
-    fused.repq_quant = {"ptq": asdict(config), "layers": layers, "calibration_images": len(images)}
+    fused.repq_quant = {"ptq": asdict(config), "layers": layers, "calibration_images": len(images),
+                        "input_shape": list(images.shape[1:])}
     return fused.eval()
 
 

@@ -1,0 +1,251 @@
+"""QDQ ONNX export: the graph ONNX Runtime turns into integer kernels.
+
+The model is traced with torch.fx; each call becomes ONNX nodes. A quantized layer becomes
+    Q(x) -> DQ -> Conv(DQ(int8 W), DQ(int32 b))            (+ Conv(DQ(int8 coarse center), 1x1) -> Add for CFWS)
+so the integer codes and scales of the simulation are written as they are (no re-quantization happens in export).
+Activations: int8 with zero point 0 when signed; uint8 (codes 0..255) for `unsigned_activations` (ORT on x86 fuses
+Conv+ReLU into QLinearConv only for the unsigned form).
+"""
+from __future__ import annotations
+
+import operator
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.fx
+from torch import nn
+
+from repq.errors import RepqError
+from repq.quant.modules import QUANT_LAYERS, QuantConv2d, QuantLinear
+
+OPSET = 19
+
+
+class _GraphBuilder:
+    def __init__(self) -> None:
+        from onnx import helper, numpy_helper
+        self.helper, self.numpy_helper = helper, numpy_helper
+        self.nodes: list[Any] = []
+        self.initializers: list[Any] = []
+        self._count = 0
+
+    def name(self, base: str) -> str:
+        self._count += 1
+        return f"{base.replace('.', '_')}_{self._count}"
+
+    def const(self, base: str, array: np.ndarray) -> str:
+        name = self.name(base)
+        self.initializers.append(self.numpy_helper.from_array(np.ascontiguousarray(array), name))
+        return name
+
+    def node(self, op: str, inputs: list[str], base: str, **attrs: Any) -> str:
+        out = self.name(base + "_" + op.lower())
+        self.nodes.append(self.helper.make_node(op, inputs, [out], name=out, **attrs))
+        return out
+
+
+def _activation_qparams(g: _GraphBuilder, layer: nn.Module, base: str) -> tuple[str, str]:
+    q = layer.input_quantizer
+    if q.bits != 8:
+        raise RepqError(f"ONNX export needs 8-bit activations; '{base}' has {q.bits} bits (simulation only)")
+    scale = g.const(base + "_x_scale", np.array(float(q.scale), dtype=np.float32))
+    zero = g.const(base + "_x_zero", np.array(0, dtype=np.int8 if q.signed else np.uint8))
+    return scale, zero
+
+
+def _weight_codes(g: _GraphBuilder, codes: torch.Tensor, base: str) -> str:
+    if codes.abs().max() > 127:
+        raise RepqError(f"'{base}' has weight codes beyond int8; ONNX export supports w_bits <= 8")
+    return g.const(base + "_w", codes.cpu().numpy().astype(np.int8))
+
+
+def _bias_codes(layer: nn.Module) -> tuple[np.ndarray, np.ndarray]:
+    """int32 bias codes and their scale (input scale x fine weight scale), as in the simulation."""
+    step = (layer.input_quantizer.scale * layer.weight_scale).detach()
+    codes = torch.clamp(torch.round(layer.bias.detach() / step), -(2 ** 31), 2 ** 31 - 1)
+    return codes.cpu().numpy().astype(np.int32), step.cpu().numpy().astype(np.float32)
+
+
+def _emit_qdq_layer(g: _GraphBuilder, layer: nn.Module, x: str, base: str) -> str:
+    """Q -> DQ -> Conv/Gemm(DQ(int8 W), DQ(int32 b)): ONNX Runtime fuses it into QLinearConv / QGemm."""
+    s, z = _activation_qparams(g, layer, base)
+    xq = g.node("DequantizeLinear", [g.node("QuantizeLinear", [x, s, z], base), s, z], base)
+    w_scale = g.const(base + "_w_scale", layer.weight_scale.detach().cpu().numpy().astype(np.float32))
+    w_zero = g.const(base + "_w_zero", np.zeros(layer.weight_scale.numel(), dtype=np.int8))
+    w = g.node("DequantizeLinear", [_weight_codes(g, layer.weight_codes, base), w_scale, w_zero], base + "_w", axis=0)
+    inputs = [xq, w]
+    if layer.bias is not None:
+        codes, step = _bias_codes(layer)
+        b_args = [g.const(base + "_b", codes), g.const(base + "_b_scale", step),
+                  g.const(base + "_b_zero", np.zeros(step.size, dtype=np.int32))]
+        inputs.append(g.node("DequantizeLinear", b_args, base + "_b", axis=0))
+    if isinstance(layer, QuantLinear):
+        return g.node("Gemm", inputs, base, transB=1)
+    return g.node("Conv", inputs, base, **_conv_attrs(layer))
+
+
+def _emit_integer_conv(g: _GraphBuilder, layer: QuantConv2d, x: str, base: str) -> str:
+    """Q -> ConvInteger (int32 accumulator) -> x per-channel scale (+ the CFWS coarse 1x1 ConvInteger) + bias.
+
+    This is the CFWS execution of methods.md section 2, and the integer form for signed (int8, zero point 0)
+    inputs that ONNX Runtime does not fuse into QLinearConv on x86."""
+    s, z = _activation_qparams(g, layer, base)
+    xq = g.node("QuantizeLinear", [x, s, z], base)
+    w_zero = g.const(base + "_w_zero", np.array(0, dtype=np.int8))
+    in_scale = float(layer.input_quantizer.scale)
+
+    def branch(codes: torch.Tensor, scale: torch.Tensor, attrs: dict[str, Any], name: str) -> str:
+        acc = g.node("ConvInteger", [xq, _weight_codes(g, codes, name), z, w_zero], name, **attrs)
+        rescale = (in_scale * scale.detach().cpu().numpy()).astype(np.float32).reshape(1, -1, 1, 1)
+        return g.node("Mul", [g.node("Cast", [acc], name, to=1), g.const(name + "_scale", rescale)], name)
+
+    out = branch(layer.weight_codes, layer.weight_scale, _conv_attrs(layer), base)
+    if layer.coarse is not None:
+        if layer.coarse == "center" and (layer.padding[0] != layer.kernel_size[0] // 2 or layer.dilation[0] != 1):
+            raise RepqError(f"CFWS export of '{base}' needs 'same' padding and no dilation")
+        attrs = _conv_attrs(layer, coarse_center=layer.coarse == "center")
+        out = g.node("Add", [out, branch(layer.coarse_codes, layer.coarse_scale, attrs, base + "_coarse")], base)
+    if layer.bias is not None:
+        codes, step = _bias_codes(layer)
+        bias = (codes.astype(np.float64) * step).astype(np.float32).reshape(1, -1, 1, 1)
+        out = g.node("Add", [out, g.const(base + "_bias", bias)], base)
+    return out
+
+
+def _conv_attrs(conv: nn.Conv2d, coarse_center: bool = False) -> dict[str, Any]:
+    kernel = [1, 1] if coarse_center else list(conv.kernel_size)
+    pads = [0, 0, 0, 0] if coarse_center else [conv.padding[0], conv.padding[1]] * 2
+    return dict(kernel_shape=kernel, strides=list(conv.stride), pads=pads, group=conv.groups,
+                dilations=[1, 1] if coarse_center else list(conv.dilation))
+
+
+def _emit_quant_layer(g: _GraphBuilder, layer: nn.Module, x: str, base: str, fusable: bool) -> str:
+    """QDQ form where ONNX Runtime fuses it (unsigned input, output requantized by the next layer), else the
+    explicit integer form; both compute the simulation's integer arithmetic."""
+    if layer.w_bits > 8:
+        raise RepqError(f"'{base}' has {layer.w_bits}-bit weights; ONNX export supports w_bits <= 8")
+    if isinstance(layer, QuantConv2d) and (layer.coarse is not None or layer.input_quantizer.signed or not fusable):
+        return _emit_integer_conv(g, layer, x, base)
+    return _emit_qdq_layer(g, layer, x, base)
+
+
+def _emit_float_layer(g: _GraphBuilder, layer: nn.Module, x: str, base: str) -> str:
+    w = g.const(base + "_w", layer.weight.detach().cpu().numpy().astype(np.float32))
+    inputs = [x, w]
+    if layer.bias is not None:
+        inputs.append(g.const(base + "_b", layer.bias.detach().cpu().numpy().astype(np.float32)))
+    if isinstance(layer, nn.Linear):
+        return g.node("Gemm", inputs, base, transB=1)
+    return g.node("Conv", inputs, base, **_conv_attrs(layer))
+
+
+def _emit_module(g: _GraphBuilder, module: nn.Module, x: str, base: str, fusable: bool = False) -> str:
+    if isinstance(module, QUANT_LAYERS):
+        return _emit_quant_layer(g, module, x, base, fusable)
+    if isinstance(module, (nn.Conv2d, nn.Linear)):
+        return _emit_float_layer(g, module, x, base)
+    if isinstance(module, nn.ReLU):
+        return g.node("Relu", [x], base)
+    if isinstance(module, nn.AdaptiveAvgPool2d) and module.output_size in (1, (1, 1)):
+        return g.node("GlobalAveragePool", [x], base)
+    if isinstance(module, nn.Flatten) and module.start_dim == 1 and module.end_dim == -1:
+        return g.node("Flatten", [x], base, axis=1)
+    if isinstance(module, (nn.Identity, nn.Dropout)):
+        return x
+    if isinstance(module, nn.MaxPool2d):
+        k = module.kernel_size if isinstance(module.kernel_size, tuple) else (module.kernel_size,) * 2
+        s = module.stride if isinstance(module.stride, tuple) else (module.stride,) * 2
+        p = module.padding if isinstance(module.padding, tuple) else (module.padding,) * 2
+        return g.node("MaxPool", [x], base, kernel_shape=list(k), strides=list(s), pads=[p[0], p[1]] * 2)
+    raise RepqError(f"ONNX export does not support layer {type(module).__name__} at '{base}'")
+
+
+def _requantized_outputs(graph: torch.fx.Graph, modules: dict[str, nn.Module]) -> set[str]:
+    """Nodes whose output reaches only quantized layers, directly or through one ReLU (ORT's QDQ fusion pattern)."""
+    def is_quant(n: torch.fx.Node) -> bool:
+        return n.op == "call_module" and isinstance(modules[n.target], QUANT_LAYERS)
+
+    found = set()
+    for node in graph.nodes:
+        users = list(node.users)
+        if len(users) == 1 and users[0].op == "call_module" and isinstance(modules[users[0].target], nn.ReLU):
+            users = list(users[0].users)
+        if users and all(is_quant(u) for u in users):
+            found.add(node.name)
+    return found
+
+
+def _leaf_tracer() -> torch.fx.Tracer:
+    class Tracer(torch.fx.Tracer):
+        def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+            return isinstance(m, QUANT_LAYERS) or super().is_leaf_module(m, qualname)
+    return Tracer()
+
+
+def build_onnx(model: nn.Module, example_input: torch.Tensor):
+    """The ONNX ModelProto of `model` (quantized: QDQ; float: plain), batch dimension dynamic."""
+    from onnx import TensorProto, helper
+
+    try:
+        graph = _leaf_tracer().trace(model)
+    except Exception as exc:  # fx raises many types for dynamic control flow
+        raise RepqError(f"cannot trace the model for export ({type(exc).__name__}); repq exports static graphs")
+    modules = dict(model.named_modules())
+    requantized = _requantized_outputs(graph, modules)
+    g = _GraphBuilder()
+    values: dict[str, str] = {}
+    output = None
+    for node in graph.nodes:
+        if node.op == "placeholder":
+            values[node.name] = "input"
+        elif node.op == "call_module":
+            values[node.name] = _emit_module(g, modules[node.target], values[node.args[0].name], node.target,
+                                             fusable=node.name in requantized)
+        elif node.op == "call_function" and node.target in (torch.flatten,) and node.args[1:] in ((1,), ()):
+            values[node.name] = g.node("Flatten", [values[node.args[0].name]], node.name, axis=1)
+        elif node.op == "call_method" and node.target == "flatten" and node.args[1:] in ((1,), ()):
+            values[node.name] = g.node("Flatten", [values[node.args[0].name]], node.name, axis=1)
+        elif node.op == "call_function" and node.target in (operator.add, torch.add):
+            a, b = (values[arg.name] for arg in node.args[:2])
+            values[node.name] = g.node("Add", [a, b], node.name)
+        elif node.op == "call_function" and node.target in (torch.relu, nn.functional.relu):
+            values[node.name] = g.node("Relu", [values[node.args[0].name]], node.name)
+        elif node.op == "output":
+            output = values[node.args[0].name]
+        else:
+            raise RepqError(f"ONNX export does not support '{node.op} {node.target}' in the traced graph")
+    g.nodes.append(helper.make_node("Identity", [output], ["logits"], name="logits_identity"))
+    shape = ["batch", *example_input.shape[1:]]
+    inputs = [helper.make_tensor_value_info("input", TensorProto.FLOAT, shape)]
+    with torch.no_grad():
+        classes = model(example_input[:1]).shape[-1]
+    outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", classes])]
+    onnx_graph = helper.make_graph(g.nodes, "repq", inputs, outputs, g.initializers)
+    proto = helper.make_model(onnx_graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="repq")
+    proto.ir_version = 9
+    return proto
+
+
+def export_onnx(model: nn.Module, path: str | os.PathLike, example_input: torch.Tensor,
+                allow_float: bool = False) -> Path:
+    """Write `model` as ONNX (checked with onnx.checker, written atomically). A model from `repq.quantize` becomes
+    a QDQ graph; a float model needs `allow_float=True` (the FP reference)."""
+    try:
+        import onnx
+    except ImportError:
+        raise RepqError("ONNX export needs the onnx package: pip install 'repq[export]'") from None
+    quantized = any(isinstance(m, QUANT_LAYERS) for m in model.modules())
+    if not quantized and not allow_float:
+        raise RepqError("the model is not quantized; run repq.quantize first, or export the float model with --fp")
+    model = model.eval()
+    proto = build_onnx(model, example_input)
+    onnx.checker.check_model(proto, full_check=True)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    onnx.save(proto, str(tmp))
+    os.replace(tmp, path)
+    return path

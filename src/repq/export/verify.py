@@ -1,0 +1,45 @@
+"""Run an exported model in ONNX Runtime, and read which kernels its optimized graph uses."""
+from __future__ import annotations
+
+import os
+import tempfile
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+
+from repq.errors import RepqError
+
+
+def _session(path: str | os.PathLike, optimized_out: str | None = None, threads: int | None = None):
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        raise RepqError("verification needs onnxruntime: pip install 'repq[export]'") from None
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.log_severity_level = 3  # the optimized-graph dump warns that it is hardware specific: we only read it
+    if threads:
+        options.intra_op_num_threads = threads
+    if optimized_out:
+        options.optimized_model_filepath = optimized_out
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def run_onnx(path: str | os.PathLike, images: np.ndarray, batch_size: int = 256) -> np.ndarray:
+    """Logits of the ONNX model on `images` (N, C, H, W float32)."""
+    session = _session(path)
+    outs = [session.run(["logits"], {"input": images[i:i + batch_size].astype(np.float32)})[0]
+            for i in range(0, len(images), batch_size)]
+    return np.concatenate(outs)
+
+
+def integer_kernels(path: str | os.PathLike) -> dict[str, int]:
+    """Op counts of ONNX Runtime's optimized graph (QLinearConv / ConvInteger = integer convs; Conv = float)."""
+    import onnx
+
+    with tempfile.TemporaryDirectory() as tmp:
+        optimized = str(Path(tmp) / "optimized.onnx")
+        _session(path, optimized_out=optimized)
+        graph = onnx.load(optimized).graph
+    return dict(Counter(node.op_type for node in graph.node))

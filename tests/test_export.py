@@ -1,0 +1,95 @@
+"""ONNX export: checker-valid QDQ graphs, integer kernels in ONNX Runtime, parity with the simulation."""
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import repq
+
+onnx = pytest.importorskip("onnx")
+pytest.importorskip("onnxruntime")
+from repq.export import export_onnx, integer_kernels, run_onnx  # noqa: E402
+from tests.conftest import randomize_bn, tiny  # noqa: E402
+
+FLOAT_CONVS = ("Conv", "FusedConv", "NchwcConv")
+
+
+@pytest.fixture(scope="module")
+def setup(trained_digits_model, digits):
+    train_ds, test_ds = digits
+    return trained_digits_model, train_ds.calibration_images(32, 0), test_ds
+
+
+@pytest.mark.parametrize("weight", ["minmax", "cfws", "cfws_whole"])
+@pytest.mark.parametrize("unsigned", [False, True])
+def test_parity_and_integer_kernels(setup, tmp_path, weight, unsigned):
+    model, calib, test_ds = setup
+    q = repq.quantize(model, calib, repq.PTQConfig(weight=weight, activation="percentile",
+                                                   unsigned_activations=unsigned))
+    path = export_onnx(q, tmp_path / "q.onnx", calib[:1])
+    onnx.checker.check_model(onnx.load(str(path)), full_check=True)
+    images = test_ds.normalize(test_ds.images)
+    with torch.no_grad():
+        sim = q(images).numpy()
+    ort = run_onnx(path, images.numpy())
+    labels = test_ds.labels.numpy()
+    top1_sim, top1_ort = (sim.argmax(1) == labels).mean() * 100, (ort.argmax(1) == labels).mean() * 100
+    assert abs(top1_sim - top1_ort) <= 0.2 + 1e-9
+    assert np.abs(ort - sim).max() < 0.03 * np.abs(sim).max()
+    kernels = integer_kernels(path)
+    n_convs = sum(isinstance(m, nn.Conv2d) for m in q.modules())
+    assert not any(kernels.get(op, 0) for op in FLOAT_CONVS), kernels
+    per_conv = 2 if weight != "minmax" else 1   # CFWS: fine 3x3 + coarse 1x1 integer convs
+    assert kernels.get("QLinearConv", 0) + kernels.get("ConvInteger", 0) == n_convs * per_conv
+    assert kernels.get("QGemm", 0) == 1
+    if unsigned and weight == "minmax":
+        assert kernels.get("QLinearConv", 0) >= n_convs - 2   # all but the image input and the last conv
+
+
+def test_cfws_graph_is_a_3x3_plus_a_1x1_integer_conv(setup, tmp_path):
+    model, calib, _ = setup
+    q = repq.quantize(model, calib, repq.PTQConfig(weight="cfws", activation="minmax"))
+    graph = onnx.load(str(export_onnx(q, tmp_path / "c.onnx", calib[:1]))).graph
+    shapes = sorted(tuple(a.ints) for n in graph.node if n.op_type == "ConvInteger"
+                    for a in n.attribute if a.name == "kernel_shape")
+    n_convs = sum(isinstance(m, nn.Conv2d) for m in q.modules())
+    assert shapes.count((1, 1)) == n_convs and shapes.count((3, 3)) == n_convs
+
+
+def test_float_export_and_refusals(tmp_path):
+    model = randomize_bn(tiny())
+    fused = repq.reparameterize(model)
+    x = torch.randn(3, 1, 16, 16)
+    with pytest.raises(repq.RepqError, match="not quantized"):
+        export_onnx(fused, tmp_path / "f.onnx", x[:1])
+    path = export_onnx(fused, tmp_path / "f.onnx", x[:1], allow_float=True)
+    assert np.abs(run_onnx(path, x.numpy()) - fused(x).detach().numpy()).max() < 1e-4
+    q16 = repq.quantize(model, x, repq.PTQConfig(w_bits=16, a_bits=16, num_samples=3))
+    with pytest.raises(repq.RepqError, match="bits"):
+        export_onnx(q16, tmp_path / "q16.onnx", x[:1])
+
+    class Odd(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(1, 2, 3)
+            self.norm = nn.GroupNorm(1, 2)
+
+        def forward(self, x):
+            return self.norm(self.conv(x)).mean(dim=(2, 3))
+    with pytest.raises(repq.RepqError):
+        export_onnx(Odd(), tmp_path / "odd.onnx", x[:1], allow_float=True)
+    assert not (tmp_path / "odd.onnx").exists()
+
+
+def test_cli_export_verify(setup, tmp_path, capsys):
+    import json
+
+    from repq.cli import main
+    model, calib, _ = setup
+    q = repq.quantize(model, calib, repq.PTQConfig(weight="cfws", unsigned_activations=True))
+    repq.save_checkpoint(tmp_path / "q.pt", q, data="digits")
+    assert main(["export", "--checkpoint", str(tmp_path / "q.pt"), "--onnx", str(tmp_path / "q.onnx"),
+                 "--verify", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)["verify"]
+    assert abs(result["top1_repq"] - result["top1_onnxruntime"]) <= 0.2 + 1e-9
+    assert main(["export", "--checkpoint", str(tmp_path / "q.pt"), "--onnx", str(tmp_path / "q.pt")]) == 2
