@@ -31,6 +31,7 @@ def test_wrong_architecture_or_classes_one_line_error(tmp_path):
         assert "\n" not in message and "repvgg_a0" in message and words in message
 
 
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")
 def test_loading_never_runs_code(tmp_path):
     marker = tmp_path / "pwned"
 

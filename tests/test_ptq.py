@@ -54,6 +54,7 @@ def test_forward_is_the_integer_computation():
 
 
 @pytest.mark.parametrize("sequential", [True, False])
+@torch.no_grad()
 def test_calibration_order(sequential):
     """Sequential: layer 2's scale comes from the quantized output of layer 1; else from the float one."""
     net = plain_net()

@@ -68,11 +68,13 @@ def mse_amax(x: Tensor, cfg: CalibrationConfig) -> float:
     return float(candidates[int(np.argmin(err))])
 
 
-def _expand_groups(counts: np.ndarray, levels: int) -> np.ndarray:
-    """Merge `counts` into `levels` groups and spread each group's mass uniformly over its non-empty bins."""
+def _expand_groups(counts: np.ndarray, levels: int, nonzero: np.ndarray) -> np.ndarray:
+    """Merge `counts` into `levels` groups and spread each group's mass uniformly over the bins where `nonzero`.
+
+    `nonzero` is taken from P (tail folded in), as in TensorRT/MXNet: the edge bin that received the clipped mass
+    keeps a share of Q, so clipping is always paid for, even when that bin of the raw histogram is empty."""
     n = counts.size
     group = (np.arange(n) * levels) // n
-    nonzero = counts > 0
     mass = np.bincount(group, weights=counts, minlength=levels)
     occupied = np.bincount(group, weights=nonzero.astype(np.float64), minlength=levels)
     spread = np.divide(mass, occupied, out=np.zeros_like(mass), where=occupied > 0)
@@ -107,7 +109,7 @@ def _search_threshold(counts: np.ndarray, width: float, levels: int, divergence)
         p = counts[:i].copy()
         if i < counts.size:
             p[i - 1] += tail[i]
-        q = _expand_groups(counts[:i], levels)
+        q = _expand_groups(counts[:i], levels, nonzero=p > 0)
         if p.sum() == 0 or q.sum() == 0:
             continue
         div = divergence(p, q)

@@ -72,6 +72,14 @@ class QuantWeightMixin:
     weight: Tensor
     bias: Tensor | None
 
+    def _adopt(self, float_layer: nn.Module, w_bits: int, a_bits: int, coarse: str | None) -> None:
+        """Take the float layer's weight and bias, then add the quantization buffers."""
+        with torch.no_grad():
+            self.weight.copy_(float_layer.weight)
+            if float_layer.bias is not None:
+                self.bias.copy_(float_layer.bias)
+        self._init_quant(w_bits, a_bits, coarse)
+
     def _init_quant(self, w_bits: int, a_bits: int, coarse: str | None) -> None:
         self.w_bits, self.coarse = w_bits, coarse
         out_ch = self.weight.shape[0]
@@ -128,11 +136,7 @@ class QuantConv2d(nn.Conv2d, QuantWeightMixin):
             raise RepqError("repq quantizes Conv2d with numeric zero padding only")
         layer = cls(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
                     conv.dilation, conv.groups, bias=conv.bias is not None)
-        with torch.no_grad():
-            layer.weight.copy_(conv.weight)
-            if conv.bias is not None:
-                layer.bias.copy_(conv.bias)
-        layer._init_quant(w_bits, a_bits, coarse)
+        layer._adopt(conv, w_bits, a_bits, coarse)
         return layer.to(conv.weight.device)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -144,11 +148,7 @@ class QuantLinear(nn.Linear, QuantWeightMixin):
     @classmethod
     def from_float(cls, linear: nn.Linear, w_bits: int, a_bits: int, coarse: str | None = None) -> "QuantLinear":
         layer = cls(linear.in_features, linear.out_features, bias=linear.bias is not None)
-        with torch.no_grad():
-            layer.weight.copy_(linear.weight)
-            if linear.bias is not None:
-                layer.bias.copy_(linear.bias)
-        layer._init_quant(w_bits, a_bits, coarse)
+        layer._adopt(linear, w_bits, a_bits, coarse)
         return layer.to(linear.weight.device)
 
     def forward(self, x: Tensor) -> Tensor:

@@ -1,0 +1,129 @@
+"""Deployment: repq QDQ models in ONNX Runtime (parity, integer kernels, speed, size) and ONNX Runtime's own
+`quantize_static` (MinMax, Entropy, Percentile; QDQ, per-channel int8 weights, uint8 activations) on the same
+32 calibration images.
+
+    python benchmarks/export_benchmark.py           # reference Fashion-MNIST RepVGG-A0 (~10 min on 2 cores)
+    python benchmarks/export_benchmark.py --quick   # tiny digits model (seconds)
+"""
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from common import QUICK_REFERENCE, REFERENCE, machine, reference_checkpoint, repq, write_result
+from repq.export import export_onnx, integer_kernels, run_onnx
+
+RECIPES = [("minmax", "tensor", "minmax"), ("minmax", "channel", "percentile"), ("cfws", "channel", "percentile"),
+           ("cfws", "channel", "improved_kl")]
+
+
+def throughput(path: Path, images: np.ndarray, batch: int, seconds: float) -> float:
+    """Images per second of ONNX Runtime (2 intra-op threads) on repeated batches of `batch` images."""
+    import onnxruntime as ort
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 2
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    x = images[:batch].astype(np.float32)
+    for _ in range(3):
+        session.run(["logits"], {"input": x})
+    runs, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        session.run(["logits"], {"input": x})
+        runs += 1
+    return runs * batch / (time.perf_counter() - start)
+
+
+def ort_quantize_static(fp_path: Path, out: Path, calib: np.ndarray, method: str) -> Path:
+    from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType,
+                                          quantize_static)
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self.items = iter([{"input": calib[i:i + 1]} for i in range(len(calib))])
+
+        def get_next(self):
+            return next(self.items, None)
+
+    quantize_static(str(fp_path), str(out), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                    calibrate_method=getattr(CalibrationMethod, method))
+    return out
+
+
+def top1(logits: np.ndarray, labels: np.ndarray) -> float:
+    return float((logits.argmax(1) == labels).mean() * 100)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true")
+    args = parser.parse_args()
+    spec = QUICK_REFERENCE if args.quick else REFERENCE
+    seconds = 0.5 if args.quick else 5.0
+    model, _ = repq.load_checkpoint(reference_checkpoint(quick=args.quick))
+    train_ds, test_ds = repq.load_dataset(spec["data"], "train"), repq.load_dataset(spec["data"], "test")
+    images, labels = test_ds.normalize(test_ds.images).numpy(), test_ds.labels.numpy()
+    calib = train_ds.calibration_images(32, seed=0)
+    tmp = Path(tempfile.mkdtemp(prefix="repq-export-"))
+    fused = repq.reparameterize(model)
+    fp_path = export_onnx(fused, tmp / "fp32.onnx", calib[:1], allow_float=True)
+    fp_top1 = top1(run_onnx(fp_path, images), labels)
+    speed = {"fp32": {b: throughput(fp_path, images, b, seconds) for b in (1, 64)}}
+    sizes = {"fp32": fp_path.stat().st_size}
+    rows = []
+    for weight, gran, act in (RECIPES[-1:] if args.quick else RECIPES):
+        q = repq.quantize(model, calib, repq.PTQConfig(weight=weight, weight_granularity=gran, activation=act,
+                                                       unsigned_activations=True))
+        name = f"repq {weight}/{gran} + {act}"
+        path = export_onnx(q, tmp / f"{weight}_{gran}_{act}.onnx", calib[:1])
+        with torch.no_grad():
+            sim = torch.cat([q(torch.from_numpy(images[i:i + 500])) for i in range(0, len(images), 500)]).numpy()
+        ort_logits = run_onnx(path, images)
+        kernels = integer_kernels(path)
+        rows.append({"name": name, "top1_sim": top1(sim, labels), "top1_ort": top1(ort_logits, labels),
+                     "max_logit_diff": float(np.abs(ort_logits - sim).max()),
+                     "integer_convs": kernels.get("QLinearConv", 0) + kernels.get("ConvInteger", 0),
+                     "float_convs": sum(kernels.get(op, 0) for op in ("Conv", "FusedConv", "NchwcConv")),
+                     "bytes": path.stat().st_size})
+        speed[name] = {b: throughput(path, images, b, seconds) for b in (1, 64)}
+        print(rows[-1], speed[name], flush=True)
+    peers = []
+    for method in ("MinMax",) if args.quick else ("MinMax", "Entropy", "Percentile"):
+        path = ort_quantize_static(fp_path, tmp / f"ort_{method}.onnx", calib.numpy(), method)
+        kernels = integer_kernels(path)
+        peers.append({"name": f"ORT quantize_static {method}", "top1_ort": top1(run_onnx(path, images), labels),
+                      "integer_convs": kernels.get("QLinearConv", 0) + kernels.get("ConvInteger", 0),
+                      "float_convs": sum(kernels.get(op, 0) for op in ("Conv", "FusedConv", "NchwcConv")),
+                      "bytes": path.stat().st_size})
+        speed[peers[-1]["name"]] = {b: throughput(path, images, b, seconds) for b in (1, 64)}
+        print(peers[-1], flush=True)
+    cmd = "python benchmarks/export_benchmark.py" + (" --quick" if args.quick else "")
+    lines = [f"# Deployment in ONNX Runtime: {spec['model']} {spec['model_kwargs']} ({spec['data']})", "",
+             f"Command: `{cmd}` (32 calibration images, seed 0; full test split; uint8 activations, int8 weights)",
+             f"Machine: {machine()}; ONNX Runtime CPU provider, 2 threads", "",
+             f"FP32 ONNX top-1: **{fp_top1:.2f}**", "",
+             "| model | top-1 repq sim | top-1 ONNX Runtime | max logit diff | integer convs | float convs | MB | "
+             "img/s b=1 | img/s b=64 |", "|---|---|---|---|---|---|---|---|---|",
+             f"| FP32 | - | {fp_top1:.2f} | - | 0 | - | {sizes['fp32'] / 1e6:.2f} | {speed['fp32'][1]:.0f} | "
+             f"{speed['fp32'][64]:.0f} |"]
+    for r in rows + peers:
+        sim = f"{r['top1_sim']:.2f}" if "top1_sim" in r else "-"
+        diff = f"{r['max_logit_diff']:.3g}" if "max_logit_diff" in r else "-"
+        lines.append(f"| {r['name']} | {sim} | {r['top1_ort']:.2f} | {diff} | {r['integer_convs']} | "
+                     f"{r['float_convs']} | "
+                     f"{r['bytes'] / 1e6:.2f} | {speed[r['name']][1]:.0f} | {speed[r['name']][64]:.0f} |")
+    text = "\n".join(lines) + "\n"
+    print(text)
+    if not args.quick:
+        write_result("export", text, {"fp32_top1": fp_top1, "repq": rows, "ort_quantize_static": peers,
+                                      "throughput": {k: {str(b): v for b, v in d.items()} for k, d in speed.items()},
+                                      "machine": machine()})
+
+
+if __name__ == "__main__":
+    main()

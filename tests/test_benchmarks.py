@@ -1,0 +1,30 @@
+"""Every benchmark script runs in --quick mode (tiny digits model) and prints its table."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("bench-cache")  # the quick reference model is trained once for all scripts
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("script,needle", [("train_reference.py", "fused (plain 3x3 convs)"),
+                                           ("ptq_benchmark.py", "| W4A8 | cfws | channel | improved_kl | sequential |"),
+                                           ("export_benchmark.py", "ORT quantize_static MinMax")])
+def test_quick_mode(script, needle, cache):
+    env = {**os.environ, "REPQ_CACHE": str(cache)}
+    results = BENCH.parent / "docs" / "results"
+    before = {p: p.stat().st_mtime for p in results.glob("*")} if results.exists() else {}
+    out = subprocess.run([sys.executable, script, "--quick"], cwd=BENCH, env=env, capture_output=True, text=True,
+                         timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert needle in out.stdout
+    after = {p: p.stat().st_mtime for p in results.glob("*")} if results.exists() else {}
+    assert after == before  # --quick never overwrites the recorded results
