@@ -9,6 +9,7 @@ from repq.checkpoint import load_checkpoint, load_into, save_checkpoint
 from repq.data import ImageDataset, load_dataset
 from repq.errors import RepqError
 from repq.evaluation import evaluate
+from repq.export import export_onnx
 from repq.models import create_model, list_models, register_model
 from repq.ptq import PTQConfig, quantize
 from repq.quant import cfws_split
@@ -18,5 +19,5 @@ from repq.training import TrainConfig, train
 __version__ = "0.1.0"
 
 __all__ = ["ImageDataset", "PTQConfig", "RepqError", "TrainConfig", "cfws_split", "create_model", "evaluate",
-           "list_models", "load_checkpoint", "load_dataset", "load_into", "quantize", "register_model",
+           "export_onnx", "list_models", "load_checkpoint", "load_dataset", "load_into", "quantize", "register_model",
            "reparameterize", "save_checkpoint", "train"]

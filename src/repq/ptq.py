@@ -5,7 +5,6 @@ carries `repq_quant`, the metadata a checkpoint needs to rebuild it.
 """
 from __future__ import annotations
 
-import copy
 import warnings
 from dataclasses import asdict, dataclass, fields
 from typing import Any
@@ -122,8 +121,7 @@ def quantize(model: nn.Module, calib_data: Any, config: PTQConfig | None = None)
     if len(images) < config.num_samples:
         warnings.warn(f"calibration data has {len(images)} images, fewer than the {config.num_samples} asked; "
                       "using them all", stacklevel=2)
-    fused = reparameterize(model) if any(callable(getattr(m, "fuse", None)) for m in model.modules()) \
-        else copy.deepcopy(model).eval()
+    fused = reparameterize(model)  # a copy; plain models (nothing to fuse) come back unchanged
     check_supported(fused)
     device = next(fused.parameters()).device
     per_channel = config.weight_granularity == "channel"
@@ -133,7 +131,7 @@ def quantize(model: nn.Module, calib_data: Any, config: PTQConfig | None = None)
     layers = {n: {"coarse": _coarse_layout(fused.get_submodule(n), config.weight), "w_bits": config.w_bits,
                   "a_bits": config.a_bits} for n in names}
     swapped = _swap_layers(fused, layers)
-    for name, layer in swapped.items():
+    for layer in swapped.values():
         layer.set_quantized_weight(quantize_weight(layer.weight.detach(), config.weight, config.w_bits, per_channel))
     _calibrate(fused, images.to(device), config)
     for name, layer in swapped.items():
