@@ -41,29 +41,31 @@ def run_demo(out: str = "runs/demo", data: str = "digits", epochs: int | None = 
     fp, fz = repq.evaluate(model, test_ds), repq.evaluate(fused, test_ds)
     calib = train_ds.calibration_images(32, seed=0)
     rows: list[dict[str, Any]] = []
-    recipes = [(w, g, a, 8, 8) for w, g in WEIGHT_RECIPES for a in ACTIVATION_METHODS]
-    recipes += [(w, "channel", "improved_kl", 4, 8) for w in ("minmax", "mse", "cfws")]
+    recipes = [(w, g, a, 8, 8, True) for w, g in WEIGHT_RECIPES for a in ACTIVATION_METHODS]
+    recipes += [("cfws", "channel", "improved_kl", 8, 8, False)]   # float-pass calibration (docs/results)
+    recipes += [(w, "channel", "improved_kl", 4, 8, seq) for w in ("minmax", "mse", "cfws") for seq in (True, False)]
     iterator = recipes
     if progress:
         from tqdm import tqdm
         iterator = tqdm(recipes, desc="PTQ recipes", unit="recipe", leave=False, disable=None)
-    for w, g, a, wb, ab in iterator:
+    for w, g, a, wb, ab, sequential in iterator:
         start = time.perf_counter()
         qmodel = repq.quantize(model, calib, repq.PTQConfig(weight=w, weight_granularity=g, activation=a,
-                                                            w_bits=wb, a_bits=ab))
+                                                            w_bits=wb, a_bits=ab, sequential=sequential))
         seconds = time.perf_counter() - start
         top1 = repq.evaluate(qmodel, test_ds)["top1"]
-        rows.append(dict(weight=w, granularity=g, activation=a, bits=f"W{wb}A{ab}", top1=top1,
+        rows.append(dict(weight=w, granularity=g, activation=a, bits=f"W{wb}A{ab}",
+                         calibration="sequential" if sequential else "float pass", top1=top1,
                          drop=fz["top1"] - top1, seconds=seconds))
-        if (w, a, wb) == ("cfws", "improved_kl", 8):
+        if (w, a, wb, sequential) == ("cfws", "improved_kl", 8, True):
             repq.save_checkpoint(out_dir / "int8_cfws_improved_kl.pt", qmodel)
     from repq.cli import format_table
-    table = format_table(["weight", "granularity", "activation", "bits", "top-1", "drop", "PTQ s"],
-                         [[r["weight"], r["granularity"], r["activation"], r["bits"], r["top1"], r["drop"],
-                           f"{r['seconds']:.1f}"] for r in rows])
+    table = format_table(["weight", "granularity", "activation", "calibration", "bits", "top-1", "drop", "PTQ s"],
+                         [[r["weight"], r["granularity"], r["activation"], r["calibration"], r["bits"], r["top1"],
+                           r["drop"], f"{r['seconds']:.1f}"] for r in rows])
     plots = [plot_center_surround(center_surround_stats(fused), out_dir / "center_vs_surround.png"),
              plot_accuracy_bars([f"{r['bits']} {r['weight']}/{r['granularity'][0]} + {r['activation']}"
-                                 for r in rows], [r["top1"] for r in rows], fz["top1"], out_dir / "ptq_top1.png",
+                                 f"{'' if r['calibration'] == 'sequential' else ' (float pass)'}" for r in rows], [r["top1"] for r in rows], fz["top1"], out_dir / "ptq_top1.png",
                                 f"PTQ on {data} (32 calibration images)")]
     header = (f"repq demo on {data}: repvgg_a0 {setup['model_kwargs']}, {train_cfg.epochs} epochs "
               f"({history['seconds']:.0f} s)\nFP top-1: train-time {fp['top1']:.2f}, fused {fz['top1']:.2f} "
