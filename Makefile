@@ -27,10 +27,13 @@ data:  ## Fashion-MNIST from Debian (needs root); digits ship with scikit-learn
 	@test -d /usr/share/datasets/fashion-mnist || (apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist)
 
 bench-quick: $(STAMP)  ## every benchmark in --quick mode (seconds)
-	cd benchmarks && ../$(PY) train_reference.py --quick && ../$(PY) ptq_benchmark.py --quick
+	cd benchmarks && ../$(PY) train_reference.py --quick && ../$(PY) ptq_benchmark.py --quick \
+		&& ../$(PY) export_benchmark.py --quick && ../$(PY) peer_benchmark.py --quick
 
 bench: $(STAMP) data  ## the recorded benchmarks (tens of minutes on 2 cores), writes docs/results/
-	cd benchmarks && ../$(PY) train_reference.py && ../$(PY) ptq_benchmark.py
+	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[dev,export,peers]'
+	cd benchmarks && ../$(PY) train_reference.py && ../$(PY) ptq_benchmark.py && ../$(PY) export_benchmark.py \
+		&& ../$(PY) peer_benchmark.py
 
 clean:
 	rm -rf $(VENV) runs build src/*.egg-info

@@ -204,6 +204,27 @@ def cmd_export(args: argparse.Namespace) -> None:
     _emit(args, result, human)
 
 
+def cmd_analyze(args: argparse.Namespace) -> None:
+    import repq
+    from repq.analysis import analyze
+
+    _check_output(args.out, args.checkpoint)
+    model, payload = repq.load_checkpoint(args.checkpoint)
+    data_spec = args.data or payload.get("data")
+    if not data_spec:
+        raise RepqError("give --data: the analysis runs the model on calibration images")
+    train_ds = repq.load_dataset(data_spec, "train", args.image_size)
+    _check_data_fits(payload["model"], train_ds)
+    images = train_ds.calibration_images(args.calib, args.seed)
+    eval_data = None
+    if not args.no_clipping:
+        eval_data = _limit(repq.load_dataset(data_spec, "test", args.image_size), args.eval_limit or 1000)
+    result = analyze(model, images, args.out, eval_data=eval_data, bits=args.bits)
+    human = "\n".join(result["findings"]) or "no layer has center taps over 10x its surround"
+    human += f"\n\nreport: {Path(args.out) / 'report.md'} ({len(result['files'])} files)"
+    _emit(args, {"command": "analyze", **result}, human)
+
+
 def cmd_demo(args: argparse.Namespace) -> None:
     from repq.demo import run_demo
 
@@ -279,6 +300,17 @@ def build_parser() -> argparse.ArgumentParser:
     _data_args(p, required=False)
     _common(p)
     p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("analyze", help="per-layer outlier and quantization-error report with plots")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--out", required=True, help="folder for report.md and the PNG plots")
+    p.add_argument("--calib", type=int, default=32, help="calibration images for the SQNR of layer outputs")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--bits", type=int, default=8, help="weight bit-width of the SQNR comparison")
+    p.add_argument("--no-clipping", action="store_true", help="skip the clipping sensitivity (needs test data)")
+    _data_args(p, required=False)
+    _common(p)
+    p.set_defaults(func=cmd_analyze)
 
     p = sub.add_parser("demo", help="train a small RepVGG, fuse it, quantize it with every PTQ method")
     p.add_argument("--data", default="digits", help="digits (bundled, default) or fashion-mnist")

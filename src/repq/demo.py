@@ -25,6 +25,10 @@ WEIGHT_RECIPES = [("minmax", "tensor"), ("minmax", "channel"), ("mse", "channel"
                   ("cfws_whole", "channel")]
 
 
+def _first(data: repq.ImageDataset, n: int) -> tuple:
+    return data.normalize(data.images[:n]), data.labels[:n]
+
+
 def run_demo(out: str = "runs/demo", data: str = "digits", epochs: int | None = None,
              progress: bool = True) -> tuple[dict[str, Any], str]:
     if data not in DEMO_SETUPS:
@@ -67,13 +71,18 @@ def run_demo(out: str = "runs/demo", data: str = "digits", epochs: int | None = 
              plot_accuracy_bars([f"{r['bits']} {r['weight']}/{r['granularity'][0]} + {r['activation']}"
                                  f"{'' if r['calibration'] == 'sequential' else ' (float pass)'}" for r in rows], [r["top1"] for r in rows], fz["top1"], out_dir / "ptq_top1.png",
                                 f"PTQ on {data} (32 calibration images)")]
+    from repq.analysis import analyze
+    report = analyze(model, calib, out_dir / "analysis", eval_data=_first(test_ds, 300))
     header = (f"repq demo on {data}: repvgg_a0 {setup['model_kwargs']}, {train_cfg.epochs} epochs "
               f"({history['seconds']:.0f} s)\nFP top-1: train-time {fp['top1']:.2f}, fused {fz['top1']:.2f} "
               f"({fz['n']} test images)\n")
-    human = header + "\n" + table + "\n\nwritten: " + ", ".join(str(p) for p in
-                                                                [out_dir / "fp.pt", out_dir / "results.md", *plots])
+    findings = "\n".join(report["findings"][:5]) or "no layer has center taps over 10x its surround"
+    human = (header + "\n" + table + "\n\nanalysis (worst layers first):\n" + findings + "\n\nwritten: "
+             + ", ".join(str(p) for p in [out_dir / "fp.pt", out_dir / "results.md", *plots])
+             + f"\nanalysis report: {out_dir / 'analysis' / 'report.md'}")
     (out_dir / "results.md").write_text(header + "\n```\n" + table + "\n```\n")
     result = {"command": "demo", "data": data, "fp": fp, "fused": fz, "results": rows,
-              "train_seconds": history["seconds"], "files": [str(p) for p in plots]}
+              "train_seconds": history["seconds"], "files": [str(p) for p in plots] + report["files"],
+              "findings": report["findings"]}
     (out_dir / "results.json").write_text(json.dumps(result, indent=2))
     return result, human

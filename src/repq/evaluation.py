@@ -15,7 +15,8 @@ def evaluate(model: nn.Module, data: Any, batch_size: int = 256, progress: bool 
     """{"top1": %, "top5": %, "n": images}; `data` yields (images, labels) (a DataLoader, a dataset, a pair)."""
     was_training = model.training
     model.eval()
-    device = next(model.parameters()).device
+    first = next(model.parameters(), None)  # converted models (e.g. torch FX int8) may have no parameters
+    device = first.device if first is not None else torch.device("cpu")
     correct1 = correct5 = total = 0
     batches = iter_batches(data, batch_size)
     if progress:

@@ -8,8 +8,9 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+import torch  # noqa: E402
 
-from repq.analysis.weights import LayerWeightStats  # noqa: E402
+from repq.analysis.weights import BranchContribution, LayerWeightStats  # noqa: E402
 
 
 def _save(fig, path: str | os.PathLike) -> Path:
@@ -49,3 +50,100 @@ def plot_accuracy_bars(labels: list[str], values: list[float], reference: float,
     ax.set_title(title)
     ax.legend(loc="lower right")
     return _save(fig, path)
+
+
+def _short(name: str) -> str:
+    return name.replace(".rbr_reparam", "")
+
+
+def plot_sqnr(sqnr: dict[str, dict[str, dict[str, float]]], key: str, path: str | os.PathLike, bits: int) -> Path:
+    """Per-layer SQNR (dB) of each weight quantizer: `key` is "weight_db" or "output_db"."""
+    layers = list(sqnr)
+    methods = list(next(iter(sqnr.values())))
+    fig, ax = plt.subplots(figsize=(max(6, 0.35 * len(layers)), 3.6))
+    width = 0.8 / len(methods)
+    for i, method in enumerate(methods):
+        values = [min(sqnr[layer][method][key], 80.0) for layer in layers]
+        ax.bar([j + (i - (len(methods) - 1) / 2) * width for j in range(len(layers))], values, width=width,
+               label=method)
+    ax.set_xticks(range(len(layers)), [_short(n) for n in layers], rotation=70, fontsize=7)
+    ax.set_ylabel("SQNR (dB)")
+    ax.set_title(f"{'Weight' if key == 'weight_db' else 'Layer output'} SQNR at {bits} bits")
+    ax.legend(fontsize=7)
+    return _save(fig, path)
+
+
+def plot_clipping(clipping: dict[str, dict[float, float]], path: str | os.PathLike) -> Path:
+    """Top-1 vs clipping ratio alpha, one line per layer."""
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    for layer, curve in clipping.items():
+        alphas = sorted(curve)
+        ax.plot(alphas, [curve[a] for a in alphas], marker="o", linewidth=1, label=_short(layer))
+    ax.set_xlabel("clip at alpha x max of the layer output")
+    ax.set_ylabel("top-1 (%)")
+    ax.set_title("Activation clipping sensitivity (one layer at a time)")
+    if len(clipping) <= 12:
+        ax.legend(fontsize=6)
+    return _save(fig, path)
+
+
+def plot_weight_histogram(fused, layer: str, path: str | os.PathLike) -> Path:
+    """Histogram of one fused kernel: the center taps against the surrounding taps (log counts)."""
+    w = fused.get_submodule(layer).weight.detach()
+    c = w.shape[-1] // 2
+    center = w[:, :, c, c].flatten()
+    mask = torch.ones(w.shape[-2:], dtype=torch.bool)
+    mask[c, c] = False
+    surround = w[:, :, mask].flatten()
+    fig, ax = plt.subplots(figsize=(6.5, 3.6))
+    top = float(w.abs().max())
+    ax.hist(surround.numpy(), bins=120, range=(-top, top), alpha=0.7, label="surround taps", log=True)
+    ax.hist(center.numpy(), bins=120, range=(-top, top), alpha=0.7, label="center taps", log=True)
+    ax.set_xlabel("weight value")
+    ax.set_title(f"Fused kernel of {_short(layer)}")
+    ax.legend()
+    return _save(fig, path)
+
+
+def write_report(out_dir: Path, fused, stats: list[LayerWeightStats], contributions: list[BranchContribution],
+                 sqnr: dict, clipping: dict, findings: list[str], bits: int) -> list[Path]:
+    """report.md with tables and the PNG plots it links to; returns every file written."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    worst = max(stats, key=lambda s: s.ratio).name if stats else None
+    files = [plot_center_surround(stats, out_dir / "center_vs_surround.png"),
+             plot_sqnr(sqnr, "weight_db", out_dir / "weight_sqnr.png", bits),
+             plot_sqnr(sqnr, "output_db", out_dir / "output_sqnr.png", bits)]
+    if worst:
+        files.append(plot_weight_histogram(fused, worst, out_dir / "worst_layer_histogram.png"))
+    if clipping:
+        files.append(plot_clipping(clipping, out_dir / "clipping.png"))
+    methods = list(next(iter(sqnr.values())))
+    by_layer = {c.layer: c for c in contributions}
+    lines = ["# repq analysis", "", "## Findings", ""]
+    lines += [f"- {f}" for f in findings] or ["- no layer has center taps over "
+                                               "10x its surround: min-max per-channel scales are safe"]
+    lines += ["", "## Fused convs", "",
+              "| layer | center max | surround max | center/surround | channel max/median | kurtosis | "
+              "dominant branch | identity BN scale |", "|---|---|---|---|---|---|---|---|"]
+    for s in stats:
+        c = by_layer.get(s.name)
+        lines.append(f"| {s.name} | {s.center_absmax:.4g} | {s.surround_absmax:.4g} | {s.ratio:.1f} | "
+                     f"{s.channel_max_ratio:.1f} | {s.kurtosis:.1f} | {c.dominant if c else '-'} | "
+                     f"{(f'{c.identity:.3g}' if c else '-')} |")
+    lines += ["", f"## SQNR at {bits} bits (dB; weight / layer output on the calibration images)", "",
+              "| layer | " + " | ".join(methods) + " |", "|---|" + "---|" * len(methods)]
+    for layer, per_method in sqnr.items():
+        cells = [f"{per_method[m]['weight_db']:.1f} / {per_method[m]['output_db']:.1f}" for m in methods]
+        lines.append(f"| {layer} | " + " | ".join(cells) + " |")
+    if clipping:
+        alphas = sorted(next(iter(clipping.values())))
+        lines += ["", "## Clipping sensitivity (top-1 with one layer's output clipped at alpha x max)", "",
+                  "| layer | " + " | ".join(f"alpha {a}" for a in alphas) + " |", "|---|" + "---|" * len(alphas)]
+        lines += [f"| {layer} | " + " | ".join(f"{curve[a]:.2f}" for a in alphas) + " |"
+                  for layer, curve in clipping.items()]
+    lines += ["", "## Plots", ""] + [f"![{p.stem}]({p.name})" for p in files]
+    report = out_dir / "report.md"
+    tmp = out_dir / ".report.md.tmp"
+    tmp.write_text("\n".join(lines) + "\n")
+    os.replace(tmp, report)
+    return [report, *files]

@@ -1,11 +1,16 @@
-"""Weight statistics of fused kxk convs: the center taps collect the 1x1 and identity branches, so their spread
-dwarfs that of the surrounding taps; that ratio is what a min-max scale pays for."""
+"""Weight statistics that explain why a fused kernel is hard to quantize.
+
+The center taps of a fused kxk conv collect the 1x1 and identity branches, so their spread can dwarf that of the
+surrounding taps; `branch_contributions` says which original branch put them there.
+"""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import torch
 from torch import nn
+
+from repq.reparam.fold import bn_scale
 
 
 @dataclass
@@ -15,11 +20,39 @@ class LayerWeightStats:
     surround_absmax: float
     center_std: float
     surround_std: float
+    channel_max_ratio: float   # max over output channels of max|w| / median over channels of max|w|
+    kurtosis: float            # excess kurtosis of all weights (0 for a Gaussian)
 
     @property
     def ratio(self) -> float:
         """max|center| / max|surround|: > 1 means the center taps set a per-tensor min-max scale."""
         return self.center_absmax / self.surround_absmax if self.surround_absmax > 0 else float("inf")
+
+    def as_dict(self) -> dict:
+        return {**asdict(self), "center_surround_ratio": self.ratio}
+
+
+@dataclass
+class BranchContribution:
+    """max |contribution| of each branch of a training-time block to the fused center taps, and folded BN scales."""
+    layer: str                 # the fused conv this block becomes
+    dense_center: float        # t3 K3[:, :, c, c]
+    one_by_one: float          # t1 K1
+    identity: float            # t0 (on the diagonal), 0 without an identity branch
+    t3_max: float
+    t1_max: float
+
+    @property
+    def dominant(self) -> str:
+        values = {"3x3": self.dense_center, "1x1": self.one_by_one, "identity": self.identity}
+        return max(values, key=values.get)
+
+
+def _kurtosis(w: torch.Tensor) -> float:
+    w = w.double().flatten()
+    centered = w - w.mean()
+    var = centered.pow(2).mean()
+    return float(centered.pow(4).mean() / var.pow(2) - 3.0) if var > 0 else 0.0
 
 
 @torch.no_grad()
@@ -34,6 +67,27 @@ def center_surround_stats(model: nn.Module) -> list[LayerWeightStats]:
         mask = torch.ones(w.shape[-2:], dtype=torch.bool)
         mask[c, c] = False
         center, surround = w[:, :, c, c], w[:, :, mask]
+        channel_max = w.abs().reshape(w.shape[0], -1).amax(dim=1)
+        median = float(channel_max.median())
         stats.append(LayerWeightStats(name, float(center.abs().max()), float(surround.abs().max()),
-                                      float(center.std()), float(surround.std())))
+                                      float(center.std()), float(surround.std()),
+                                      float(channel_max.max()) / median if median > 0 else float("inf"),
+                                      _kurtosis(w)))
     return stats
+
+
+@torch.no_grad()
+def branch_contributions(model: nn.Module) -> list[BranchContribution]:
+    """For every training-time RepVGG block: what each branch adds to the fused center taps."""
+    from repq.models.blocks import RepVGGBlock
+
+    out = []
+    for name, block in model.named_modules():
+        if not isinstance(block, RepVGGBlock):
+            continue
+        (k3, _), (k1, _) = block.rbr_dense.folded(), block.rbr_1x1.folded()
+        t0 = bn_scale(block.rbr_identity).abs().max() if block.rbr_identity is not None else torch.tensor(0.0)
+        out.append(BranchContribution(f"{name}.rbr_reparam", float(k3[:, :, 1, 1].abs().max()),
+                                      float(k1.abs().max()), float(t0), float(bn_scale(block.rbr_dense.bn).abs().max()),
+                                      float(bn_scale(block.rbr_1x1.bn).abs().max())))
+    return out

@@ -1,0 +1,82 @@
+"""Diagnostics: numbers against hand computations on a tiny model with a planted identity-BN outlier."""
+import json
+import math
+
+import pytest
+import torch
+
+import repq
+from repq.analysis import analyze, branch_contributions, center_surround_stats, sqnr_db
+from repq.analysis.report import quantizer_sqnr
+from tests.conftest import randomize_bn, tiny
+
+PLANTED = "stage3.1"
+
+
+@pytest.fixture(scope="module")
+def planted():
+    """A tiny RepVGG whose block stage3.1 has one identity-BN channel with gamma 500 and running var 0.01."""
+    model = randomize_bn(tiny(), seed=11)
+    bn = model.get_submodule(PLANTED).rbr_identity
+    with torch.no_grad():
+        bn.weight[2] = 500.0
+        bn.running_var[2] = 0.01
+    return model
+
+
+def test_branch_contribution_is_the_folded_bn_scale(planted):
+    contrib = {c.layer: c for c in branch_contributions(planted)}[f"{PLANTED}.rbr_reparam"]
+    bn = planted.get_submodule(PLANTED).rbr_identity
+    assert contrib.identity == pytest.approx(500.0 / math.sqrt(0.01 + bn.eps), rel=1e-6)
+    assert contrib.dominant == "identity"
+    block = planted.get_submodule(PLANTED)
+    t1 = block.rbr_1x1.bn.weight / torch.sqrt(block.rbr_1x1.bn.running_var + block.rbr_1x1.bn.eps)
+    folded_1x1 = (block.rbr_1x1.conv.weight * t1[:, None, None, None]).detach()
+    assert contrib.one_by_one == pytest.approx(float(folded_1x1.abs().max()), rel=1e-5)
+
+
+def test_center_surround_stats_by_hand(planted):
+    fused = repq.reparameterize(planted)
+    stats = {s.name: s for s in center_surround_stats(fused)}[f"{PLANTED}.rbr_reparam"]
+    w = fused.get_submodule(f"{PLANTED}.rbr_reparam").weight.detach()
+    surround = torch.cat([w[:, :, 0, :].flatten(), w[:, :, 2, :].flatten(), w[:, :, 1, 0].flatten(),
+                          w[:, :, 1, 2].flatten()])
+    assert stats.center_absmax == pytest.approx(float(w[:, :, 1, 1].abs().max()))
+    assert stats.surround_absmax == pytest.approx(float(surround.abs().max()))
+    x = w.double().flatten()
+    kurt = float(((x - x.mean()) ** 4).mean() / ((x - x.mean()) ** 2).mean() ** 2 - 3)
+    assert stats.kurtosis == pytest.approx(kurt, rel=1e-6)
+    assert stats.ratio > 100
+
+
+def test_sqnr_definition_and_cfws_advantage(planted):
+    ref = torch.tensor([3.0, 4.0])
+    assert sqnr_db(ref, torch.tensor([3.0, 3.0])) == pytest.approx(10 * math.log10(25 / 1))
+    assert sqnr_db(ref, ref) == math.inf
+    fused = repq.reparameterize(planted)
+    table = quantizer_sqnr(fused, torch.randn(4, 1, 16, 16), bits=8)[f"{PLANTED}.rbr_reparam"]
+    assert table["cfws"]["weight_db"] > table["minmax/channel"]["weight_db"] > table["minmax/tensor"]["weight_db"]
+
+
+def test_analyze_flags_the_planted_layer_and_writes_the_report(planted, tmp_path):
+    images = torch.randn(8, 1, 16, 16)
+    data = (torch.randn(16, 1, 16, 16), torch.randint(0, 10, (16,)))
+    result = analyze(planted, images, tmp_path / "report", eval_data=data, alphas=(0.5, 1.0))
+    assert result["findings"][0].startswith(f"{PLANTED}.rbr_reparam") and "identity" in result["findings"][0]
+    assert set(result["clipping"][f"{PLANTED}.rbr_reparam"]) == {"0.5", "1.0"}
+    for f in result["files"]:
+        if f.endswith(".png"):
+            with open(f, "rb") as fh:
+                assert fh.read(8) == b"\x89PNG\r\n\x1a\n"
+    report = (tmp_path / "report" / "report.md").read_text()
+    assert "## Findings" in report and "clipping.png" in report and f"{PLANTED}.rbr_reparam" in report
+    json.dumps(result)  # the CLI prints it with --json
+
+
+def test_cli_analyze(tmp_path, capsys):
+    from repq.cli import main
+    repq.save_checkpoint(tmp_path / "m.pt", randomize_bn(tiny()))
+    assert main(["analyze", "--checkpoint", str(tmp_path / "m.pt"), "--data", "digits", "--out",
+                 str(tmp_path / "r"), "--eval-limit", "50", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["command"] == "analyze" and (tmp_path / "r" / "report.md").exists()
