@@ -105,6 +105,8 @@ def test_demo_runs_end_to_end(tmp_path, capsys):
     code, out, _ = run(capsys, "demo", "--out", str(tmp_path / "demo"), "--epochs", "3", "--json")
     result = json.loads(out)
     assert code == 0 and len(result["results"]) >= 25
-    for png in result["files"]:
+    pngs = [f for f in result["files"] if f.endswith(".png")]
+    assert len(pngs) >= 6 and any(f.endswith("analysis/report.md") for f in result["files"])
+    for png in pngs:
         with open(png, "rb") as fh:
             assert fh.read(8) == b"\x89PNG\r\n\x1a\n"

@@ -87,8 +87,9 @@ def plot_clipping(clipping: dict[str, dict[float, float]], path: str | os.PathLi
     return _save(fig, path)
 
 
-def plot_weight_histogram(fused, layer: str, path: str | os.PathLike) -> Path:
-    """Histogram of one fused kernel: the center taps against the surrounding taps (log counts)."""
+def plot_weight_histogram(fused, layer: str, path: str | os.PathLike, before: torch.Tensor | None = None) -> Path:
+    """Histogram of one fused kernel (center taps against surrounding taps, log counts) and, when given, of the
+    folded 3x3 branch before the merge."""
     w = fused.get_submodule(layer).weight.detach()
     c = w.shape[-1] // 2
     center = w[:, :, c, c].flatten()
@@ -99,6 +100,9 @@ def plot_weight_histogram(fused, layer: str, path: str | os.PathLike) -> Path:
     top = float(w.abs().max())
     ax.hist(surround.numpy(), bins=120, range=(-top, top), alpha=0.7, label="surround taps", log=True)
     ax.hist(center.numpy(), bins=120, range=(-top, top), alpha=0.7, label="center taps", log=True)
+    if before is not None:
+        ax.hist(before.flatten().numpy(), bins=120, range=(-top, top), histtype="step", color="black",
+                label="3x3 branch before the merge", log=True)
     ax.set_xlabel("weight value")
     ax.set_title(f"Fused kernel of {_short(layer)}")
     ax.legend()
@@ -106,7 +110,8 @@ def plot_weight_histogram(fused, layer: str, path: str | os.PathLike) -> Path:
 
 
 def write_report(out_dir: Path, fused, stats: list[LayerWeightStats], contributions: list[BranchContribution],
-                 sqnr: dict, clipping: dict, findings: list[str], bits: int) -> list[Path]:
+                 sqnr: dict, clipping: dict, findings: list[str], bits: int,
+                 before_merge: dict[str, torch.Tensor] | None = None) -> list[Path]:
     """report.md with tables and the PNG plots it links to; returns every file written."""
     out_dir.mkdir(parents=True, exist_ok=True)
     worst = max(stats, key=lambda s: s.ratio).name if stats else None
@@ -114,7 +119,8 @@ def write_report(out_dir: Path, fused, stats: list[LayerWeightStats], contributi
              plot_sqnr(sqnr, "weight_db", out_dir / "weight_sqnr.png", bits),
              plot_sqnr(sqnr, "output_db", out_dir / "output_sqnr.png", bits)]
     if worst:
-        files.append(plot_weight_histogram(fused, worst, out_dir / "worst_layer_histogram.png"))
+        files.append(plot_weight_histogram(fused, worst, out_dir / "worst_layer_histogram.png",
+                                           (before_merge or {}).get(worst)))
     if clipping:
         files.append(plot_clipping(clipping, out_dir / "clipping.png"))
     methods = list(next(iter(sqnr.values())))

@@ -120,6 +120,9 @@ def analyze(model: nn.Module, images: torch.Tensor, out_dir: str | Path | None =
               "findings": diagnose(stats, contributions)}
     if out_dir is not None:
         from repq.analysis.plots import write_report
+        from repq.models.blocks import RepVGGBlock
+        before = {f"{n}.rbr_reparam": m.rbr_dense.folded()[0].detach() for n, m in model.named_modules()
+                  if isinstance(m, RepVGGBlock)}
         result["files"] = [str(p) for p in write_report(Path(out_dir), fused, stats, contributions, sqnr, clipping,
-                                                           result["findings"], bits)]
+                                                           result["findings"], bits, before)]
     return result
