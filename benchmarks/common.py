@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
 import repq  # noqa: E402
-from repq.checkpoint import atomic_save  # noqa: E402
+from repq.io import atomic_write_text  # noqa: E402
 
 RESULTS = ROOT / "docs" / "results"
 CACHE = Path(os.environ.get("REPQ_CACHE", ROOT / "runs"))
@@ -54,12 +54,8 @@ def reference_checkpoint(quick: bool = False, progress: bool = True) -> Path:
 
 def write_result(name: str, markdown: str, data: dict) -> None:
     """docs/results/NAME.md (table + command + machine) and NAME.json, written atomically."""
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    for suffix, text in ((".md", markdown), (".json", json.dumps(data, indent=2))):
-        target = RESULTS / f"{name}{suffix}"
-        tmp = target.with_suffix(suffix + ".tmp")
-        tmp.write_text(text)
-        tmp.replace(target)
+    atomic_write_text(RESULTS / f"{name}.md", markdown)
+    atomic_write_text(RESULTS / f"{name}.json", json.dumps(data, indent=2))
 
 
 def timed(fn, *args, **kwargs):
@@ -68,5 +64,5 @@ def timed(fn, *args, **kwargs):
     return out, time.perf_counter() - start
 
 
-__all__ = ["CACHE", "QUICK_REFERENCE", "REFERENCE", "RESULTS", "atomic_save", "machine", "reference_checkpoint",
+__all__ = ["CACHE", "QUICK_REFERENCE", "REFERENCE", "RESULTS", "machine", "reference_checkpoint",
            "repq", "timed", "write_result"]

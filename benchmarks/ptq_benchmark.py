@@ -54,7 +54,8 @@ def main() -> None:
         rows.append({"weight": w, "granularity": g, "activation": a, "calibration": calibration,
                      "bits": f"W{wb}A{ab}", "top1_mean": mean,
                      "top1_std": spread, "top1_per_seed": accs, "drop": fp - mean, "ptq_seconds": max(times)})
-        print(f"{rows[-1]['bits']} {w:10s} {g:7s} {a:12s} {calibration:10s} {mean:6.2f} ± {spread:.2f}  drop {fp - mean:5.2f}  "
+        print(f"{rows[-1]['bits']} {w:10s} {g:7s} {a:12s} {calibration:10s} {mean:6.2f} ± {spread:.2f}  "
+              f"drop {fp - mean:5.2f}  "
               f"{max(times):.1f} s", flush=True)
     cmd = "python benchmarks/ptq_benchmark.py" + (" --quick" if args.quick else "")
     lines = [f"# PTQ on {spec['model']} {spec['model_kwargs']} ({spec['data']})", "",

@@ -1,4 +1,4 @@
-"""Activation calibrators on synthetic data with known answers, and the improved KL against a plain re-implementation."""
+"""Activation calibrators on synthetic data with known answers; the improved KL against a plain re-implementation."""
 import math
 
 import numpy as np

@@ -9,21 +9,13 @@ import sys
 import time
 import warnings
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from repq.errors import RepqError
+from repq.tables import format_table
 
 
 # ---------------------------------------------------------------- output helpers
-def format_table(headers: list[str], rows: list[list[Any]]) -> str:
-    cells = [[f"{v:.2f}" if isinstance(v, float) else str(v) for v in row] for row in rows]
-    widths = [max(len(h), *(len(r[i]) for r in cells)) if cells else len(h) for i, h in enumerate(headers)]
-    line = "  ".join(h.ljust(w) for h, w in zip(headers, widths))
-    out = [line, "  ".join("-" * w for w in widths)]
-    out += ["  ".join(c.ljust(w) for c, w in zip(row, widths)) for row in cells]
-    return "\n".join(out)
-
-
 def _emit(args: argparse.Namespace, result: dict[str, Any], human: str) -> None:
     if args.json:
         print(json.dumps(result, default=str))

@@ -12,7 +12,9 @@ import torch
 import repq
 from repq.analysis.plots import plot_accuracy_bars, plot_center_surround
 from repq.analysis.weights import center_surround_stats
+from repq.io import atomic_write_text
 from repq.quant.calibrators import ACTIVATION_METHODS
+from repq.tables import format_table
 
 DEMO_SETUPS = {
     "digits": dict(model_kwargs=dict(small_input=True, width_scale=0.25),
@@ -63,13 +65,13 @@ def run_demo(out: str = "runs/demo", data: str = "digits", epochs: int | None = 
                          drop=fz["top1"] - top1, seconds=seconds))
         if (w, a, wb, sequential) == ("cfws", "improved_kl", 8, True):
             repq.save_checkpoint(out_dir / "int8_cfws_improved_kl.pt", qmodel)
-    from repq.cli import format_table
     table = format_table(["weight", "granularity", "activation", "calibration", "bits", "top-1", "drop", "PTQ s"],
                          [[r["weight"], r["granularity"], r["activation"], r["calibration"], r["bits"], r["top1"],
                            r["drop"], f"{r['seconds']:.1f}"] for r in rows])
+    labels = [f"{r['bits']} {r['weight']}/{r['granularity'][0]} + {r['activation']}"
+              f"{'' if r['calibration'] == 'sequential' else ' (float pass)'}" for r in rows]
     plots = [plot_center_surround(center_surround_stats(fused), out_dir / "center_vs_surround.png"),
-             plot_accuracy_bars([f"{r['bits']} {r['weight']}/{r['granularity'][0]} + {r['activation']}"
-                                 f"{'' if r['calibration'] == 'sequential' else ' (float pass)'}" for r in rows], [r["top1"] for r in rows], fz["top1"], out_dir / "ptq_top1.png",
+             plot_accuracy_bars(labels, [r["top1"] for r in rows], fz["top1"], out_dir / "ptq_top1.png",
                                 f"PTQ on {data} (32 calibration images)")]
     from repq.analysis import analyze
     report = analyze(model, calib, out_dir / "analysis", eval_data=_first(test_ds, 300))
@@ -80,9 +82,9 @@ def run_demo(out: str = "runs/demo", data: str = "digits", epochs: int | None = 
     human = (header + "\n" + table + "\n\nanalysis (worst layers first):\n" + findings + "\n\nwritten: "
              + ", ".join(str(p) for p in [out_dir / "fp.pt", out_dir / "results.md", *plots])
              + f"\nanalysis report: {out_dir / 'analysis' / 'report.md'}")
-    (out_dir / "results.md").write_text(header + "\n```\n" + table + "\n```\n")
+    atomic_write_text(out_dir / "results.md", header + "\n```\n" + table + "\n```\n")
     result = {"command": "demo", "data": data, "fp": fp, "fused": fz, "results": rows,
               "train_seconds": history["seconds"], "files": [str(p) for p in plots] + report["files"],
               "findings": report["findings"]}
-    (out_dir / "results.json").write_text(json.dumps(result, indent=2))
+    atomic_write_text(out_dir / "results.json", json.dumps(result, indent=2))
     return result, human

@@ -11,16 +11,14 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
 from repq.analysis.weights import BranchContribution, LayerWeightStats  # noqa: E402
+from repq.io import atomic_write, atomic_write_text  # noqa: E402
 
 
 def _save(fig, path: str | os.PathLike) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
-    plt.close(fig)
-    os.replace(tmp, path)
-    return path
+    try:
+        return atomic_write(path, lambda fh: fig.savefig(fh, format="png", dpi=110, bbox_inches="tight"))
+    finally:
+        plt.close(fig)
 
 
 def plot_center_surround(stats: list[LayerWeightStats], path: str | os.PathLike) -> Path:
@@ -148,8 +146,4 @@ def write_report(out_dir: Path, fused, stats: list[LayerWeightStats], contributi
         lines += [f"| {layer} | " + " | ".join(f"{curve[a]:.2f}" for a in alphas) + " |"
                   for layer, curve in clipping.items()]
     lines += ["", "## Plots", ""] + [f"![{p.stem}]({p.name})" for p in files]
-    report = out_dir / "report.md"
-    tmp = out_dir / ".report.md.tmp"
-    tmp.write_text("\n".join(lines) + "\n")
-    os.replace(tmp, report)
-    return [report, *files]
+    return [atomic_write_text(out_dir / "report.md", "\n".join(lines) + "\n"), *files]

@@ -19,6 +19,7 @@ import torch.fx
 from torch import nn
 
 from repq.errors import RepqError
+from repq.io import atomic_write
 from repq.quant.modules import QUANT_LAYERS, QuantConv2d, QuantLinear
 
 OPSET = 19
@@ -63,10 +64,9 @@ def _weight_codes(g: _GraphBuilder, codes: torch.Tensor, base: str) -> str:
 
 
 def _bias_codes(layer: nn.Module) -> tuple[np.ndarray, np.ndarray]:
-    """int32 bias codes and their scale (input scale x fine weight scale), as in the simulation."""
-    step = (layer.input_quantizer.scale * layer.weight_scale).detach()
-    codes = torch.clamp(torch.round(layer.bias.detach() / step), -(2 ** 31), 2 ** 31 - 1)
-    return codes.cpu().numpy().astype(np.int32), step.cpu().numpy().astype(np.float32)
+    """The layer's int32 bias codes and their scale, exactly as the simulation uses them."""
+    codes, step = layer.bias_codes()
+    return codes.detach().cpu().numpy().astype(np.int32), step.detach().cpu().numpy().astype(np.float32)
 
 
 def _emit_qdq_layer(g: _GraphBuilder, layer: nn.Module, x: str, base: str) -> str:
@@ -243,9 +243,4 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, example_input: torch.
     model = model.eval()
     proto = build_onnx(model, example_input)
     onnx.checker.check_model(proto, full_check=True)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    onnx.save(proto, str(tmp))
-    os.replace(tmp, path)
-    return path
+    return atomic_write(path, lambda fh: fh.write(proto.SerializeToString()))

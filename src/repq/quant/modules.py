@@ -117,15 +117,19 @@ class QuantWeightMixin:
             w = w + (pad_to(coarse, w.shape[-1]) if self.coarse == "center" else coarse)
         return w
 
-    def effective_bias(self) -> Tensor | None:
-        """Bias on the integer grid of the (fine) accumulator: scale = input scale x weight scale; int32 up to 8-bit
-        operands (what ONNX QLinearConv takes), unclamped for wider ones (their runtimes accumulate in int64)."""
-        if self.bias is None or self.use_float_weight:
-            return self.bias
+    def bias_codes(self) -> tuple[Tensor, Tensor]:
+        """Bias codes on the integer grid of the (fine) accumulator and their scale (input x weight scale): int32
+        up to 8-bit operands (what ONNX QLinearConv takes), unclamped for wider ones (int64 accumulators)."""
         step = self.input_quantizer.scale * self.weight_scale
         codes = torch.round(self.bias / step)
         if max(self.w_bits, self.input_quantizer.bits) <= 8:
             codes = torch.clamp(codes, _INT32_MIN, _INT32_MAX)
+        return codes, step
+
+    def effective_bias(self) -> Tensor | None:
+        if self.bias is None or self.use_float_weight:
+            return self.bias
+        codes, step = self.bias_codes()
         return codes * step
 
 
