@@ -5,6 +5,7 @@
     qmodel = repq.quantize(model, calib_images, repq.PTQConfig(weight="cfws", activation="improved_kl"))
     repq.evaluate(qmodel, test_data)
 """
+from repq.analysis import analyze
 from repq.checkpoint import load_checkpoint, load_into, save_checkpoint
 from repq.data import ImageDataset, load_dataset
 from repq.errors import RepqError
@@ -18,6 +19,6 @@ from repq.training import TrainConfig, train
 
 __version__ = "0.1.0"
 
-__all__ = ["ImageDataset", "PTQConfig", "RepqError", "TrainConfig", "cfws_split", "create_model", "evaluate",
+__all__ = ["ImageDataset", "PTQConfig", "RepqError", "TrainConfig", "analyze", "cfws_split", "create_model", "evaluate",
            "export_onnx", "list_models", "load_checkpoint", "load_dataset", "load_into", "quantize", "register_model",
            "reparameterize", "save_checkpoint", "train"]
