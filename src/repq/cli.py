@@ -271,7 +271,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--calib", type=int, default=32, help="number of calibration images from the train split")
     p.add_argument("--seed", type=int, default=0, help="seed of the calibration subset")
     p.add_argument("--fp-calibration", action="store_true",
-                   help="calibrate all layers in one float pass instead of sequentially")
+                   help="calibrate all layers in one float pass instead of sequentially (P1); better for the KL "
+                        "methods on the reference model (docs/results)")
     p.add_argument("--unsigned-activations", action="store_true", help="uint8 codes for non-negative activations")
     p.add_argument("--compare", action="store_true", help="run the grid of the listed options, print one table")
     p.add_argument("--out", default=None, help="quantized checkpoint to write")
