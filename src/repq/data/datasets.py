@@ -91,13 +91,6 @@ def random_crop_flip(images: Tensor, gen: torch.Generator, padding: int | None =
     return out
 
 
-def _stats(images: Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    x = images.float() / 255.0
-    mean = x.mean(dim=(0, 2, 3))
-    std = x.std(dim=(0, 2, 3)).clamp_min(1e-3)
-    return tuple(round(float(v), 4) for v in mean), tuple(round(float(v), 4) for v in std)
-
-
 # ---------------------------------------------------------------- Fashion-MNIST (idx files)
 def _read_idx(path: Path) -> np.ndarray:
     opener = gzip.open if path.suffix == ".gz" else open
@@ -186,10 +179,13 @@ def load_cifar10(split: str, path: str) -> ImageDataset:
     folder = Path(path)
     if not folder.is_dir():
         raise RepqError(f"CIFAR-10 folder {folder} not found; pass --data cifar10:PATH/cifar-10-batches-py")
-    names = [f"data_batch_{i}" for i in range(1, 6)] if split == "train" else ["test_batch"]
-    parts = [_load_cifar_batch(folder / n) for n in names if (folder / n).exists() or split != "train"]
-    if not parts:
-        raise RepqError(f"{folder} has no data_batch_N files; pass the cifar-10-batches-py folder")
+    if split == "train":
+        names = [f"data_batch_{i}" for i in range(1, 6) if (folder / f"data_batch_{i}").exists()]
+        if not names:
+            raise RepqError(f"{folder} has no data_batch_N files; pass the cifar-10-batches-py folder")
+    else:
+        names = ["test_batch"]
+    parts = [_load_cifar_batch(folder / n) for n in names]
     images = torch.from_numpy(np.concatenate([p[0] for p in parts]))
     labels = torch.from_numpy(np.concatenate([p[1] for p in parts]))
     classes = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
@@ -197,15 +193,21 @@ def load_cifar10(split: str, path: str) -> ImageDataset:
 
 
 # ---------------------------------------------------------------- ImageFolder (train/ and val/)
-def load_image_folder(split: str, path: str, image_size: int = 32, classes: list[str] | None = None) -> ImageDataset:
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+def load_image_folder(split: str, path: str, image_size: int = 32) -> ImageDataset:
+    """train/ and val/ with one folder per class; the class list always comes from train/ (same label ids for
+    both splits), and both splits use the ImageNet normalization."""
     from PIL import Image, UnidentifiedImageError
 
+    train_root = Path(path) / "train"
     root = Path(path) / ("train" if split == "train" else "val")
-    if not root.is_dir():
+    if not train_root.is_dir() or not root.is_dir():
         raise RepqError(f"{root} not found; an imagefolder needs train/ and val/ with one folder per class")
-    classes = classes or sorted(d.name for d in root.iterdir() if d.is_dir())
+    classes = sorted(d.name for d in train_root.iterdir() if d.is_dir())
     if not classes:
-        raise RepqError(f"{root} has no class folders")
+        raise RepqError(f"{train_root} has no class folders")
     images, labels = [], []
     for label, cls in enumerate(classes):
         for file in sorted((root / cls).iterdir()) if (root / cls).is_dir() else []:
@@ -220,9 +222,8 @@ def load_image_folder(split: str, path: str, image_size: int = 32, classes: list
             labels.append(label)
     if not images:
         raise RepqError(f"{root} holds no images")
-    tensor = torch.from_numpy(np.stack(images))
-    ds = ImageDataset(tensor, torch.tensor(labels), classes, (0.5,) * 3, (0.25,) * 3, "imagefolder")
-    return ds
+    return ImageDataset(torch.from_numpy(np.stack(images)), torch.tensor(labels), classes, IMAGENET_MEAN,
+                        IMAGENET_STD, "imagefolder")
 
 
 def load_dataset(spec: str, split: str = "train", image_size: int = 32) -> ImageDataset:
@@ -237,11 +238,5 @@ def load_dataset(spec: str, split: str = "train", image_size: int = 32) -> Image
     if kind == "cifar10" and path:
         return load_cifar10(split, path)
     if kind == "imagefolder" and path:
-        train = load_image_folder("train", path, image_size)
-        if split == "train":
-            train.mean, train.std = _stats(train.images)
-            return train
-        test = load_image_folder("test", path, image_size, classes=train.classes)
-        test.mean, test.std = _stats(train.images)
-        return test
+        return load_image_folder(split, path, image_size)
     raise RepqError(f"unknown data '{spec}'; use fashion-mnist[:FOLDER], digits, cifar10:PATH or imagefolder:PATH")

@@ -5,6 +5,8 @@ Every number needed for export lives in buffers, so a checkpoint's state dict re
 """
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -47,7 +49,7 @@ class ActQuantizer(nn.Module):
             raise RepqError(f"NaN/Inf activations at the input of '{self.name}' during calibration; "
                             "check the model weights and the calibration images")
         signed = not (self.allow_unsigned and bool(x.min() >= 0))
-        cfg = CalibrationConfig(**{**cfg.__dict__, "bits": self.bits, "signed": signed})
+        cfg = replace(cfg, bits=self.bits, signed=signed)
         qmin, qmax = int_range(self.bits, signed=signed)
         self.qmin.fill_(qmin)
         self.qmax.fill_(qmax)
