@@ -1,0 +1,100 @@
+"""Block adapters: fuse the re-parameterizable blocks users already have, whatever their attribute names.
+
+A layout says which attributes of a block hold its k x k conv+BN branches, its 1x1 branches, its identity
+branch, an optional BN after the sum (QARepVGG) and the modules that follow (SE/attention, activation). Every
+layout is fused by the same code: fold each branch, merge, fold the post-sum BN.
+"""
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from repq.reparam.fold import bn_scale, fold_bn, identity_kernel, merge_branches
+
+
+@dataclass(frozen=True)
+class BlockLayout:
+    name: str
+    kxk: str                        # conv+BN branch, or a ModuleList of them (MobileOne)
+    one_by_one: str                 # 1x1 conv+BN branch (or a plain 1x1 conv, QARepVGG), may be None on the block
+    identity: str                   # BN (or nn.Identity, QARepVGG) on the input, may be None on the block
+    post: tuple[str, ...]           # modules after the sum, kept as they are (absent ones are skipped)
+    post_norm: str | None = None    # BN after the branch sum (QARepVGG)
+    kxk_is_list: bool = False
+
+
+LAYOUTS: tuple[BlockLayout, ...] = (
+    BlockLayout("yolov6_qarepvgg", "rbr_dense", "rbr_1x1", "rbr_identity", ("se", "nonlinearity"), post_norm="bn"),
+    BlockLayout("original_repvgg", "rbr_dense", "rbr_1x1", "rbr_identity", ("se", "nonlinearity")),
+    BlockLayout("timm_mobileone", "conv_kxk", "conv_scale", "identity", ("se", "act"), kxk_is_list=True),
+    BlockLayout("timm_repvgg", "conv_kxk", "conv_1x1", "identity", ("attn", "act")),
+    BlockLayout("mobileone", "rbr_conv", "rbr_scale", "rbr_skip", ("se", "activation"), kxk_is_list=True),
+)
+
+
+def _is_conv_bn(m: nn.Module) -> bool:
+    return isinstance(getattr(m, "conv", None), nn.Conv2d) and isinstance(getattr(m, "bn", None), nn.BatchNorm2d)
+
+
+def match_layout(module: nn.Module) -> BlockLayout | None:
+    """The first layout whose branches this module has (in training form: no fused conv yet)."""
+    for layout in LAYOUTS:
+        kxk = getattr(module, layout.kxk, None)
+        branches = list(kxk) if layout.kxk_is_list and isinstance(kxk, nn.ModuleList) else [kxk]
+        if kxk is None or not branches or not all(_is_conv_bn(b) for b in branches):
+            continue
+        if layout.kxk_is_list != isinstance(kxk, nn.ModuleList):
+            continue
+        if layout.post_norm is not None and not isinstance(getattr(module, layout.post_norm, None), nn.BatchNorm2d):
+            continue
+        if layout.post_norm is None and isinstance(getattr(module, layout.one_by_one, None), nn.Conv2d):
+            continue  # a bare 1x1 conv without a post-sum BN is not a layout we know
+        if not hasattr(module, layout.identity) and not hasattr(module, layout.one_by_one):
+            continue
+        return layout
+    return None
+
+
+def _fold_with_bias(weight: Tensor, bias: Tensor | None, bn: nn.BatchNorm2d) -> tuple[Tensor, Tensor]:
+    """BN(W * x + b) = (t W) * x + (beta - t mu + t b)."""
+    folded_w, folded_b = fold_bn(weight, bn)
+    return folded_w, folded_b if bias is None else folded_b + bn_scale(bn) * bias
+
+
+def _folded(branch: nn.Module) -> tuple[Tensor, Tensor]:
+    if isinstance(branch, nn.Conv2d):
+        bias = branch.bias if branch.bias is not None else torch.zeros(branch.out_channels, device=branch.weight.device)
+        return branch.weight, bias
+    return _fold_with_bias(branch.conv.weight, branch.conv.bias, branch.bn)
+
+
+@torch.no_grad()
+def fuse_block(block: nn.Module, layout: BlockLayout) -> nn.Sequential:
+    """One conv (with the geometry of the k x k branch) followed by the block's post modules."""
+    kxk = getattr(block, layout.kxk)
+    kxk_branches = list(kxk) if layout.kxk_is_list else [kxk]
+    geometry = kxk_branches[0].conv
+    k = geometry.kernel_size[0]
+    branches = [_folded(b) for b in kxk_branches]
+    one = getattr(block, layout.one_by_one, None)
+    if one is not None:
+        branches.append(_folded(one))
+    ident = getattr(block, layout.identity, None)
+    if ident is not None:
+        eye = identity_kernel(geometry.in_channels, geometry.groups, k, like=geometry.weight)
+        if isinstance(ident, nn.BatchNorm2d):
+            branches.append(fold_bn(eye, ident))
+        else:
+            branches.append((eye, torch.zeros(geometry.out_channels, device=eye.device)))
+    weight, bias = merge_branches(branches, k)
+    if layout.post_norm is not None:
+        weight, bias = _fold_with_bias(weight, bias, getattr(block, layout.post_norm))
+    conv = nn.Conv2d(geometry.in_channels, geometry.out_channels, k, geometry.stride, geometry.padding,
+                     geometry.dilation, geometry.groups, bias=True).to(weight.device)
+    conv.weight.copy_(weight)
+    conv.bias.copy_(bias)
+    post = [(name, getattr(block, name)) for name in layout.post if isinstance(getattr(block, name, None), nn.Module)]
+    return nn.Sequential(OrderedDict([("conv", conv), *post]))
