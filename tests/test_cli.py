@@ -9,7 +9,7 @@ import repq
 from repq.cli import build_parser, main
 from tests.conftest import tiny
 
-COMMANDS = ["train", "ptq", "eval", "export", "analyze", "demo"]
+COMMANDS = ["train", "ptq", "eval", "export", "analyze", "import", "demo"]
 
 
 def run(capsys, *argv):

@@ -217,6 +217,19 @@ def cmd_analyze(args: argparse.Namespace) -> None:
     _emit(args, {"command": "analyze", **result}, human)
 
 
+def cmd_import(args: argparse.Namespace) -> None:
+    import repq
+    from repq.foreign import load_foreign_weights
+
+    _check_output(args.out, args.weights)
+    model = repq.create_model(args.model, num_classes=args.num_classes, in_chans=args.in_chans,
+                              small_input=args.small_input, deploy=args.deploy)
+    load_foreign_weights(model, args.weights, args.layout)
+    repq.save_checkpoint(args.out, model, source=str(args.weights))
+    _emit(args, {"command": "import", "checkpoint": args.out, "model": model.repq_config},
+          f"wrote {args.out}: {args.model} (num_classes={args.num_classes}) from {args.weights}")
+
+
 def cmd_demo(args: argparse.Namespace) -> None:
     from repq.demo import run_demo
 
@@ -304,6 +317,18 @@ def build_parser() -> argparse.ArgumentParser:
     _data_args(p, required=False)
     _common(p)
     p.set_defaults(func=cmd_analyze)
+
+    p = sub.add_parser("import", help="turn an original RepVGG or mmpretrain checkpoint into a repq checkpoint")
+    p.add_argument("--weights", required=True, help="the .pth file (read without running code)")
+    p.add_argument("--model", required=True, help="repq model name, e.g. repvgg_a0")
+    p.add_argument("--num-classes", type=int, default=1000)
+    p.add_argument("--in-chans", type=int, default=3)
+    p.add_argument("--small-input", action="store_true")
+    p.add_argument("--deploy", action="store_true", help="the file holds fused (rbr_reparam) weights")
+    p.add_argument("--layout", default="auto", help="auto | original | mmpretrain")
+    p.add_argument("--out", required=True)
+    _common(p)
+    p.set_defaults(func=cmd_import)
 
     p = sub.add_parser("demo", help="train a small RepVGG, fuse it, quantize it with every PTQ method")
     p.add_argument("--data", default="digits", help="digits (bundled, default) or fashion-mnist")

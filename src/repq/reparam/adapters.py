@@ -32,11 +32,20 @@ LAYOUTS: tuple[BlockLayout, ...] = (
     BlockLayout("timm_mobileone", "conv_kxk", "conv_scale", "identity", ("se", "act"), kxk_is_list=True),
     BlockLayout("timm_repvgg", "conv_kxk", "conv_1x1", "identity", ("attn", "act")),
     BlockLayout("mobileone", "rbr_conv", "rbr_scale", "rbr_skip", ("se", "activation"), kxk_is_list=True),
+    BlockLayout("mmpretrain_repvgg", "branch_3x3", "branch_1x1", "branch_norm", ("se_layer", "act")),
 )
 
 
+def _norm_of(m: nn.Module) -> nn.BatchNorm2d | None:
+    """The BN of a conv+BN branch, named `bn` (most code) or `norm` (OpenMMLab)."""
+    for name in ("bn", "norm"):
+        if isinstance(getattr(m, name, None), nn.BatchNorm2d):
+            return getattr(m, name)
+    return None
+
+
 def _is_conv_bn(m: nn.Module) -> bool:
-    return isinstance(getattr(m, "conv", None), nn.Conv2d) and isinstance(getattr(m, "bn", None), nn.BatchNorm2d)
+    return isinstance(getattr(m, "conv", None), nn.Conv2d) and _norm_of(m) is not None
 
 
 def match_layout(module: nn.Module) -> BlockLayout | None:
@@ -68,7 +77,7 @@ def _folded(branch: nn.Module) -> tuple[Tensor, Tensor]:
     if isinstance(branch, nn.Conv2d):
         bias = branch.bias if branch.bias is not None else torch.zeros(branch.out_channels, device=branch.weight.device)
         return branch.weight, bias
-    return _fold_with_bias(branch.conv.weight, branch.conv.bias, branch.bn)
+    return _fold_with_bias(branch.conv.weight, branch.conv.bias, _norm_of(branch))
 
 
 @torch.no_grad()

@@ -1,0 +1,93 @@
+"""Import weights of the RepVGG checkpoints users already have (no network: the user passes the file).
+
+Layouts: "original" (DingXiaoH/RepVGG and YOLOv6-style keys, which are repq's own, optionally under `module.`)
+and "mmpretrain" (OpenMMLab: backbone.stage_N.i.branch_3x3.conv/norm, branch_1x1, branch_norm, head.fc).
+Files are read with torch.load(weights_only=True): loading never runs code from them.
+"""
+from __future__ import annotations
+
+import os
+import pickle
+import re
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from repq.errors import RepqError
+
+_MMPRETRAIN_RULES = [
+    (re.compile(r"^backbone\.stage_(\d+)\."), r"stage\1."),
+    (re.compile(r"\.branch_3x3\."), ".rbr_dense."),
+    (re.compile(r"\.branch_1x1\."), ".rbr_1x1."),
+    (re.compile(r"\.branch_norm\."), ".rbr_identity."),
+    (re.compile(r"\.branch_reparam\."), ".rbr_reparam."),
+    (re.compile(r"\.(rbr_dense|rbr_1x1)\.norm\."), r".\1.bn."),
+    (re.compile(r"^head\.fc\."), "linear."),
+]
+
+
+def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """The tensor state dict inside a foreign checkpoint (a bare state dict, or under state_dict / model)."""
+    path = Path(path)
+    if not path.is_file():
+        raise RepqError(f"weights file {path} not found; pass the checkpoint you downloaded")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise RepqError(f"refusing to load {path}: it holds objects other than tensors") from None
+    except (RuntimeError, EOFError, OSError, ValueError) as exc:
+        raise RepqError(f"{path} is not a readable checkpoint ({type(exc).__name__})") from None
+    for key in ("state_dict", "model", "net"):
+        if isinstance(payload, dict) and isinstance(payload.get(key), dict):
+            payload = payload[key]
+            break
+    if not isinstance(payload, dict) or not all(isinstance(v, torch.Tensor) for v in payload.values()):
+        raise RepqError(f"{path} holds no state dict of tensors")
+    return payload
+
+
+def detect_layout(state: dict[str, torch.Tensor]) -> str:
+    if any(k.startswith("backbone.stage_") for k in state):
+        return "mmpretrain"
+    if any(".rbr_dense." in k or ".rbr_reparam." in k for k in state):
+        return "original"
+    raise RepqError("unknown checkpoint layout: expected RepVGG keys (rbr_dense / rbr_reparam) or mmpretrain "
+                    "keys (backbone.stage_N.*.branch_3x3)")
+
+
+def to_repq_keys(state: dict[str, torch.Tensor], layout: str = "auto") -> dict[str, torch.Tensor]:
+    """Rename the keys of a foreign RepVGG state dict to repq's RepVGG."""
+    layout = detect_layout(state) if layout == "auto" else layout
+    out = {}
+    for key, value in state.items():
+        key = key.removeprefix("module.")
+        if layout == "mmpretrain":
+            if not (key.startswith("backbone.") or key.startswith("head.")):
+                continue
+            for pattern, repl in _MMPRETRAIN_RULES:
+                key = pattern.sub(repl, key)
+        elif layout != "original":
+            raise RepqError(f"unknown layout '{layout}'; use auto, original or mmpretrain")
+        out[key] = value
+    return out
+
+
+def load_foreign_weights(model: nn.Module, path: str | os.PathLike, layout: str = "auto") -> nn.Module:
+    """Load a foreign RepVGG checkpoint into a repq RepVGG (train-time or deploy form); one-line error on
+    mismatch naming what differs."""
+    state = to_repq_keys(read_state_dict(path), layout)
+    mine = model.state_dict()
+    missing = [k for k in mine if k not in state and not k.endswith("num_batches_tracked")]
+    unexpected = [k for k in state if k not in mine]
+    wrong = [k for k in state if k in mine and state[k].shape != mine[k].shape]
+    if missing or unexpected or wrong:
+        parts = [f"{len(missing)} missing (e.g. {missing[0]})" if missing else "",
+                 f"{len(unexpected)} unexpected (e.g. {unexpected[0]})" if unexpected else "",
+                 f"{len(wrong)} with other shapes (e.g. {wrong[0]})" if wrong else ""]
+        config = getattr(model, "repq_config", {})
+        raise RepqError(f"{path} does not fit {config.get('name', 'the model')} "
+                        f"(num_classes={config.get('num_classes')}, deploy={config.get('deploy', False)}): "
+                        + ", ".join(p for p in parts if p) + "; check --model, --num-classes and --deploy")
+    model.load_state_dict(state, strict=False)
+    return model
