@@ -1,4 +1,6 @@
 """The PTQ pipeline: exact integer simulation, sequential calibration, accuracy, checkpoints, bad input."""
+import warnings
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -7,6 +9,19 @@ from torch import nn
 import repq
 from repq.quant.modules import QuantConv2d, QuantLinear
 from tests.conftest import randomize_bn, tiny
+
+
+pytestmark = pytest.mark.filterwarnings("ignore:no re-parameterizable block")
+
+
+def test_plain_model_quantizes_with_a_note():
+    with pytest.warns(UserWarning, match="no re-parameterizable block found"):
+        q = repq.quantize(plain_net(), torch.randn(4, 1, 8, 8), repq.PTQConfig(num_samples=4))
+    assert isinstance(q[0], QuantConv2d)
+    fused = repq.reparameterize(randomize_bn(tiny()))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)   # a model fused by repq gets no note
+        repq.quantize(fused, torch.randn(4, 1, 16, 16), repq.PTQConfig(num_samples=4))
 
 
 def plain_net():
@@ -141,3 +156,20 @@ def test_bad_input_is_refused_clearly():
         repq.quantize(nan_net, torch.randn(4, 1, 8, 8), repq.PTQConfig(num_samples=4))
     with pytest.raises(repq.RepqError, match="NaN/Inf activations"):
         repq.quantize(net, torch.full((4, 1, 8, 8), float("inf")), repq.PTQConfig(num_samples=4))
+
+
+@pytest.mark.parametrize("name", ["mobileone_s0", "efficientrep_n"])
+@torch.no_grad()
+def test_other_families_quantize_and_round_trip(name, tmp_path):
+    """CFWS + improved KL beyond RepVGG: depthwise MobileOne kernels and a YOLOv6-style backbone."""
+    model = randomize_bn(tiny(name), seed=6)
+    x = torch.randn(16, 1, 16, 16)
+    q16 = repq.quantize(model, x, repq.PTQConfig(w_bits=16, a_bits=16, activation="minmax", num_samples=16))
+    ref = repq.reparameterize(model)(x)
+    assert (q16(x) - ref).abs().max() < 2e-3 * ref.abs().max()
+    q = repq.quantize(model, x, repq.PTQConfig(weight="cfws", activation="improved_kl", num_samples=16))
+    assert any(isinstance(m, QuantConv2d) and m.coarse == "center" and m.groups > 1 for m in q.modules()) \
+        or name == "efficientrep_n"
+    repq.save_checkpoint(tmp_path / "q.pt", q)
+    loaded, _ = repq.load_checkpoint(tmp_path / "q.pt")
+    assert torch.equal(loaded(x), q(x))

@@ -5,7 +5,7 @@ from torch import nn
 
 import repq
 from repq.models.blocks import FusedConvAct, RepVGGBlock
-from repq.reparam import fold_bn, identity_kernel, merge_branches, pad_to
+from repq.reparam import fold_bn, identity_kernel, match_layout, merge_branches, pad_to
 from tests.conftest import randomize_bn, tiny
 
 
@@ -61,11 +61,13 @@ def test_every_architecture_fuses_exactly(name):
     ref = model(x)
     assert (fused(x) - ref).abs().max() < 1e-4 * max(1.0, ref.abs().max())
     assert not any(isinstance(m, nn.BatchNorm2d) for m in fused.modules())
-    blocks = [m for m in model.modules() if isinstance(m, RepVGGBlock)]
+    blocks = [m for m in model.modules() if isinstance(m, RepVGGBlock) or match_layout(m) is not None]
     convs = [m for m in fused.modules() if isinstance(m, nn.Conv2d)]
-    assert len(convs) == len(blocks)
-    assert all(isinstance(m, (FusedConvAct, nn.Conv2d, nn.ReLU, nn.Sequential, nn.AdaptiveAvgPool2d, nn.Linear,
-                              type(fused))) for m in fused.modules())
+    assert len(convs) == len(blocks) > 0
+    assert all(isinstance(m, (FusedConvAct, nn.Conv2d, nn.ReLU, nn.Identity, nn.Sequential, nn.AdaptiveAvgPool2d,
+                              nn.Linear, type(fused))) for m in fused.modules())
+    deploy = tiny(name, deploy=True)
+    deploy.load_state_dict(fused.state_dict())  # the deploy build has the fused form's keys
 
 
 def test_group_layout_matches_original_repvgg():

@@ -17,7 +17,7 @@ from repq.errors import RepqError
 from repq.quant.calibrators import ACTIVATION_METHODS, CalibrationConfig
 from repq.quant.modules import QUANT_LAYERS, ActQuantizer, QuantConv2d, QuantLinear
 from repq.quant.weights import WEIGHT_METHODS, quantize_weight
-from repq.reparam.model import reparameterize
+from repq.reparam.model import fuse_blocks
 
 # Leaf layers with parameters that a fused model may contain; anything else is reported as unsupported.
 _PARAMETRIC = (nn.Conv2d, nn.Linear)
@@ -121,7 +121,10 @@ def quantize(model: nn.Module, calib_data: Any, config: PTQConfig | None = None)
     if len(images) < config.num_samples:
         warnings.warn(f"calibration data has {len(images)} images, fewer than the {config.num_samples} asked; "
                       "using them all", stacklevel=2)
-    fused = reparameterize(model)  # a copy; plain models (nothing to fuse) come back unchanged
+    fused, blocks = fuse_blocks(model, verify=False)  # a copy; plain models come back unchanged
+    config_of_model = getattr(model, "repq_config", None)
+    if not blocks and not (isinstance(config_of_model, dict) and config_of_model.get("deploy")):
+        warnings.warn("no re-parameterizable block found: quantizing the model's plain convs", stacklevel=2)
     check_supported(fused)
     device = next(fused.parameters()).device
     per_channel = config.weight_granularity == "channel"

@@ -51,13 +51,17 @@ def reparameterize(model: nn.Module) -> nn.Module:
 
 
 @torch.no_grad()
-def fuse_blocks(model: nn.Module, size: int = 16, seed: int = 0) -> tuple[nn.Module, list[dict[str, Any]]]:
-    """`reparameterize` plus a report: each fused block, its layout, and the max |difference| between the block
-    and its fused form on a random input (size x size)."""
+def fuse_blocks(model: nn.Module, verify: bool = True, size: int = 16,
+                seed: int = 0) -> tuple[nn.Module, list[dict[str, Any]]]:
+    """`reparameterize` plus a report: each fused block, its layout and, with `verify`, the max |difference|
+    between the block and its fused form on a random input (size x size)."""
     fused, replaced = _fuse_copy(model)
     gen = torch.Generator().manual_seed(seed)
     report = []
     for name, layout, block, new in replaced:
+        if not verify:
+            report.append({"block": name, "layout": layout})
+            continue
         conv = next(m for m in new.modules() if isinstance(m, nn.Conv2d))
         x = torch.randn(2, conv.in_channels, size, size, generator=gen).to(conv.weight.device)
         ref = block.eval()(x)
