@@ -161,3 +161,28 @@ def test_plain_and_unknown_modules_are_left_alone():
     assert match_layout(plain[0]) is None and match_layout(plain) is None
     fused, report = fuse_blocks(plain)
     assert report == [] and isinstance(fused[0], nn.Conv2d)
+
+
+def test_cli_ptq_on_a_timm_model(tmp_path, capsys, monkeypatch):
+    """`repq ptq --timm NAME`: timm is replaced by a stand-in whose create_model returns timm-layout blocks
+    (real timm needs a multi-GB torchvision build on this machine)."""
+    import json
+    import sys
+    import types
+
+    from repq.cli import main
+
+    def create_model(name, pretrained=False, num_classes=1000, in_chans=3):
+        assert name == "repvgg_a0" and not pretrained
+        torch.manual_seed(0)
+        return nn.Sequential(TimmRepVggBlock(in_chans, 8, 2), TimmRepVggBlock(8, 8), nn.AdaptiveAvgPool2d(1),
+                             nn.Flatten(), nn.Linear(8, num_classes))
+    torch.save(randomize_bn(create_model("repvgg_a0", num_classes=10, in_chans=1)).state_dict(), tmp_path / "w.pth")
+    monkeypatch.setitem(sys.modules, "timm", types.SimpleNamespace(create_model=create_model))
+    args = ["ptq", "--timm", "repvgg_a0", "--checkpoint", str(tmp_path / "w.pth"), "--data", "digits", "--calib", "8"]
+    assert main(args + ["--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["results"][0]["weight"] == "cfws" and result["fp"]["n"] > 0
+    assert main(args + ["--out", str(tmp_path / "q.pt")]) == 2
+    monkeypatch.setitem(sys.modules, "timm", None)  # not installed
+    assert main(args) == 2 and "needs timm" in capsys.readouterr().err

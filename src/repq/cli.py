@@ -99,12 +99,17 @@ def cmd_ptq(args: argparse.Namespace) -> None:
     import repq
 
     _check_output(args.out, args.checkpoint)
-    model, payload = repq.load_checkpoint(args.checkpoint)
-    if payload.get("quant"):
-        raise RepqError(f"{args.checkpoint} is already quantized; pass the float checkpoint from `repq train`")
     train_ds = repq.load_dataset(args.data, "train", args.image_size)
     test_ds = _limit(repq.load_dataset(args.data, "test", args.image_size), args.eval_limit)
-    _check_data_fits(payload["model"], train_ds)
+    if args.timm:
+        if args.out:
+            raise RepqError("--out saves repq models only; for a timm model use the Python API or drop --out")
+        model = _timm_model(args.timm, args.checkpoint, train_ds)
+    else:
+        model, payload = repq.load_checkpoint(args.checkpoint)
+        if payload.get("quant"):
+            raise RepqError(f"{args.checkpoint} is already quantized; pass the float checkpoint from `repq train`")
+        _check_data_fits(payload["model"], train_ds)
     fp = repq.evaluate(model, test_ds)
     results, last = [], None
     grid = _ptq_grid(args)
@@ -131,6 +136,25 @@ def cmd_ptq(args: argparse.Namespace) -> None:
     if args.out:
         human += f"\nquantized checkpoint: {args.out}"
     _emit(args, {"command": "ptq", "fp": fp, "results": results, "checkpoint": args.out}, human)
+
+
+def _timm_model(name: str, weights: str, data):
+    """A timm model with the user's weights (read without running code); its blocks fuse through the adapters."""
+    try:
+        import timm
+    except ImportError:
+        raise RepqError("--timm needs timm: pip install timm (it also installs torchvision)") from None
+    from repq.foreign import read_state_dict
+    try:
+        model = timm.create_model(name, pretrained=False, num_classes=data.num_classes, in_chans=data.in_chans)
+    except RuntimeError as exc:  # timm's error for an unknown name
+        raise RepqError(f"timm cannot build '{name}': {str(exc).splitlines()[0]}") from None
+    try:
+        model.load_state_dict(read_state_dict(weights))
+    except RuntimeError:
+        raise RepqError(f"{weights} does not fit timm's {name} with {data.num_classes} classes and "
+                        f"{data.in_chans} input channels; check the model name and the data") from None
+    return model.eval()
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
@@ -273,7 +297,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("ptq", help="fuse, calibrate and quantize; compare FP vs quantized")
-    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--checkpoint", required=True, help="a repq checkpoint, or with --timm the timm weights file")
+    p.add_argument("--timm", default=None, help="build this timm model (needs timm) and load --checkpoint into it")
     _data_args(p)
     p.add_argument("--weight", default="cfws", help="minmax | mse | cfws | cfws-whole (comma list with --compare)")
     p.add_argument("--granularity", default="channel", help="channel | tensor weight scales (comma list)")
