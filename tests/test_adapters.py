@@ -39,7 +39,7 @@ class OriginalRepVGGBlock(nn.Module):  # DingXiaoH/RepVGG, YOLOv6 RepVGGBlock
         return self.nonlinearity(self.se(self.rbr_dense(x) + self.rbr_1x1(x) + ident))
 
 
-class QARepVGGBlock(nn.Module):  # YOLOv6 v3: BN after the sum, no BN on the 1x1, plain identity
+class QARepVGGBlock(nn.Module):  # YOLOv6 v3: BN after the sum (and after se), no BN on the 1x1, plain identity
     def __init__(self, cin, cout, stride=1, groups=1):
         super().__init__()
         self.nonlinearity, self.se = nn.ReLU(), nn.Identity()
@@ -50,7 +50,7 @@ class QARepVGGBlock(nn.Module):  # YOLOv6 v3: BN after the sum, no BN on the 1x1
 
     def forward(self, x):
         ident = 0 if self.rbr_identity is None else self.rbr_identity(x)
-        return self.nonlinearity(self.se(self.bn(self.rbr_dense(x) + self.rbr_1x1(x) + ident)))
+        return self.nonlinearity(self.bn(self.se(self.rbr_dense(x) + self.rbr_1x1(x) + ident)))
 
 
 class ConvNormAct(nn.Module):  # timm.layers.ConvNormAct without activation
@@ -154,6 +154,16 @@ def test_foreign_models_quantize(layout):
     q = repq.quantize(net, images, repq.PTQConfig(weight="cfws", activation="minmax", num_samples=16))
     ref = net(images)
     assert (q(images) - ref).abs().max() < 0.1 * float(ref.abs().max())
+
+
+@pytest.mark.filterwarnings("ignore:no re-parameterizable block")
+def test_qarepvgg_with_a_real_se_is_not_fused_wrongly():
+    block = QARepVGGBlock(8, 8)
+    assert match_layout(block).name == "yolov6_qarepvgg"
+    block.se = SE(8)   # YOLOv6 computes bn(se(sum)): the BN cannot be folded into the conv through an SE
+    assert match_layout(block) is None
+    with pytest.raises(repq.RepqError, match="unsupported layer BatchNorm2d"):
+        repq.quantize(nn.Sequential(block), torch.randn(4, 8, 8, 8), repq.PTQConfig(num_samples=4))
 
 
 def test_plain_and_unknown_modules_are_left_alone():

@@ -57,8 +57,12 @@ def match_layout(module: nn.Module) -> BlockLayout | None:
             continue
         if layout.kxk_is_list != isinstance(kxk, nn.ModuleList):
             continue
-        if layout.post_norm is not None and not isinstance(getattr(module, layout.post_norm, None), nn.BatchNorm2d):
-            continue
+        if layout.post_norm is not None:
+            if not isinstance(getattr(module, layout.post_norm, None), nn.BatchNorm2d):
+                continue
+            # YOLOv6 applies the post-sum BN after `se`: it folds into the conv only when `se` does nothing
+            if any(not isinstance(getattr(module, name, None), (nn.Identity, type(None))) for name in layout.post[:-1]):
+                continue
         if layout.post_norm is None and isinstance(getattr(module, layout.one_by_one, None), nn.Conv2d):
             continue  # a bare 1x1 conv without a post-sum BN is not a layout we know
         if not hasattr(module, layout.identity) and not hasattr(module, layout.one_by_one):
