@@ -95,6 +95,16 @@ def test_resume_continues_the_same_run(digits, tmp_path, monkeypatch):
                                                                 full_model.state_dict().values()))
 
 
+def test_resume_into_another_architecture_is_one_line(digits, tmp_path, capsys):
+    from repq.cli import main
+    train_ds, _ = digits
+    _short_run(train_ds, out=str(tmp_path / "run.pt"), epochs=1)
+    code = main(["train", "--data", "digits", "--model", "repvgg_a1", "--resume", str(tmp_path / "run.pt"),
+                 "--out", str(tmp_path / "new.pt"), "--epochs", "1", "--max-steps", "1"])
+    err = capsys.readouterr().err
+    assert code == 2 and "repvgg_a0" in err and "repvgg_a1" in err and len(err.strip().splitlines()) == 1
+
+
 def test_class_mismatch_is_refused(digits):
     train_ds, _ = digits
     with pytest.raises(repq.RepqError, match="10 classes but the model has 7"):

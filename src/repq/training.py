@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from repq.checkpoint import read_checkpoint, save_checkpoint
+from repq.checkpoint import load_into, read_checkpoint, save_checkpoint
 from repq.data.datasets import ImageDataset
 from repq.errors import RepqError
 from repq.evaluation import evaluate
@@ -87,7 +87,7 @@ def train(model: nn.Module, data: ImageDataset, config: TrainConfig | None = Non
         state = read_checkpoint(resume)
         if "train_state" not in state:
             raise RepqError(f"{resume} has no training state to resume from (it is a {state['kind']} checkpoint)")
-        model.load_state_dict(state["state_dict"])
+        load_into(model, resume)  # one-line error when the architecture or class count differs
         optimizer.load_state_dict(state["train_state"]["optimizer"])
         history = state["train_state"]["history"]
         start_epoch = state["train_state"]["epoch"]
