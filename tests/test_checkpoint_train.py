@@ -57,6 +57,9 @@ def test_foreign_missing_and_truncated_files(tmp_path):
     (tmp_path / "cut.pt").write_bytes(data[: len(data) // 2])
     with pytest.raises(repq.RepqError, match="not a readable checkpoint"):
         repq.load_checkpoint(tmp_path / "cut.pt")
+    (tmp_path / "text.pt").write_text("x\n")
+    with pytest.raises(repq.RepqError, match="not a readable checkpoint"):
+        repq.load_checkpoint(tmp_path / "text.pt")
 
 
 def _short_run(ds, out=None, resume=None, epochs=2):
@@ -103,6 +106,11 @@ def test_resume_into_another_architecture_is_one_line(digits, tmp_path, capsys):
                  "--out", str(tmp_path / "new.pt"), "--epochs", "1", "--max-steps", "1"])
     err = capsys.readouterr().err
     assert code == 2 and "repvgg_a0" in err and "repvgg_a1" in err and len(err.strip().splitlines()) == 1
+
+
+def test_zero_epochs_is_refused(digits):
+    with pytest.raises(repq.RepqError, match="at least 1"):
+        repq.train(tiny(), digits[0], repq.TrainConfig(epochs=0), progress=False)
 
 
 def test_class_mismatch_is_refused(digits):

@@ -66,6 +66,7 @@ def test_train_eval_ptq_json(trained_checkpoint, tmp_path, capsys):
     (["ptq", "--checkpoint", "CKPT", "--data", "digits", "--weight", "minmax,cfws"], "--compare"),
     (["ptq", "--checkpoint", "CKPT", "--data", "mnist"], "unknown data"),
     (["ptq", "--checkpoint", "CKPT", "--data", "digits", "--weight", "gptq"], "unknown weight method"),
+    (["ptq", "--checkpoint", "CKPT", "--data", "digits", "--w-bits", "eight"], "take integers"),
     (["train", "--data", "digits", "--model", "resnet50", "--out", "OUT"], "unknown model"),
 ])
 def test_user_errors_are_one_line(argv, needle, trained_checkpoint, tmp_path, capsys):

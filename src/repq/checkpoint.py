@@ -43,18 +43,28 @@ def save_checkpoint(path: str | os.PathLike, model: nn.Module, **extra: Any) -> 
     atomic_save(payload, path)
 
 
-def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
-    """The raw checkpoint dictionary, safely unpickled; one-line errors for missing or foreign files."""
+def safe_torch_load(path: str | os.PathLike, missing_hint: str) -> Any:
+    """torch.load(weights_only=True): tensors and plain containers only; one-line errors for missing files,
+    files that would need to run code, and files that are not torch files at all."""
     path = Path(path)
     if not path.is_file():
-        raise RepqError(f"checkpoint {path} not found; train one with `repq train` or check the path")
+        raise RepqError(f"{path} not found; {missing_hint}")
     try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else "unsupported content"
-        raise RepqError(f"refusing to load {path}: it holds objects other than tensors ({first[:120]})") from None
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        with open(path, "rb") as fh:
+            head = fh.read(2)
+        if head == b"PK" or head[:1] == b"\x80":  # a torch zip or a pickle stream that the safe loader refused
+            raise RepqError(f"refusing to load {path}: it holds objects other than tensors, whose loading could "
+                            "run code") from None
+        raise RepqError(f"{path} is not a readable checkpoint (not a torch file); is it complete?") from None
     except (RuntimeError, EOFError, OSError, ValueError) as exc:
         raise RepqError(f"{path} is not a readable checkpoint ({type(exc).__name__}); is the file complete?") from None
+
+
+def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+    """The raw checkpoint dictionary, safely unpickled; one-line errors for missing or foreign files."""
+    payload = safe_torch_load(path, "train one with `repq train` or check the path")
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise RepqError(f"{path} is not a repq checkpoint; convert a foreign state dict with repq's loaders first")
     if payload.get("version", 0) > VERSION:

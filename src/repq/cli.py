@@ -85,8 +85,12 @@ def cmd_train(args: argparse.Namespace) -> None:
 def _ptq_grid(args: argparse.Namespace) -> list[dict[str, Any]]:
     weights = [_norm_method(w) for w in args.weight.split(",")]
     acts = [_norm_method(a) for a in args.activation.split(",")]
-    w_bits = [int(b) for b in str(args.w_bits).split(",")]
-    a_bits = [int(b) for b in str(args.a_bits).split(",")]
+    try:
+        w_bits = [int(b) for b in str(args.w_bits).split(",")]
+        a_bits = [int(b) for b in str(args.a_bits).split(",")]
+    except ValueError:
+        raise RepqError(f"--w-bits and --a-bits take integers (comma lists with --compare), got "
+                        f"'{args.w_bits}' and '{args.a_bits}'") from None
     grans = args.granularity.split(",")
     grid = list(itertools.product(weights, grans, acts, w_bits, a_bits))
     if len(grid) > 1 and not args.compare:

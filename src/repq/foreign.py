@@ -7,13 +7,12 @@ Files are read with torch.load(weights_only=True): loading never runs code from 
 from __future__ import annotations
 
 import os
-import pickle
 import re
-from pathlib import Path
 
 import torch
 from torch import nn
 
+from repq.checkpoint import safe_torch_load
 from repq.errors import RepqError
 
 _MMPRETRAIN_RULES = [
@@ -29,15 +28,7 @@ _MMPRETRAIN_RULES = [
 
 def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """The tensor state dict inside a foreign checkpoint (a bare state dict, or under state_dict / model)."""
-    path = Path(path)
-    if not path.is_file():
-        raise RepqError(f"weights file {path} not found; pass the checkpoint you downloaded")
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
-        raise RepqError(f"refusing to load {path}: it holds objects other than tensors") from None
-    except (RuntimeError, EOFError, OSError, ValueError) as exc:
-        raise RepqError(f"{path} is not a readable checkpoint ({type(exc).__name__})") from None
+    payload = safe_torch_load(path, "pass the checkpoint file you downloaded")
     for key in ("state_dict", "model", "net"):
         if isinstance(payload, dict) and isinstance(payload.get(key), dict):
             payload = payload[key]

@@ -67,6 +67,8 @@ def train(model: nn.Module, data: ImageDataset, config: TrainConfig | None = Non
           out: str | None = None, resume: str | None = None, progress: bool = True) -> dict[str, Any]:
     """Train `model` in place; returns the history (per-step loss, per-epoch accuracy, seconds)."""
     config = config or TrainConfig()
+    if config.epochs < 1 or config.batch_size < 1:
+        raise RepqError(f"epochs and batch size must be at least 1 (got {config.epochs} and {config.batch_size})")
     rank, world = distributed_context()
     torch.manual_seed(config.seed)
     head = getattr(model, "linear", None)
