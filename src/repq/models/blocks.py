@@ -11,7 +11,8 @@ from typing import Callable
 import torch
 from torch import Tensor, nn
 
-from repq.reparam.fold import fold_bn, identity_kernel, merge_branches
+from repq.reparam.adapters import LAYOUT_BY_NAME, merge_block
+from repq.reparam.fold import fold_bn
 
 NormFactory = Callable[[int], nn.Module]
 
@@ -63,17 +64,10 @@ class RepVGGBlock(nn.Module):
             z = z + self.rbr_identity(x)
         return self.nonlinearity(z)
 
-    def branches(self) -> list[tuple[Tensor, Tensor]]:
-        """The folded (kernel, bias) of each branch: 3x3, 1x1 and, if present, identity."""
-        out = [self.rbr_dense.folded(), self.rbr_1x1.folded()]
-        if self.rbr_identity is not None:
-            eye = identity_kernel(self.in_chans, self.groups, 3, like=self.rbr_dense.conv.weight)
-            out.append(fold_bn(eye, self.rbr_identity))
-        return out
-
     @torch.no_grad()
     def fuse(self) -> FusedConvAct:
-        weight, bias = merge_branches(self.branches(), kernel_size=3)
+        """The original RepVGG layout, merged by the shared adapter code, into the deploy form (`rbr_reparam`)."""
+        weight, bias = merge_block(self, LAYOUT_BY_NAME["original_repvgg"])
         fused = FusedConvAct(self.in_chans, self.out_chans, self.stride, self.groups)
         fused.rbr_reparam.weight.copy_(weight)
         fused.rbr_reparam.bias.copy_(bias)

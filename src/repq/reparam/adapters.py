@@ -48,14 +48,21 @@ def _is_conv_bn(m: nn.Module) -> bool:
     return isinstance(getattr(m, "conv", None), nn.Conv2d) and _norm_of(m) is not None
 
 
+LAYOUT_BY_NAME = {layout.name: layout for layout in LAYOUTS}
+
+
+def _kxk_branches(module: nn.Module, layout: BlockLayout) -> list[nn.Module]:
+    kxk = getattr(module, layout.kxk, None)
+    if kxk is None or layout.kxk_is_list != isinstance(kxk, nn.ModuleList):
+        return []
+    return list(kxk) if layout.kxk_is_list else [kxk]
+
+
 def match_layout(module: nn.Module) -> BlockLayout | None:
     """The first layout whose branches this module has (in training form: no fused conv yet)."""
     for layout in LAYOUTS:
-        kxk = getattr(module, layout.kxk, None)
-        branches = list(kxk) if layout.kxk_is_list and isinstance(kxk, nn.ModuleList) else [kxk]
-        if kxk is None or not branches or not all(_is_conv_bn(b) for b in branches):
-            continue
-        if layout.kxk_is_list != isinstance(kxk, nn.ModuleList):
+        branches = _kxk_branches(module, layout)
+        if not branches or not all(_is_conv_bn(b) for b in branches):
             continue
         if layout.post_norm is not None:
             if not isinstance(getattr(module, layout.post_norm, None), nn.BatchNorm2d):
@@ -85,10 +92,9 @@ def _folded(branch: nn.Module) -> tuple[Tensor, Tensor]:
 
 
 @torch.no_grad()
-def fuse_block(block: nn.Module, layout: BlockLayout) -> nn.Sequential:
-    """One conv (with the geometry of the k x k branch) followed by the block's post modules."""
-    kxk = getattr(block, layout.kxk)
-    kxk_branches = list(kxk) if layout.kxk_is_list else [kxk]
+def merge_block(block: nn.Module, layout: BlockLayout) -> tuple[Tensor, Tensor]:
+    """The (weight, bias) of the single conv equal to the block's branch sum (and post-sum BN)."""
+    kxk_branches = _kxk_branches(block, layout)
     geometry = kxk_branches[0].conv
     k = geometry.kernel_size[0]
     branches = [_folded(b) for b in kxk_branches]
@@ -105,6 +111,15 @@ def fuse_block(block: nn.Module, layout: BlockLayout) -> nn.Sequential:
     weight, bias = merge_branches(branches, k)
     if layout.post_norm is not None:
         weight, bias = _fold_with_bias(weight, bias, getattr(block, layout.post_norm))
+    return weight, bias
+
+
+@torch.no_grad()
+def fuse_block(block: nn.Module, layout: BlockLayout) -> nn.Sequential:
+    """One conv (with the geometry of the k x k branch) followed by the block's post modules."""
+    weight, bias = merge_block(block, layout)
+    geometry = _kxk_branches(block, layout)[0].conv
+    k = geometry.kernel_size[0]
     conv = nn.Conv2d(geometry.in_channels, geometry.out_channels, k, geometry.stride, geometry.padding,
                      geometry.dilation, geometry.groups, bias=True).to(weight.device)
     conv.weight.copy_(weight)
