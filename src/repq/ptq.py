@@ -6,7 +6,7 @@ carries `repq_quant`, the metadata a checkpoint needs to rebuild it.
 from __future__ import annotations
 
 import warnings
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
@@ -61,11 +61,6 @@ class PTQConfig:
         return CalibrationConfig(method=method, bits=self.a_bits, bins=self.bins, percentile=self.percentile,
                                  drop_zeros=self.drop_zeros, fuse_relu=self.fuse_relu)
 
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "PTQConfig":
-        known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in known})
-
 
 def check_supported(model: nn.Module) -> None:
     """Refuse layers whose parameters repq cannot quantize (e.g. a BatchNorm that was not folded)."""
@@ -76,15 +71,6 @@ def check_supported(model: nn.Module) -> None:
                 b.is_floating_point() for b in module.buffers(recurse=False)):
             raise RepqError(f"unsupported layer {type(module).__name__} at '{name}': repq quantizes Conv2d and "
                             "Linear layers; fold or remove it before quantizing")
-
-
-def _coarse_layout(module: nn.Module, method: str) -> str | None:
-    cfws_applies = isinstance(module, nn.Conv2d) and module.kernel_size[0] >= 3
-    if method == "cfws" and cfws_applies:
-        return "center"
-    if method == "cfws_whole" and cfws_applies:
-        return "whole"
-    return None
 
 
 def _swap_layers(model: nn.Module, layers: dict[str, dict[str, Any]]) -> dict[str, nn.Module]:
@@ -131,11 +117,13 @@ def quantize(model: nn.Module, calib_data: Any, config: PTQConfig | None = None)
     names = [n for n, m in fused.named_modules() if isinstance(m, _PARAMETRIC)]
     if not names:
         raise RepqError("the model has no Conv2d or Linear layer to quantize")
-    layers = {n: {"coarse": _coarse_layout(fused.get_submodule(n), config.weight), "w_bits": config.w_bits,
-                  "a_bits": config.a_bits} for n in names}
+    qweights = {n: quantize_weight(fused.get_submodule(n).weight.detach(), config.weight, config.w_bits, per_channel)
+                for n in names}
+    layers = {n: {"coarse": q.coarse_layout, "w_bits": config.w_bits, "a_bits": config.a_bits}
+              for n, q in qweights.items()}
     swapped = _swap_layers(fused, layers)
-    for layer in swapped.values():
-        layer.set_quantized_weight(quantize_weight(layer.weight.detach(), config.weight, config.w_bits, per_channel))
+    for name, layer in swapped.items():
+        layer.set_quantized_weight(qweights[name])
     _calibrate(fused, images.to(device), config)
     for name, layer in swapped.items():
         q = layer.input_quantizer

@@ -8,7 +8,7 @@ from __future__ import annotations
 import math
 import os
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
@@ -33,11 +33,6 @@ class TrainConfig:
     augment: bool = True
     seed: int = 0
     max_steps_per_epoch: int | None = None   # cut epochs short (smoke tests, quick benchmarks)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "TrainConfig":
-        known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in known})
 
 
 def _param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:

@@ -24,6 +24,13 @@ class QuantizedWeight:
     coarse_codes: Tensor | None = None  # (O, I, 1, 1) center codes (CFWS) or full kernel (CFWS-whole)
     coarse_scale: Tensor | None = None  # (O,)
 
+    @property
+    def coarse_layout(self) -> str | None:
+        """None (no coarse part), "center" (CFWS: 1x1 codes on the center taps) or "whole" (the ablation)."""
+        if self.coarse_codes is None:
+            return None
+        return "center" if self.coarse_codes.shape[-1] == 1 else "whole"
+
     def coarse(self, kernel_size: int | None = None) -> Tensor | None:
         if self.coarse_codes is None:
             return None
