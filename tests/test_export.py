@@ -80,6 +80,16 @@ def test_float_export_and_refusals(tmp_path):
         export_onnx(Odd(), tmp_path / "odd.onnx", x[:1], allow_float=True)
     assert not (tmp_path / "odd.onnx").exists()
 
+    class FullFlatten(nn.Module):  # flatten() starts at dim 0: not ONNX Flatten(axis=1)
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(1, 2, 3)
+
+        def forward(self, x):
+            return self.conv(x).flatten()
+    with pytest.raises(repq.RepqError, match="does not support"):
+        export_onnx(FullFlatten(), tmp_path / "flat.onnx", x[:1], allow_float=True)
+
 
 def test_cli_export_verify(setup, tmp_path, capsys):
     import json

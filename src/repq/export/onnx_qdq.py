@@ -178,6 +178,15 @@ def _requantized_outputs(graph: torch.fx.Graph, modules: dict[str, nn.Module]) -
     return found
 
 
+def _is_flatten_from_dim1(node: torch.fx.Node) -> bool:
+    """torch.flatten(x, 1) / x.flatten(1), which is ONNX Flatten(axis=1); flatten() (start_dim 0) is not."""
+    is_flatten = (node.op == "call_function" and node.target is torch.flatten) or \
+        (node.op == "call_method" and node.target == "flatten")
+    start = node.args[1] if len(node.args) > 1 else node.kwargs.get("start_dim", 0)
+    end = node.args[2] if len(node.args) > 2 else node.kwargs.get("end_dim", -1)
+    return is_flatten and start == 1 and end == -1
+
+
 def _leaf_tracer() -> torch.fx.Tracer:
     class Tracer(torch.fx.Tracer):
         def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
@@ -204,9 +213,7 @@ def build_onnx(model: nn.Module, example_input: torch.Tensor):
         elif node.op == "call_module":
             values[node.name] = _emit_module(g, modules[node.target], values[node.args[0].name], node.target,
                                              fusable=node.name in requantized)
-        elif node.op == "call_function" and node.target in (torch.flatten,) and node.args[1:] in ((1,), ()):
-            values[node.name] = g.node("Flatten", [values[node.args[0].name]], node.name, axis=1)
-        elif node.op == "call_method" and node.target == "flatten" and node.args[1:] in ((1,), ()):
+        elif _is_flatten_from_dim1(node):
             values[node.name] = g.node("Flatten", [values[node.args[0].name]], node.name, axis=1)
         elif node.op == "call_function" and node.target in (operator.add, torch.add):
             a, b = (values[arg.name] for arg in node.args[:2])
