@@ -26,15 +26,13 @@ def iter_batches(data: Any, batch_size: int = 256) -> Iterator[Batch]:
     """Yield (images, labels-or-None) batches; a tensor or (images, labels) pair is cut into `batch_size` chunks."""
     if isinstance(data, Tensor):
         data = (data,)
-    if isinstance(data, (tuple, list)) and data and all(isinstance(t, Tensor) for t in data) and len(data) <= 2:
+    if isinstance(data, (tuple, list)) and 1 <= len(data) <= 2 and all(isinstance(t, Tensor) for t in data) \
+            and data[0].dim() == 4:
         images, labels = data[0], (data[1] if len(data) == 2 else None)
-        if labels is not None and labels.dim() == 1 and len(labels) == len(images) and images.dim() == 4:
+        if labels is None or (labels.dim() == 1 and len(labels) == len(images)):
             for start in range(0, len(images), batch_size):
-                yield images[start:start + batch_size], labels[start:start + batch_size]
-            return
-        if len(data) == 1 and images.dim() == 4:
-            for start in range(0, len(images), batch_size):
-                yield images[start:start + batch_size], None
+                end = start + batch_size
+                yield images[start:end], None if labels is None else labels[start:end]
             return
     if hasattr(data, "batches"):
         yield from data.batches(batch_size)
