@@ -13,10 +13,9 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from common import QUICK_REFERENCE, REFERENCE, machine, reference_checkpoint, repq, write_result
-from repq.export import export_onnx, integer_kernels, run_onnx
+from repq.export import export_onnx, integer_kernels, run_onnx, top1, verify_against_simulation
 
 RECIPES = [("minmax", "tensor", "minmax"), ("minmax", "channel", "percentile"), ("cfws", "channel", "percentile"),
            ("cfws", "channel", "improved_kl")]
@@ -55,10 +54,6 @@ def ort_quantize_static(fp_path: Path, out: Path, calib: np.ndarray, method: str
     return out
 
 
-def top1(logits: np.ndarray, labels: np.ndarray) -> float:
-    return float((logits.argmax(1) == labels).mean() * 100)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true")
@@ -81,12 +76,10 @@ def main() -> None:
                                                        unsigned_activations=True))
         name = f"repq {weight}/{gran} + {act}"
         path = export_onnx(q, tmp / f"{weight}_{gran}_{act}.onnx", calib[:1])
-        with torch.no_grad():
-            sim = torch.cat([q(torch.from_numpy(images[i:i + 500])) for i in range(0, len(images), 500)]).numpy()
-        ort_logits = run_onnx(path, images)
+        check = verify_against_simulation(q, path, images, labels)
         kernels = integer_kernels(path)
-        rows.append({"name": name, "top1_sim": top1(sim, labels), "top1_ort": top1(ort_logits, labels),
-                     "max_logit_diff": float(np.abs(ort_logits - sim).max()),
+        rows.append({"name": name, "top1_sim": check["top1_repq"], "top1_ort": check["top1_onnxruntime"],
+                     "max_logit_diff": check["max_logit_diff"],
                      "integer_convs": kernels.get("QLinearConv", 0) + kernels.get("ConvInteger", 0),
                      "float_convs": sum(kernels.get(op, 0) for op in ("Conv", "FusedConv", "NchwcConv")),
                      "bytes": path.stat().st_size})

@@ -18,8 +18,8 @@ from pathlib import Path
 import torch
 
 from common import QUICK_REFERENCE, REFERENCE, machine, reference_checkpoint, repq, write_result
-from export_benchmark import ort_quantize_static, top1
-from repq.export import export_onnx, run_onnx
+from export_benchmark import ort_quantize_static
+from repq.export import export_onnx, run_onnx, top1
 
 REPQ_RECIPES = {
     "repq CFWS + improved KL, float pass": dict(weight="cfws", activation="improved_kl", sequential=False),

@@ -176,11 +176,10 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
 
 def cmd_export(args: argparse.Namespace) -> None:
-    import numpy as np
     import torch
 
     import repq
-    from repq.export import export_onnx, integer_kernels, run_onnx
+    from repq.export import export_onnx, integer_kernels, verify_against_simulation
 
     _check_output(args.onnx, args.checkpoint)
     model, payload = repq.load_checkpoint(args.checkpoint)
@@ -206,17 +205,8 @@ def cmd_export(args: argparse.Namespace) -> None:
     if args.verify:
         if test_ds is None:
             raise RepqError("--verify needs --data (the evaluation images)")
-        images = test_ds.normalize(test_ds.images)
-        with torch.no_grad():
-            sim = torch.cat([model(images[i:i + 256]) for i in range(0, len(images), 256)]).numpy()
-        ort = run_onnx(path, images.numpy())
-        labels = test_ds.labels.numpy()
-        result["verify"] = {"n": len(labels), "top1_repq": float((sim.argmax(1) == labels).mean() * 100),
-                            "top1_onnxruntime": float((ort.argmax(1) == labels).mean() * 100),
-                            "max_logit_diff": float(np.abs(ort - sim).max()),
-                            "logit_scale": float(np.abs(sim).max()),
-                            "argmax_agreement": float((ort.argmax(1) == sim.argmax(1)).mean() * 100)}
-        v = result["verify"]
+        v = result["verify"] = verify_against_simulation(model, path, test_ds.normalize(test_ds.images).numpy(),
+                                                         test_ds.labels.numpy())
         human += ("\n" + format_table(["runtime", "top-1"], [["repq simulation", v["top1_repq"]],
                                                              ["ONNX Runtime", v["top1_onnxruntime"]]])
                   + f"\nmax |logit difference| {v['max_logit_diff']:.4g} (logits up to {v['logit_scale']:.3g}), "

@@ -34,6 +34,24 @@ def run_onnx(path: str | os.PathLike, images: np.ndarray, batch_size: int = 256)
     return np.concatenate(outs)
 
 
+def top1(logits: np.ndarray, labels: np.ndarray) -> float:
+    return float((logits.argmax(1) == labels).mean() * 100)
+
+
+def verify_against_simulation(model, path: str | os.PathLike, images: np.ndarray, labels: np.ndarray,
+                              batch_size: int = 500) -> dict[str, float]:
+    """Top-1 of repq's simulation and of ONNX Runtime on the same images, and how far their logits differ."""
+    import torch
+
+    with torch.no_grad():
+        sim = torch.cat([model(torch.from_numpy(images[i:i + batch_size]))
+                         for i in range(0, len(images), batch_size)]).numpy()
+    ort = run_onnx(path, images)
+    return {"n": len(labels), "top1_repq": top1(sim, labels), "top1_onnxruntime": top1(ort, labels),
+            "max_logit_diff": float(np.abs(ort - sim).max()), "logit_scale": float(np.abs(sim).max()),
+            "argmax_agreement": float((ort.argmax(1) == sim.argmax(1)).mean() * 100)}
+
+
 def integer_kernels(path: str | os.PathLike) -> dict[str, int]:
     """Op counts of ONNX Runtime's optimized graph (QLinearConv / ConvInteger = integer convs; Conv = float)."""
     import onnx
