@@ -10,8 +10,8 @@ from typing import Any
 import torch
 
 import repq
-from repq.analysis.plots import plot_accuracy_bars, plot_center_surround
-from repq.analysis.weights import center_surround_stats
+from repq.analysis import analyze
+from repq.analysis.plots import plot_accuracy_bars
 from repq.io import atomic_write_text
 from repq.quant.calibrators import ACTIVATION_METHODS
 from repq.tables import format_table
@@ -70,10 +70,8 @@ def run_demo(out: str = "runs/demo", data: str = "digits", epochs: int | None = 
                            r["drop"], f"{r['seconds']:.1f}"] for r in rows])
     labels = [f"{r['bits']} {r['weight']}/{r['granularity'][0]} + {r['activation']}"
               f"{'' if r['calibration'] == 'sequential' else ' (float pass)'}" for r in rows]
-    plots = [plot_center_surround(center_surround_stats(fused), out_dir / "center_vs_surround.png"),
-             plot_accuracy_bars(labels, [r["top1"] for r in rows], fz["top1"], out_dir / "ptq_top1.png",
+    plots = [plot_accuracy_bars(labels, [r["top1"] for r in rows], fz["top1"], out_dir / "ptq_top1.png",
                                 f"PTQ on {data} (32 calibration images)")]
-    from repq.analysis import analyze
     report = analyze(model, calib, out_dir / "analysis", eval_data=_first(test_ds, 300))
     header = (f"repq demo on {data}: repvgg_a0 {setup['model_kwargs']}, {train_cfg.epochs} epochs "
               f"({history['seconds']:.0f} s)\nFP top-1: train-time {fp['top1']:.2f}, fused {fz['top1']:.2f} "
