@@ -108,17 +108,16 @@ def plot_weight_histogram(fused, layer: str, path: str | os.PathLike, before: to
 
 
 def write_report(out_dir: Path, fused, stats: list[LayerWeightStats], contributions: list[BranchContribution],
-                 sqnr: dict, clipping: dict, findings: list[str], bits: int,
-                 before_merge: dict[str, torch.Tensor] | None = None) -> list[Path]:
-    """report.md with tables and the PNG plots it links to; returns every file written."""
+                 sqnr: dict, clipping: dict, findings: list[str], bits: int, worst: str | None = None,
+                 before_merge: torch.Tensor | None = None) -> list[Path]:
+    """report.md with tables and the PNG plots it links to (the histogram is of the `worst` layer, with its 3x3
+    branch `before_merge` when known); returns every file written."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    worst = max(stats, key=lambda s: s.ratio).name if stats else None
     files = [plot_center_surround(stats, out_dir / "center_vs_surround.png"),
              plot_sqnr(sqnr, "weight_db", out_dir / "weight_sqnr.png", bits),
              plot_sqnr(sqnr, "output_db", out_dir / "output_sqnr.png", bits)]
     if worst:
-        files.append(plot_weight_histogram(fused, worst, out_dir / "worst_layer_histogram.png",
-                                           (before_merge or {}).get(worst)))
+        files.append(plot_weight_histogram(fused, worst, out_dir / "worst_layer_histogram.png", before_merge))
     if clipping:
         files.append(plot_clipping(clipping, out_dir / "clipping.png"))
     methods = list(next(iter(sqnr.values())))

@@ -121,8 +121,9 @@ def analyze(model: nn.Module, images: torch.Tensor, out_dir: str | Path | None =
     if out_dir is not None:
         from repq.analysis.plots import write_report
         from repq.models.blocks import RepVGGBlock
-        before = {f"{n}.rbr_reparam": m.rbr_dense.folded()[0].detach() for n, m in model.named_modules()
-                  if isinstance(m, RepVGGBlock)}
+        worst = max(stats, key=lambda s: s.ratio).name if stats else None
+        block = dict(model.named_modules()).get(worst.removesuffix(".rbr_reparam")) if worst else None
+        before = block.rbr_dense.folded()[0].detach() if isinstance(block, RepVGGBlock) else None
         result["files"] = [str(p) for p in write_report(Path(out_dir), fused, stats, contributions, sqnr, clipping,
-                                                           result["findings"], bits, before)]
+                                                           result["findings"], bits, worst, before)]
     return result
