@@ -91,9 +91,10 @@ def load_checkpoint(path: str | os.PathLike) -> tuple[nn.Module, dict[str, Any]]
     return model.eval(), payload
 
 
-def load_into(model: nn.Module, path: str | os.PathLike) -> nn.Module:
-    """Load a checkpoint's state into an existing model, refusing a different architecture or class count."""
-    payload = read_checkpoint(path)
+def load_into(model: nn.Module, path: str | os.PathLike, payload: dict[str, Any] | None = None) -> nn.Module:
+    """Load a checkpoint's state into an existing model, refusing a different architecture or class count.
+    `payload` is the checkpoint already read from `path` (so it is not read twice)."""
+    payload = payload if payload is not None else read_checkpoint(path)
     mine = getattr(model, "repq_config", {})
     theirs = payload["model"]
     differ = {k for k in set(mine) | set(theirs) if k != "deploy" and mine.get(k) != theirs.get(k)}

@@ -84,7 +84,7 @@ def train(model: nn.Module, data: ImageDataset, config: TrainConfig | None = Non
         state = read_checkpoint(resume)
         if "train_state" not in state:
             raise RepqError(f"{resume} has no training state to resume from (it is a {state['kind']} checkpoint)")
-        load_into(model, resume)  # one-line error when the architecture or class count differs
+        load_into(model, resume, state)  # one-line error when the architecture or class count differs
         optimizer.load_state_dict(state["train_state"]["optimizer"])
         history = state["train_state"]["history"]
         start_epoch = state["train_state"]["epoch"]
