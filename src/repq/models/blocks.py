@@ -11,6 +11,7 @@ from typing import Callable
 import torch
 from torch import Tensor, nn
 
+from repq.models.oabn import OABNConfig, OutlierAwareBatchNorm2d, relative_bound
 from repq.reparam.adapters import LAYOUT_BY_NAME, merge_block
 from repq.reparam.fold import fold_bn
 
@@ -45,20 +46,37 @@ class FusedConvAct(nn.Module):
 
 
 class RepVGGBlock(nn.Module):
-    """y = ReLU(BN3(K3 * x) + BN1(K1 * x) + [C_in == C_out and s == 1] BN0(x))."""
+    """y = ReLU(BN3(K3 * x) + BN1(K1 * x) + [C_in == C_out and s == 1] BN0(x)); with `oabn`, the chosen branches
+    use OutlierAwareBatchNorm2d (methods.md section 4)."""
 
     def __init__(self, in_chans: int, out_chans: int, stride: int = 1, groups: int = 1,
-                 norm_layer: NormFactory = nn.BatchNorm2d, identity_norm_layer: NormFactory | None = None,
-                 one_by_one_norm_layer: NormFactory | None = None):
+                 oabn: OABNConfig | None = None):
         super().__init__()
         self.in_chans, self.out_chans, self.stride, self.groups = in_chans, out_chans, stride, groups
-        self.rbr_dense = ConvBN(in_chans, out_chans, 3, stride, 1, groups, norm_layer)
-        self.rbr_1x1 = ConvBN(in_chans, out_chans, 1, stride, 0, groups, one_by_one_norm_layer or norm_layer)
+        self.oabn = oabn
+        self.rbr_dense = ConvBN(in_chans, out_chans, 3, stride, 1, groups, self._norm("all"))
+        self.rbr_1x1 = ConvBN(in_chans, out_chans, 1, stride, 0, groups, self._norm("identity+1x1", "all"))
         has_identity = in_chans == out_chans and stride == 1
-        self.rbr_identity = (identity_norm_layer or norm_layer)(in_chans) if has_identity else None
+        self.rbr_identity = self._norm("identity", "identity+1x1", "all")(in_chans) if has_identity else None
         self.nonlinearity = nn.ReLU()
 
+    def _norm(self, *oabn_branches: str) -> NormFactory:
+        """OABN where the config's `branches` option is one of `oabn_branches`, plain BatchNorm2d elsewhere."""
+        if self.oabn is None or self.oabn.branches not in oabn_branches:
+            return nn.BatchNorm2d
+        cfg = self.oabn
+        return lambda channels: OutlierAwareBatchNorm2d(channels, rule=cfg.rule, tau=cfg.tau)
+
+    def _refresh_relative_bounds(self) -> None:
+        """The relative rule: tau = k * max |t3 K3| per output channel, for the identity and 1x1 OABNs."""
+        bound = relative_bound(self.rbr_dense.conv.weight, self.rbr_dense.bn, self.oabn.k)
+        for bn in (self.rbr_1x1.bn, self.rbr_identity):
+            if isinstance(bn, OutlierAwareBatchNorm2d):
+                bn.set_bound(bound)
+
     def forward(self, x: Tensor) -> Tensor:
+        if self.training and self.oabn is not None and self.oabn.rule == "relative":
+            self._refresh_relative_bounds()
         z = self.rbr_dense(x) + self.rbr_1x1(x)
         if self.rbr_identity is not None:
             z = z + self.rbr_identity(x)
@@ -68,7 +86,7 @@ class RepVGGBlock(nn.Module):
     def fuse(self) -> FusedConvAct:
         """The original RepVGG layout, merged by the shared adapter code, into the deploy form (`rbr_reparam`)."""
         weight, bias = merge_block(self, LAYOUT_BY_NAME["original_repvgg"])
-        fused = FusedConvAct(self.in_chans, self.out_chans, self.stride, self.groups)
+        fused = FusedConvAct(self.in_chans, self.out_chans, self.stride, self.groups).to(weight.device, weight.dtype)
         fused.rbr_reparam.weight.copy_(weight)
         fused.rbr_reparam.bias.copy_(bias)
-        return fused.to(weight.device)
+        return fused

@@ -2,6 +2,8 @@
 and the model remembers its name and arguments so a checkpoint can rebuild it."""
 from __future__ import annotations
 
+import dataclasses
+import inspect
 from typing import Any, Callable
 
 from torch import nn
@@ -24,6 +26,14 @@ def create_model(name: str, **kwargs: Any) -> nn.Module:
     """Build a registered model; `deploy=True` builds the fused (plain-conv) form directly."""
     if name not in _REGISTRY:
         raise RepqError(f"unknown model '{name}'; choose one of: {', '.join(list_models())}")
-    model = _REGISTRY[name](**kwargs)
-    model.repq_config = {"name": name, **kwargs}
+    factory = _REGISTRY[name]
+    params = inspect.signature(factory).parameters
+    if not any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        unknown = sorted(set(kwargs) - set(params))
+        if unknown:
+            raise RepqError(f"model '{name}' does not take {', '.join(unknown)}; it takes {', '.join(params)}")
+    model = factory(**kwargs)
+    # Plain values only (a checkpoint stores this and is loaded without running code): config objects become dicts.
+    model.repq_config = {"name": name, **{k: dataclasses.asdict(v) if dataclasses.is_dataclass(v) else v
+                                          for k, v in kwargs.items()}}
     return model

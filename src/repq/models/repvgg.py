@@ -1,11 +1,13 @@
 """The RepVGG family (Ding et al. 2021; layout of DingXiaoH/RepVGG), with a stride-1 stem option for small inputs."""
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 
 from torch import Tensor, nn
 
-from repq.models.blocks import FusedConvAct, NormFactory, RepVGGBlock
+from repq.models.blocks import FusedConvAct, RepVGGBlock
+from repq.models.oabn import OABNConfig
 from repq.models.registry import register_model
 
 
@@ -19,21 +21,19 @@ class RepVGGSpec:
 
 class RepVGG(nn.Module):
     def __init__(self, spec: RepVGGSpec, num_classes: int = 1000, in_chans: int = 3, small_input: bool = False,
-                 width_scale: float = 1.0, deploy: bool = False, norm_layer: NormFactory = nn.BatchNorm2d,
-                 identity_norm_layer: NormFactory | None = None, one_by_one_norm_layer: NormFactory | None = None):
+                 width_scale: float = 1.0, deploy: bool = False, oabn: bool | dict | OABNConfig | None = None):
         super().__init__()
         widths = [int(64 * spec.width_a * width_scale), int(128 * spec.width_a * width_scale),
                   int(256 * spec.width_a * width_scale), int(512 * spec.width_b * width_scale)]
         if min(widths) < 1:
             raise ValueError(f"width_scale={width_scale} leaves a stage with no channels")
         stem_width = min(int(64 * width_scale), widths[0])
-        norms = dict(norm_layer=norm_layer, identity_norm_layer=identity_norm_layer,
-                     one_by_one_norm_layer=one_by_one_norm_layer)
+        oabn_config = OABNConfig.parse(oabn)  # validated even for deploy=True (a fused OABN model's config)
 
         def block(cin: int, cout: int, stride: int, groups: int = 1) -> nn.Module:
             if deploy:
                 return FusedConvAct(cin, cout, stride, groups)
-            return RepVGGBlock(cin, cout, stride, groups, **norms)
+            return RepVGGBlock(cin, cout, stride, groups, oabn=oabn_config)
 
         self.stage0 = block(in_chans, stem_width, 1 if small_input else 2)
         cin, layer_idx = stem_width, 1
@@ -68,6 +68,9 @@ def _factory(name: str):
     def build(**kwargs) -> RepVGG:
         return RepVGG(SPECS[name], **kwargs)
     build.__name__ = name
+    signature = inspect.signature(RepVGG.__init__)
+    build.__signature__ = signature.replace(parameters=[p for n, p in signature.parameters.items()
+                                                        if n not in ("self", "spec")])
     build.__doc__ = f"RepVGG {name.split('_')[1].upper()} (width_scale < 1 gives a thinner net for small data)."
     return build
 
