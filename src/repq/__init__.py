@@ -4,6 +4,7 @@
     fused = repq.reparameterize(model)
     qmodel = repq.quantize(model, calib_images, repq.PTQConfig(weight="cfws", activation="improved_kl"))
     repq.evaluate(qmodel, test_data)
+    qat_model = repq.prepare_qat(model, repq.QATConfig(method="cluster", w_bits=4, a_bits=4), calib_images)
 """
 from repq.analysis import analyze
 from repq.checkpoint import load_checkpoint, load_into, save_checkpoint
@@ -13,12 +14,13 @@ from repq.evaluation import evaluate
 from repq.export import export_onnx
 from repq.models import create_model, list_models, register_model
 from repq.ptq import PTQConfig, quantize
+from repq.qat import QATConfig, convert_qat, prepare_qat
 from repq.quant import cfws_split
 from repq.reparam import reparameterize
 from repq.training import TrainConfig, train
 
 __version__ = "0.1.0"
 
-__all__ = ["ImageDataset", "PTQConfig", "RepqError", "TrainConfig", "analyze", "cfws_split", "create_model", "evaluate",
-           "export_onnx", "list_models", "load_checkpoint", "load_dataset", "load_into", "quantize", "register_model",
-           "reparameterize", "save_checkpoint", "train"]
+__all__ = ["ImageDataset", "PTQConfig", "QATConfig", "RepqError", "TrainConfig", "analyze", "cfws_split",
+           "convert_qat", "create_model", "evaluate", "export_onnx", "list_models", "load_checkpoint", "load_dataset",
+           "load_into", "prepare_qat", "quantize", "register_model", "reparameterize", "save_checkpoint", "train"]

@@ -1,4 +1,5 @@
-"""The `repq` command line: train, ptq, eval, demo. Human tables by default, one JSON object with --json."""
+"""The `repq` command line: train, ptq, qat, eval, export, analyze, import, demo. Human tables by default, one
+JSON object with --json."""
 from __future__ import annotations
 
 import argparse
@@ -61,8 +62,12 @@ def cmd_train(args: argparse.Namespace) -> None:
     train_ds = repq.load_dataset(args.data, "train", args.image_size)
     test_ds = _limit(repq.load_dataset(args.data, "test", args.image_size), args.eval_limit)
     torch.manual_seed(args.seed)  # the initialization is part of the seeded run
+    extra = {}
+    if args.oabn:
+        extra["oabn"] = {"branches": args.oabn_branches, "rule": args.oabn_rule, "tau": args.oabn_tau,
+                         "k": args.oabn_k}
     model = repq.create_model(args.model, num_classes=train_ds.num_classes, in_chans=train_ds.in_chans,
-                              small_input=args.small_input, width_scale=args.width_scale)
+                              small_input=args.small_input, width_scale=args.width_scale, **extra)
     config = repq.TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                               weight_decay=args.weight_decay, label_smoothing=args.label_smoothing,
                               warmup_epochs=args.warmup_epochs, augment=not args.no_augment, seed=args.seed,
@@ -140,6 +145,44 @@ def cmd_ptq(args: argparse.Namespace) -> None:
     if args.out:
         human += f"\nquantized checkpoint: {args.out}"
     _emit(args, {"command": "ptq", "fp": fp, "results": results, "checkpoint": args.out}, human)
+
+
+def cmd_qat(args: argparse.Namespace) -> None:
+    import repq
+    from repq.training import distributed_context
+
+    _check_output(args.out, args.checkpoint)
+    train_ds = repq.load_dataset(args.data, "train", args.image_size)
+    test_ds = _limit(repq.load_dataset(args.data, "test", args.image_size), args.eval_limit)
+    model, payload = repq.load_checkpoint(args.checkpoint)
+    if payload.get("quant"):
+        raise RepqError(f"{args.checkpoint} is already quantized; pass the float checkpoint from `repq train`")
+    _check_data_fits(payload["model"], train_ds)
+    config = repq.QATConfig(method=args.method, w_bits=args.w_bits, a_bits=args.a_bits, codebook=args.codebook,
+                            refit_every=args.refit_every, lloyd_iters=args.lloyd_iters,
+                            edge_bits=args.edge_bits or None, num_samples=args.calib, seed=args.seed)
+    rank = distributed_context()[0]
+    qat_model = repq.prepare_qat(model, config, train_ds.calibration_images(config.num_samples, config.seed))
+    rows = []
+    if rank == 0:
+        rows.append(["FP (fused)", repq.evaluate(repq.reparameterize(model), test_ds)])
+        rows.append(["PTQ start (QAT initialization)", repq.evaluate(qat_model, test_ds)])
+    train_config = repq.TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+                                    weight_decay=args.weight_decay, augment=not args.no_augment, seed=args.seed,
+                                    max_steps_per_epoch=args.max_steps)
+    history = repq.train(qat_model, train_ds, train_config, eval_data=test_ds, progress=not args.json)
+    qmodel = repq.convert_qat(qat_model)
+    if rank != 0:
+        return
+    rows.append([f"QAT {args.method} W{args.w_bits}A{args.a_bits}", repq.evaluate(qmodel, test_ds)])
+    metrics = {"fp": rows[0][1], "start": rows[1][1], "qat": rows[2][1]}
+    repq.save_checkpoint(args.out, qmodel, source=str(args.checkpoint), data=args.data, metrics=metrics,
+                         history=history)
+    human = format_table(["model", "top-1", "top-5"], [[name, m["top1"], m["top5"]] for name, m in rows])
+    human += (f"\n\n{len(history['epochs'])} epochs, {history['seconds'] / 60:.1f} min; "
+              f"quantized checkpoint: {args.out}")
+    _emit(args, {"command": "qat", "checkpoint": args.out, "config": vars(config), **metrics,
+                 "epochs": history["epochs"], "seconds": history["seconds"]}, human)
 
 
 def _timm_model(name: str, weights: str, data):
@@ -286,9 +329,39 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-steps", type=int, default=None, help="cap steps per epoch (smoke runs)")
     p.add_argument("--resume", default=None, help="continue from a checkpoint written by `repq train`")
+    p.add_argument("--oabn", action="store_true", help="outlier-aware BN in the blocks (bounds the folded scales)")
+    p.add_argument("--oabn-branches", default="identity", choices=["identity", "identity+1x1", "all"])
+    p.add_argument("--oabn-rule", default="fixed", choices=["fixed", "relative", "variance_floor"],
+                   help="fixed: |t| <= tau; relative: tau = k * max |t3 K3| per channel; variance_floor: the fixed "
+                        "bound reached by flooring the variance (gamma keeps its gradient)")
+    p.add_argument("--oabn-tau", type=float, default=1.0, help="bound of the fixed / variance_floor rules")
+    p.add_argument("--oabn-k", type=float, default=1.0, help="factor of the relative rule")
     p.add_argument("--out", required=True, help="checkpoint to write (after every epoch, atomically)")
     _common(p)
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("qat", help="quantization-aware training: ClusterQAT or LSQ (torchrun-ready)")
+    p.add_argument("--checkpoint", required=True, help="a float checkpoint from `repq train` (plain BN or OABN)")
+    _data_args(p)
+    p.add_argument("--method", default="cluster", choices=["cluster", "lsq"])
+    p.add_argument("--w-bits", type=int, default=4)
+    p.add_argument("--a-bits", type=int, default=4)
+    p.add_argument("--codebook", default="refit", choices=["refit", "learned"],
+                   help="cluster: re-fit the centroids by Lloyd steps, or learn them by gradient")
+    p.add_argument("--refit-every", type=int, default=100, help="cluster/refit: steps between re-fits (0: never)")
+    p.add_argument("--lloyd-iters", type=int, default=3, help="cluster/refit: Lloyd iterations per re-fit")
+    p.add_argument("--edge-bits", type=int, default=8, help="bits of the first conv and last linear (0: as the rest)")
+    p.add_argument("--epochs", type=int, default=2)
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--lr", type=float, default=0.01)
+    p.add_argument("--weight-decay", type=float, default=0.0)
+    p.add_argument("--no-augment", action="store_true")
+    p.add_argument("--calib", type=int, default=32, help="images that initialize the activation steps")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-steps", type=int, default=None, help="cap steps per epoch (smoke runs)")
+    p.add_argument("--out", required=True, help="quantized checkpoint to write")
+    _common(p)
+    p.set_defaults(func=cmd_qat)
 
     p = sub.add_parser("ptq", help="fuse, calibrate and quantize; compare FP vs quantized")
     p.add_argument("--checkpoint", required=True, help="a repq checkpoint, or with --timm the timm weights file")

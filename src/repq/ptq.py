@@ -15,7 +15,7 @@ from torch import nn
 from repq.data.batches import take_images
 from repq.errors import RepqError
 from repq.quant.calibrators import ACTIVATION_METHODS, CalibrationConfig
-from repq.quant.modules import QUANT_LAYERS, ActQuantizer, QuantConv2d, QuantLinear
+from repq.quant.modules import QUANT_LAYERS, ActQuantizer, CodebookConv2d, CodebookLinear, QuantConv2d, QuantLinear
 from repq.quant.weights import WEIGHT_METHODS, quantize_weight
 from repq.reparam.model import fuse_blocks
 
@@ -74,14 +74,19 @@ def check_supported(model: nn.Module) -> None:
 
 
 def _swap_layers(model: nn.Module, layers: dict[str, dict[str, Any]]) -> dict[str, nn.Module]:
-    """Replace each named Conv2d/Linear with its quantized twin (buffers zeroed); return name -> new layer."""
+    """Replace each named Conv2d/Linear with its quantized twin (uniform codes, or a codebook when the spec says
+    so; buffers zeroed); return name -> new layer."""
     swapped = {}
     for name, spec in layers.items():
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         float_layer = getattr(parent, child)
-        cls = QuantConv2d if isinstance(float_layer, nn.Conv2d) else QuantLinear
-        layer = cls.from_float(float_layer, spec["w_bits"], spec["a_bits"], spec["coarse"])
+        conv = isinstance(float_layer, nn.Conv2d)
+        if spec.get("codebook"):
+            layer = (CodebookConv2d if conv else CodebookLinear).from_float(float_layer, spec["w_bits"], spec["a_bits"])
+        else:
+            layer = (QuantConv2d if conv else QuantLinear).from_float(float_layer, spec["w_bits"], spec["a_bits"],
+                                                                       spec["coarse"])
         layer.input_quantizer.name = name
         setattr(parent, child, layer)
         swapped[name] = layer

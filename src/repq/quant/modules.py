@@ -161,4 +161,64 @@ class QuantLinear(nn.Linear, QuantWeightMixin):
         return F.linear(self.input_quantizer(x), self.effective_weight(), self.effective_bias())
 
 
-QUANT_LAYERS = (QuantConv2d, QuantLinear)
+class CodebookWeightMixin:
+    """Non-uniform weights (ClusterQAT's deploy form): b-bit indices into a codebook of 2^b float centroids; the
+    input is quantized uniformly per tensor and the bias stays float (there is no common integer grid)."""
+
+    weight: Tensor
+    bias: Tensor | None
+
+    def _adopt_codebook(self, float_layer: nn.Module, w_bits: int, a_bits: int) -> None:
+        if not 2 <= w_bits <= 8:
+            raise RepqError(f"codebook layers take 2 to 8 weight bits, got {w_bits}")
+        with torch.no_grad():
+            self.weight.copy_(float_layer.weight)
+            if float_layer.bias is not None:
+                self.bias.copy_(float_layer.bias)
+        self.w_bits, self.coarse = w_bits, None
+        self.register_buffer("weight_indices", torch.zeros_like(self.weight, dtype=torch.uint8))
+        self.register_buffer("codebook", torch.zeros(2 ** w_bits))
+        self.input_quantizer = ActQuantizer(a_bits)
+        self.use_float_weight = False
+
+    @torch.no_grad()
+    def set_codebook(self, indices: Tensor, codebook: Tensor) -> None:
+        if codebook.numel() != self.codebook.numel() or indices.shape != self.weight.shape:
+            raise ValueError("codebook or indices do not match the layer")
+        self.weight_indices.copy_(indices.to(torch.uint8))
+        self.codebook.copy_(codebook)
+
+    def effective_weight(self) -> Tensor:
+        return self.weight if self.use_float_weight else self.codebook[self.weight_indices.long()]
+
+    def effective_bias(self) -> Tensor | None:
+        return self.bias
+
+
+class CodebookConv2d(nn.Conv2d, CodebookWeightMixin):
+    @classmethod
+    def from_float(cls, conv: nn.Conv2d, w_bits: int, a_bits: int) -> "CodebookConv2d":
+        layer = cls(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
+                    conv.dilation, conv.groups, bias=conv.bias is not None)
+        layer._adopt_codebook(conv, w_bits, a_bits)
+        return layer.to(conv.weight.device)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.conv2d(self.input_quantizer(x), self.effective_weight(), self.effective_bias(), self.stride,
+                        self.padding, self.dilation, self.groups)
+
+
+class CodebookLinear(nn.Linear, CodebookWeightMixin):
+    @classmethod
+    def from_float(cls, linear: nn.Linear, w_bits: int, a_bits: int) -> "CodebookLinear":
+        layer = cls(linear.in_features, linear.out_features, bias=linear.bias is not None)
+        layer._adopt_codebook(linear, w_bits, a_bits)
+        return layer.to(linear.weight.device)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.linear(self.input_quantizer(x), self.effective_weight(), self.effective_bias())
+
+
+UNIFORM_LAYERS = (QuantConv2d, QuantLinear)
+CODEBOOK_LAYERS = (CodebookConv2d, CodebookLinear)
+QUANT_LAYERS = UNIFORM_LAYERS + CODEBOOK_LAYERS

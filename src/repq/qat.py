@@ -1,0 +1,181 @@
+"""Quantization-aware training on the fused model (methods.md section 5): uniform LSQ or ClusterQAT.
+
+    qat_model = repq.prepare_qat(model, repq.QATConfig(method="cluster", w_bits=4, a_bits=4), calib_images)
+    repq.train(qat_model, train_data, repq.TrainConfig(epochs=2, lr=0.01))     # plain training, DDP included
+    qmodel = repq.convert_qat(qat_model)   # deploy layers: integer codes (LSQ) or indices + codebook (cluster)
+
+The prepared model's forward is fake-quantized with straight-through gradients; the converted model is the same
+function in the layers `repq.evaluate`, checkpoints and `repq.export_onnx` understand.
+"""
+from __future__ import annotations
+
+import copy
+import warnings
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from repq.data.batches import take_images
+from repq.errors import RepqError
+from repq.ptq import check_supported
+from repq.quant.calibrators import ACTIVATION_METHODS
+from repq.quant.codebook import assign
+from repq.quant.modules import CodebookConv2d, CodebookLinear, QuantConv2d, QuantLinear
+from repq.quant.qat_modules import (
+    QAT_LAYERS,
+    CodebookQuantizer,
+    LSQQuantizer,
+    QATConv2d,
+    QATLinear,
+    lsq_weight_quantizer,
+)
+from repq.quant.weights import QuantizedWeight
+from repq.reparam.model import fuse_blocks
+
+QAT_METHODS = ("lsq", "cluster")
+
+
+@dataclass
+class QATConfig:
+    """Options of `repq.prepare_qat`. Every [choice] of methods.md section 5 is a field."""
+
+    method: str = "cluster"             # lsq (uniform, learned steps) | cluster (k-means codebook)
+    w_bits: int = 4
+    a_bits: int = 4
+    codebook: str = "refit"             # cluster: refit (Lloyd steps every refit_every steps) | learned (gradient)
+    refit_every: int = 100
+    lloyd_iters: int = 3
+    weight_init: str = "mse"            # lsq: initial per-channel steps from this PTQ weight quantizer (minmax | mse)
+    activation_init: str = "mse"        # initial activation steps from this PTQ calibrator
+    unsigned_activations: bool = True   # non-negative (post-ReLU) inputs get unsigned codes: one more level bit
+    edge_bits: int | None = 8           # first conv and last linear layer at this width (None: same as the rest)
+    num_samples: int = 32
+    seed: int = 0
+
+    def validate(self) -> None:
+        if self.method not in QAT_METHODS:
+            raise RepqError(f"unknown QAT method '{self.method}'; choose one of {', '.join(QAT_METHODS)}")
+        for name in ("w_bits", "a_bits") + (("edge_bits",) if self.edge_bits is not None else ()):
+            if not 2 <= getattr(self, name) <= 8:
+                raise RepqError(f"{name} must be between 2 and 8 for QAT, got {getattr(self, name)}")
+        if self.codebook not in ("refit", "learned"):
+            raise RepqError(f"codebook must be 'refit' or 'learned', not '{self.codebook}'")
+        if self.weight_init not in ("minmax", "mse"):
+            raise RepqError(f"weight_init must be 'minmax' or 'mse', not '{self.weight_init}'")
+        if self.activation_init not in ACTIVATION_METHODS:
+            raise RepqError(f"unknown activation_init '{self.activation_init}'; "
+                            f"choose one of {', '.join(ACTIVATION_METHODS)}")
+        if self.refit_every < 0 or self.lloyd_iters < 1 or self.num_samples < 1:
+            raise RepqError("refit_every must be >= 0, lloyd_iters and num_samples >= 1")
+
+
+def _layer_bits(names: list[str], config: QATConfig) -> dict[str, tuple[int, int]]:
+    edges = {names[0], names[-1]} if config.edge_bits is not None else set()
+    return {n: (config.edge_bits, config.edge_bits) if n in edges else (config.w_bits, config.a_bits) for n in names}
+
+
+def _swap(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
+
+
+def prepare_qat(model: nn.Module, config: QATConfig | None = None, calib_data: Any = None) -> nn.Module:
+    """Fuse `model` (if needed) and replace every conv/linear by a fake-quantized QAT layer.
+
+    Weight quantizers start from PTQ (LSQ: per-channel steps; cluster: 1-D k-means from linearly spaced
+    centroids). Activation steps start from the `activation_init` calibrator on `calib_data` (a float pass over
+    at most `num_samples` images), or on the first training batch when no data is given. `model` is untouched.
+    """
+    config = config or QATConfig()
+    config.validate()
+    fused, _ = fuse_blocks(model, verify=False)
+    check_supported(fused)
+    names = [n for n, m in fused.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    if not names:
+        raise RepqError("the model has no Conv2d or Linear layer to quantize")
+    bits = _layer_bits(names, config)
+    for name in names:
+        layer = fused.get_submodule(name)
+        w_bits, a_bits = bits[name]
+        if config.method == "lsq":
+            weight_q = lsq_weight_quantizer(layer.weight, w_bits, config.weight_init)
+        else:
+            weight_q = CodebookQuantizer(layer.weight, w_bits, config.codebook, config.refit_every,
+                                         config.lloyd_iters).to(layer.weight.device)
+        input_q = LSQQuantizer(a_bits, signed=True, init=config.activation_init,
+                               allow_unsigned=config.unsigned_activations).to(layer.weight.device)
+        input_q.name = name
+        cls = QATConv2d if isinstance(layer, nn.Conv2d) else QATLinear
+        _swap(fused, name, cls.from_float(layer, weight_q, input_q))
+    fused.repq_qat = {"qat": asdict(config), "bits": {n: list(b) for n, b in bits.items()}}
+    if calib_data is not None:
+        images = take_images(calib_data, config.num_samples, config.seed)
+        if len(images) < config.num_samples:
+            warnings.warn(f"calibration data has {len(images)} images, fewer than the {config.num_samples} asked",
+                          stacklevel=2)
+        initialize_activations(fused, images.to(next(fused.parameters()).device))
+    return fused
+
+
+@torch.no_grad()
+def initialize_activations(qat_model: nn.Module, images: torch.Tensor) -> None:
+    """One float forward in which every activation quantizer takes its initial step from its own input."""
+    quantizers = [m for m in qat_model.modules() if isinstance(m, LSQQuantizer) and m.step.dim() == 0]
+    for q in quantizers:
+        q.mode = "observe"
+    was_training = qat_model.training
+    try:
+        qat_model.eval()(images)
+    finally:
+        for q in quantizers:
+            q.mode = "quant"
+        qat_model.train(was_training)
+    qat_model.repq_qat["input_shape"] = list(images.shape[1:])
+    missed = [q.name for q in quantizers if not bool(q.initialized)]
+    if missed:
+        raise RepqError(f"layers never ran during QAT initialization: {', '.join(missed)}")
+
+
+@torch.no_grad()
+def convert_qat(qat_model: nn.Module) -> nn.Module:
+    """The deploy model of a QAT model: LSQ layers become integer-code layers (QuantConv2d/QuantLinear), cluster
+    layers become indices + codebook (CodebookConv2d/CodebookLinear). Same outputs, new module; input untouched."""
+    meta = getattr(qat_model, "repq_qat", None)
+    if meta is None:
+        raise RepqError("convert_qat takes a model returned by repq.prepare_qat")
+    model = copy.deepcopy(qat_model).eval()
+    layers: dict[str, dict[str, Any]] = {}
+    for name, layer in list(model.named_modules()):
+        if not isinstance(layer, QAT_LAYERS):
+            continue
+        act = layer.input_quantizer
+        if not bool(act.initialized):
+            raise RepqError(f"layer '{name}' has no activation step yet; pass calibration images to prepare_qat "
+                            "or train before converting")
+        w_bits, a_bits = meta["bits"][name]
+        conv = isinstance(layer, nn.Conv2d)
+        wq = layer.weight_quantizer
+        if isinstance(wq, LSQQuantizer):
+            new = (QuantConv2d if conv else QuantLinear).from_float(layer, w_bits, a_bits, None)
+            step = wq.current_step()
+            codes = torch.clamp(torch.round(layer.weight / step.reshape(-1, *[1] * (layer.weight.dim() - 1))),
+                                int(wq.qmin), int(wq.qmax))
+            new.set_quantized_weight(QuantizedWeight(codes, step))
+            spec = {"coarse": None}
+        else:
+            new = (CodebookConv2d if conv else CodebookLinear).from_float(layer, w_bits, a_bits)
+            new.set_codebook(assign(layer.weight, wq.codebook), wq.codebook.detach())
+            spec = {"coarse": None, "codebook": wq.codebook.numel()}
+        q = new.input_quantizer
+        q.scale.copy_(act.current_step())
+        q.qmin.copy_(act.qmin)
+        q.qmax.copy_(act.qmax)
+        q.name = name
+        _swap(model, name, new)
+        layers[name] = {**spec, "w_bits": w_bits, "a_bits": a_bits, "input_scale": float(act.current_step()),
+                        "input_signed": act.signed}
+    del model.repq_qat
+    model.repq_quant = {"qat": meta["qat"], "layers": layers, "input_shape": meta.get("input_shape")}
+    return model

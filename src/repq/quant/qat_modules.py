@@ -1,0 +1,221 @@
+"""Quantization-aware training layers (methods.md section 5): fake-quantized conv/linear whose weights go through
+an LSQ uniform quantizer (learned per-channel step) or a k-means codebook (ClusterQAT), and whose input goes
+through an LSQ per-tensor activation quantizer. Backward is straight-through everywhere.
+
+`repq.qat.convert_qat` turns these into the integer-simulating deploy layers of `repq.quant.modules`.
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from repq.errors import RepqError
+from repq.quant.calibrators import CalibrationConfig, compute_amax
+from repq.quant.codebook import assign, kmeans_1d, lloyd_steps
+from repq.quant.primitives import int_range, symmetric_scale
+from repq.quant.weights import quantize_weight
+
+
+def round_ste(x: Tensor) -> Tensor:
+    """round(x) forward, identity backward (straight-through estimator)."""
+    return x + (torch.round(x) - x).detach()
+
+
+def scale_grad(x: Tensor, factor: float) -> Tensor:
+    """x forward, factor * gradient backward (LSQ's step-size gradient scale)."""
+    return (x - x * factor).detach() + x * factor
+
+
+def lsq_fake_quantize(x: Tensor, step: Tensor, qmin: int, qmax: int, grad_factor: float,
+                      axis: int | None = None) -> Tensor:
+    """LSQ (Esser et al. 2020): round(clamp(x / s, qmin, qmax)) * s with a straight-through round, so that
+    d/ds = round(x/s) - x/s inside the range and qmin/qmax outside, scaled by `grad_factor`. The step is used as
+    |s| (kept off zero): an SGD step that overshoots zero reflects instead of flipping the quantizer's sign."""
+    s = scale_grad(step, grad_factor).abs().clamp_min(1e-12)
+    if axis is not None:
+        shape = [1] * x.dim()
+        shape[axis] = -1
+        s = s.reshape(shape)
+    return round_ste(torch.clamp(x / s, qmin, qmax)) * s
+
+
+class LSQQuantizer(nn.Module):
+    """Uniform quantizer with a learned step: per tensor (activations) or per output channel (weights).
+
+    Activation steps start from a PTQ calibrator (`init` method) on the first batch seen in "observe" mode or,
+    failing that, on the first training batch; under torchrun rank 0's value is broadcast.
+    """
+
+    def __init__(self, bits: int, signed: bool = True, channels: int | None = None, narrow: bool = False,
+                 init: str = "mse", allow_unsigned: bool = False):
+        super().__init__()
+        self.bits, self.narrow, self.init_method, self.allow_unsigned = bits, narrow, init, allow_unsigned
+        self.step = nn.Parameter(torch.ones(channels) if channels else torch.tensor(1.0))
+        self.register_buffer("qmin", torch.tensor(0.0))
+        self.register_buffer("qmax", torch.tensor(0.0))
+        self.register_buffer("initialized", torch.tensor(False))
+        self._set_range(signed)
+        self.mode = "quant"  # quant | observe (initialize on this input, pass it on unquantized)
+        self.name = ""
+
+    def _set_range(self, signed: bool) -> None:
+        qmin, qmax = int_range(self.bits, signed=signed, narrow=self.narrow)
+        self.qmin.fill_(qmin)
+        self.qmax.fill_(qmax)
+
+    @property
+    def signed(self) -> bool:
+        return bool(self.qmin < 0)
+
+    def current_step(self) -> Tensor:
+        """The step the forward uses (|step|, off zero), detached: what the deploy layer stores."""
+        return self.step.detach().abs().clamp_min(1e-12)
+
+    @torch.no_grad()
+    def init_from(self, x: Tensor) -> None:
+        """Step = amax / qmax with amax from the PTQ calibrator (activations: the sign of the data decides)."""
+        if not torch.isfinite(x).all():
+            raise RepqError(f"NaN/Inf values at the input of '{self.name}' while initializing QAT; "
+                            "check the model weights and the images")
+        signed = not (self.allow_unsigned and bool(x.min() >= 0))
+        self._set_range(signed)
+        amax = compute_amax(x, CalibrationConfig(method=self.init_method, bits=self.bits, signed=signed))
+        self.step.copy_(symmetric_scale(torch.tensor(amax), int(self.qmax)))
+        self.initialized.fill_(True)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.mode == "observe":
+            self.init_from(x)
+            return x
+        if not bool(self.initialized):
+            self.init_from(x)
+            if dist.is_initialized():
+                for t in (self.step.data, self.qmin, self.qmax):
+                    dist.broadcast(t, 0)
+        # LSQ's gradient scale 1 / sqrt(N Qp), N = values per step (features per sample, or weights per channel).
+        grad_factor = 1.0 / (x[0].numel() * float(self.qmax)) ** 0.5
+        axis = None if self.step.dim() == 0 else 0
+        return lsq_fake_quantize(x, self.step, int(self.qmin), int(self.qmax), grad_factor, axis)
+
+    def extra_repr(self) -> str:
+        return f"bits={self.bits}, signed={self.signed}"
+
+
+class CodebookQuantizer(nn.Module):
+    """Nearest-centroid weight quantizer with a codebook of 2^b values (ClusterQAT).
+
+    "refit": the codebook is a buffer re-fitted by `lloyd_iters` warm-started Lloyd steps every `refit_every`
+    training steps; "learned": the codebook is a parameter whose gradient is the sum of the gradients of the
+    weights assigned to each centroid, divided by their number [choice]. The latent weights always get the
+    straight-through gradient.
+    """
+
+    def __init__(self, weight: Tensor, bits: int, mode: str = "refit", refit_every: int = 100, lloyd_iters: int = 3,
+                 init_iters: int = 30):
+        super().__init__()
+        if mode not in ("refit", "learned"):
+            raise RepqError(f"unknown codebook mode '{mode}'; choose 'refit' or 'learned'")
+        self.bits, self.mode, self.refit_every, self.lloyd_iters = bits, mode, refit_every, lloyd_iters
+        codebook = kmeans_1d(weight, 2 ** bits, init_iters)
+        if mode == "learned":
+            self.codebook = nn.Parameter(codebook)
+        else:
+            self.register_buffer("codebook", codebook)
+        self.register_buffer("steps", torch.tensor(0, dtype=torch.long))
+
+    def forward(self, w: Tensor) -> Tensor:
+        if self.training and self.mode == "refit" and self.refit_every > 0:
+            if int(self.steps) > 0 and int(self.steps) % self.refit_every == 0:
+                self.codebook.copy_(lloyd_steps(w, self.codebook, self.lloyd_iters))
+            self.steps += 1
+        idx = assign(w, self.codebook)
+        codebook = self.codebook
+        if self.mode == "learned":
+            # The gradient of a centroid is the sum over its weights; divided by their number, a centroid moves at
+            # the pace of one weight under the same learning rate (the raw sum scales with the layer size).
+            counts = torch.bincount(idx.reshape(-1), minlength=codebook.numel()).clamp_min(1).to(codebook.dtype)
+            codebook = (codebook - codebook / counts).detach() + codebook / counts
+        return codebook[idx] + (w - w.detach())
+
+    def extra_repr(self) -> str:
+        return f"bits={self.bits}, mode={self.mode}, refit_every={self.refit_every}"
+
+
+class QATLayerMixin:
+    """Fake-quantized input and weight; with an LSQ weight quantizer the bias sits on the int32 accumulator grid
+    (step = input step x weight step), as the deploy layer computes it."""
+
+    weight: Tensor
+    bias: Tensor | None
+
+    def _attach(self, float_layer: nn.Module, weight_quantizer: nn.Module, input_quantizer: LSQQuantizer) -> None:
+        with torch.no_grad():
+            self.weight.copy_(float_layer.weight)
+            if self.bias is not None:
+                self.bias.copy_(float_layer.bias)
+        self.weight_quantizer = weight_quantizer
+        self.input_quantizer = input_quantizer
+
+    @torch.no_grad()
+    def quantized_weight(self) -> Tensor:
+        """The weight the forward uses, read without counting a training step (no codebook refit)."""
+        was = self.weight_quantizer.training
+        self.weight_quantizer.eval()
+        try:
+            return self.weight_quantizer(self.weight).detach()
+        finally:
+            self.weight_quantizer.train(was)
+
+    def _weight(self) -> Tensor:
+        return self.weight_quantizer(self.weight)
+
+    def _bias(self) -> Tensor | None:
+        if self.bias is None or not isinstance(self.weight_quantizer, LSQQuantizer):
+            return self.bias
+        step = self.input_quantizer.current_step() * self.weight_quantizer.current_step()
+        return round_ste(self.bias / step) * step
+
+
+class QATConv2d(nn.Conv2d, QATLayerMixin):
+    @classmethod
+    def from_float(cls, conv: nn.Conv2d, weight_quantizer: nn.Module, input_quantizer: LSQQuantizer) -> "QATConv2d":
+        if conv.padding_mode != "zeros" or isinstance(conv.padding, str):
+            raise RepqError("repq quantizes Conv2d with numeric zero padding only")
+        layer = cls(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
+                    conv.dilation, conv.groups, bias=conv.bias is not None)
+        layer._attach(conv, weight_quantizer, input_quantizer)
+        return layer.to(conv.weight.device)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.input_quantizer(x)
+        if self.input_quantizer.mode == "observe":  # initialization pass: the float network
+            return F.conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
+        return F.conv2d(x, self._weight(), self._bias(), self.stride, self.padding, self.dilation, self.groups)
+
+
+class QATLinear(nn.Linear, QATLayerMixin):
+    @classmethod
+    def from_float(cls, linear: nn.Linear, weight_quantizer: nn.Module, input_quantizer: LSQQuantizer) -> "QATLinear":
+        layer = cls(linear.in_features, linear.out_features, bias=linear.bias is not None)
+        layer._attach(linear, weight_quantizer, input_quantizer)
+        return layer.to(linear.weight.device)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.input_quantizer(x)
+        if self.input_quantizer.mode == "observe":
+            return F.linear(x, self.weight, self.bias)
+        return F.linear(x, self._weight(), self._bias())
+
+
+QAT_LAYERS = (QATConv2d, QATLinear)
+
+
+def lsq_weight_quantizer(weight: Tensor, bits: int, init: str = "mse") -> LSQQuantizer:
+    """Per-output-channel LSQ weight quantizer (symmetric, narrow range) whose steps start from PTQ's `init`."""
+    quantizer = LSQQuantizer(bits, signed=True, channels=weight.shape[0], narrow=True)
+    with torch.no_grad():
+        quantizer.step.copy_(quantize_weight(weight.detach(), init, bits, per_channel=True).scale)
+    quantizer.initialized.fill_(True)
+    return quantizer.to(weight.device)

@@ -1,0 +1,233 @@
+"""Quantization-aware training (methods.md section 5): k-means codebooks, LSQ gradients, ClusterQAT and LSQ layers,
+conversion to deploy layers, the `repq qat` command (one process and torchrun)."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import repq
+from repq.cli import main
+from repq.quant.codebook import assign, kmeans_1d, lloyd_steps
+from repq.quant.modules import CodebookConv2d, QuantConv2d
+from repq.quant.qat_modules import QAT_LAYERS, CodebookQuantizer, lsq_fake_quantize
+from tests.conftest import tiny
+
+
+# ---------------------------------------------------------------- codebooks
+def test_assign_is_the_nearest_centroid():
+    gen = torch.Generator().manual_seed(0)
+    values, centroids = torch.randn(500, generator=gen), torch.randn(7, generator=gen)  # unsorted on purpose
+    brute = (values.reshape(-1, 1) - centroids.reshape(1, -1)).abs().argmin(dim=1)
+    assert torch.equal(assign(values, centroids), brute)
+    # A value exactly between two centroids goes to the lower one.
+    assert assign(torch.tensor([0.5]), torch.tensor([1.0, 0.0])).item() == 1
+
+
+def test_kmeans_recovers_the_centers_of_a_mixture():
+    gen = torch.Generator().manual_seed(1)
+    centers = torch.tensor([-3.0, -1.2, 0.4, 2.5])
+    values = (centers.repeat_interleave(400) + 0.05 * torch.randn(1600, generator=gen))[torch.randperm(1600)]
+    found = kmeans_1d(values, 4)
+    torch.testing.assert_close(found, centers, atol=0.02, rtol=0)
+
+
+def test_lloyd_step_is_the_mean_of_each_cluster_and_keeps_empty_centroids():
+    values = torch.tensor([0.0, 0.2, 0.9, 1.1, 1.3])
+    # Centroids 0.1 | 1.0 | 5.0: clusters {0, 0.2}, {0.9, 1.1, 1.3}, {} (5.0 keeps its place).
+    out = lloyd_steps(values, torch.tensor([0.1, 1.0, 5.0]), iters=1)
+    torch.testing.assert_close(out, torch.tensor([0.1, 1.1, 5.0]))
+
+
+# ---------------------------------------------------------------- LSQ
+def test_lsq_step_gradient_matches_a_finite_difference():
+    """LSQ's step gradient is that of round(v) treated as v + constant: check it against central differences of
+    that surrogate, computed here with the rounding residual frozen at the evaluation point."""
+    gen = torch.Generator().manual_seed(2)
+    x = torch.randn(6, 5, generator=gen, dtype=torch.float64) * 2
+    upstream = torch.randn(6, 5, generator=gen, dtype=torch.float64)
+    s0, qmin, qmax, factor = 0.37, -4, 3, 0.5
+    step = torch.tensor(s0, dtype=torch.float64, requires_grad=True)
+    (lsq_fake_quantize(x, step, qmin, qmax, factor) * upstream).sum().backward()
+
+    residual = torch.round(torch.clamp(x / s0, qmin, qmax)) - torch.clamp(x / s0, qmin, qmax)
+
+    def surrogate(s: float) -> float:
+        return float(((torch.clamp(x / s, qmin, qmax) + residual) * s * upstream).sum())
+
+    h = 1e-6
+    finite_difference = (surrogate(s0 + h) - surrogate(s0 - h)) / (2 * h)
+    assert float(step.grad) == pytest.approx(factor * finite_difference, rel=1e-6)
+    # The forward itself is the plain uniform quantizer.
+    expected = torch.clamp(torch.round(x / s0), qmin, qmax) * s0
+    torch.testing.assert_close(lsq_fake_quantize(x, step, qmin, qmax, factor), expected)
+
+
+def test_lsq_input_gradient_is_straight_through_inside_the_range_only():
+    x = torch.tensor([-10.0, -0.3, 0.0, 0.6, 10.0], requires_grad=True)
+    lsq_fake_quantize(x, torch.tensor(0.25), -4, 3, 1.0).sum().backward()
+    assert x.grad.tolist() == [0.0, 1.0, 1.0, 1.0, 0.0]
+
+
+def test_lsq_weight_quantizer_is_per_channel_with_at_most_2b_minus_1_levels(trained_digits_model):
+    qat = repq.prepare_qat(trained_digits_model, repq.QATConfig(method="lsq", w_bits=3, a_bits=3, edge_bits=None))
+    layer = qat.get_submodule("stage2.1.rbr_reparam")
+    w = layer.quantized_weight()
+    step = layer.weight_quantizer.step.detach()
+    assert step.shape == (w.shape[0],)
+    for o in range(w.shape[0]):
+        codes = w[o] / step[o]
+        torch.testing.assert_close(codes, torch.round(codes), atol=1e-4, rtol=0)
+        assert len(torch.unique(torch.round(codes))) <= 7 and float(codes.abs().max()) <= 3 + 1e-4
+
+
+# ---------------------------------------------------------------- ClusterQAT layers
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_cluster_layers_use_at_most_2b_distinct_weights(trained_digits_model, bits):
+    qat = repq.prepare_qat(trained_digits_model, repq.QATConfig(method="cluster", w_bits=bits, a_bits=bits,
+                                                                edge_bits=None))
+    layers = [m for m in qat.modules() if isinstance(m, QAT_LAYERS)]
+    assert layers
+    for layer in layers:
+        w = layer.quantized_weight()
+        assert len(torch.unique(w)) <= 2 ** bits
+        # Each weight is replaced by a nearest centroid (brute force; equal up to float rounding at near-ties).
+        codebook = layer.weight_quantizer.codebook.detach()
+        latent = layer.weight.detach().reshape(-1)
+        assert bool(torch.isin(w.reshape(-1), codebook).all())
+        best = (latent.reshape(-1, 1) - codebook).abs().amin(1)
+        assert float(((latent - w.reshape(-1)).abs() - best).max()) <= 1e-7
+
+
+def test_learned_codebook_gradient_is_the_mean_over_assigned_weights():
+    torch.manual_seed(0)
+    w = torch.randn(200, requires_grad=True)
+    quantizer = CodebookQuantizer(w.detach(), bits=2, mode="learned")
+    upstream = torch.randn(200)
+    (quantizer(w) * upstream).sum().backward()
+    idx = (w.detach().reshape(-1, 1) - quantizer.codebook.detach()).abs().argmin(1)
+    expected = torch.zeros(4).index_add_(0, idx, upstream) / torch.bincount(idx, minlength=4).clamp_min(1)
+    torch.testing.assert_close(quantizer.codebook.grad, expected)
+    torch.testing.assert_close(w.grad, upstream)  # straight-through to the latent weights
+
+
+def test_codebook_refit_happens_every_n_training_steps_only():
+    torch.manual_seed(0)
+    w = torch.randn(300)
+    quantizer = CodebookQuantizer(w, bits=3, mode="refit", refit_every=2, lloyd_iters=2).train()
+    start = quantizer.codebook.clone()
+    shifted = w * 1.5 + 0.3  # the latent weights moved: a refit must move the centroids
+    quantizer(shifted)       # step 0: no refit
+    assert torch.equal(quantizer.codebook, start)
+    quantizer(shifted)       # step 1
+    quantizer(shifted)       # step 2: refit
+    assert not torch.equal(quantizer.codebook, start)
+    torch.testing.assert_close(quantizer.codebook, lloyd_steps(shifted, start, 2))
+    frozen = CodebookQuantizer(w, bits=3, mode="refit", refit_every=0).train()
+    before = frozen.codebook.clone()
+    for _ in range(5):
+        frozen(shifted)
+    assert torch.equal(frozen.codebook, before)
+
+
+@pytest.mark.parametrize("method, codebook", [("cluster", "refit"), ("cluster", "learned"), ("lsq", "refit")])
+def test_a_few_qat_steps_lower_the_loss_and_convert_exactly(trained_digits_model, digits, method, codebook):
+    train_ds, test_ds = digits
+    config = repq.QATConfig(method=method, w_bits=3, a_bits=3, codebook=codebook, refit_every=5)
+    qat = repq.prepare_qat(trained_digits_model, config, train_ds)
+    x, y = next(iter(train_ds.batches(256, shuffle=True, seed=0)))
+    criterion = torch.nn.CrossEntropyLoss()
+    with torch.no_grad():
+        before = float(criterion(qat.eval()(x), y))
+    codebooks = {n: m.weight_quantizer.codebook.clone() for n, m in qat.named_modules()
+                 if isinstance(m, QAT_LAYERS) and method == "cluster"}
+    repq.train(qat, train_ds, repq.TrainConfig(epochs=1, batch_size=64, lr=0.01, weight_decay=0.0, seed=0,
+                                               max_steps_per_epoch=12, augment=False), progress=False)
+    with torch.no_grad():
+        after = float(criterion(qat.eval()(x), y))
+    assert after < before
+    for name, start in codebooks.items():
+        assert not torch.equal(qat.get_submodule(name).weight_quantizer.codebook, start), name
+    qmodel = repq.convert_qat(qat)
+    deploy = CodebookConv2d if method == "cluster" else QuantConv2d
+    assert isinstance(qmodel.get_submodule("stage1.0.rbr_reparam"), deploy)
+    xt = next(iter(test_ds.batches(128)))[0]
+    with torch.no_grad():
+        diff = (qmodel(xt) - qat(xt)).abs().max()
+        assert float(diff) < 1e-4 * max(1.0, float(qat(xt).abs().max()))
+
+
+def test_prepare_without_data_initializes_on_the_first_batch(trained_digits_model, digits):
+    qat = repq.prepare_qat(trained_digits_model, repq.QATConfig(method="lsq", w_bits=4, a_bits=4))
+    with pytest.raises(repq.RepqError, match="no activation step"):
+        repq.convert_qat(qat)
+    x = next(iter(digits[0].batches(64)))[0]
+    qat.eval()(x)
+    quantizers = [m.input_quantizer for m in qat.modules() if isinstance(m, QAT_LAYERS)]
+    assert all(bool(q.initialized) for q in quantizers)
+    # Post-ReLU inputs take unsigned codes (0..15); the normalized network input stays signed.
+    assert quantizers[0].signed and not any(q.signed for q in quantizers[1:])
+    repq.convert_qat(qat)
+
+
+def test_edge_layers_keep_8_bits_by_default(trained_digits_model):
+    qat = repq.prepare_qat(trained_digits_model, repq.QATConfig(method="cluster", w_bits=3, a_bits=3))
+    layers = [m for m in qat.modules() if isinstance(m, QAT_LAYERS)]
+    assert layers[0].weight_quantizer.codebook.numel() == 256 and layers[-1].weight_quantizer.codebook.numel() == 256
+    assert all(m.weight_quantizer.codebook.numel() == 8 for m in layers[1:-1])
+
+
+@pytest.mark.parametrize("options, message", [(dict(method="kmeans"), "unknown QAT method"),
+                                              (dict(w_bits=1), "between 2 and 8"),
+                                              (dict(codebook="fixed"), "codebook must be"),
+                                              (dict(activation_init="max"), "activation_init")])
+def test_bad_qat_config_is_a_one_line_error(options, message):
+    with pytest.raises(repq.RepqError, match=message):
+        repq.prepare_qat(tiny(), repq.QATConfig(**options))
+
+
+def test_quantized_qat_checkpoint_round_trips(trained_digits_model, digits, tmp_path):
+    train_ds, test_ds = digits
+    qat = repq.prepare_qat(trained_digits_model, repq.QATConfig(method="cluster", w_bits=4, a_bits=4), train_ds)
+    qmodel = repq.convert_qat(qat)
+    repq.save_checkpoint(tmp_path / "q.pt", qmodel)
+    loaded, payload = repq.load_checkpoint(tmp_path / "q.pt")
+    assert payload["kind"] == "quantized" and payload["quant"]["qat"]["method"] == "cluster"
+    layer = loaded.get_submodule("stage2.0.rbr_reparam")
+    assert layer.weight_indices.dtype == torch.uint8 and layer.codebook.numel() == 16
+    assert repq.evaluate(loaded, test_ds) == repq.evaluate(qmodel, test_ds)
+
+
+# ---------------------------------------------------------------- command line
+def test_cli_qat_writes_a_quantized_checkpoint(trained_digits_model, tmp_path, capsys):
+    ckpt = tmp_path / "fp.pt"
+    repq.save_checkpoint(ckpt, trained_digits_model)
+    out = tmp_path / "w4a4.pt"
+    code = main(["qat", "--checkpoint", str(ckpt), "--data", "digits", "--method", "lsq", "--epochs", "1",
+                 "--max-steps", "3", "--out", str(out), "--json"])
+    result = json.loads(capsys.readouterr().out)
+    assert code == 0 and out.exists()
+    assert set(result) >= {"fp", "start", "qat", "epochs"} and result["fp"]["top1"] > 80
+    code = main(["eval", "--checkpoint", str(out), "--data", "digits", "--json"])
+    assert code == 0 and json.loads(capsys.readouterr().out)["results"]["quantized"]["top1"] == result["qat"]["top1"]
+    # The quantized output is not a valid QAT input, and an input is never overwritten.
+    assert main(["qat", "--checkpoint", str(out), "--data", "digits", "--out", str(tmp_path / "x.pt")]) == 2
+    assert "already quantized" in capsys.readouterr().err
+    assert main(["qat", "--checkpoint", str(ckpt), "--data", "digits", "--out", str(ckpt)]) == 2
+
+
+def test_torchrun_two_process_qat_writes_one_checkpoint(trained_digits_model, tmp_path):
+    ckpt = tmp_path / "fp.pt"
+    repq.save_checkpoint(ckpt, trained_digits_model)
+    out = tmp_path / "ddp_qat.pt"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29534", "-m",
+           "repq.cli", "qat", "--checkpoint", str(ckpt), "--data", "digits", "--method", "cluster", "--epochs", "1",
+           "--max-steps", "3", "--batch-size", "16", "--eval-limit", "64", "--out", str(out), "--json"]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert sorted(p.name for p in tmp_path.glob("*.pt")) == ["ddp_qat.pt", "fp.pt"]
+    payload = repq.checkpoint.read_checkpoint(out)
+    assert len(payload["history"]["loss"]) == 3 and payload["quant"]["qat"]["method"] == "cluster"
