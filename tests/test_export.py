@@ -103,3 +103,33 @@ def test_cli_export_verify(setup, tmp_path, capsys):
     result = json.loads(capsys.readouterr().out)["verify"]
     assert abs(result["top1_repq"] - result["top1_onnxruntime"]) <= 0.2 + 1e-9
     assert main(["export", "--checkpoint", str(tmp_path / "q.pt"), "--onnx", str(tmp_path / "q.pt")]) == 2
+
+
+@pytest.mark.parametrize("method", ["lsq", "cluster"])
+def test_qat_models_export_with_parity(setup, tmp_path, method):
+    """W4A4 QAT models: LSQ runs as integer convs (4-bit codes in int8 containers, clipped to their range);
+    ClusterQAT runs as float convs on the quantized input grid, its indices + codebook in a side file."""
+    model, calib, test_ds = setup
+    qmodel = repq.convert_qat(repq.prepare_qat(model, repq.QATConfig(method=method, w_bits=4, a_bits=4), calib))
+    path = export_onnx(qmodel, tmp_path / "q.onnx", calib[:1])
+    onnx.checker.check_model(onnx.load(str(path)), full_check=True)
+    images = test_ds.normalize(test_ds.images)
+    with torch.no_grad():
+        sim = qmodel(images).numpy()
+    ort = run_onnx(path, images.numpy())
+    assert (ort.argmax(1) == sim.argmax(1)).mean() >= 0.998
+    assert np.abs(ort - sim).max() < 1e-3 * np.abs(sim).max()
+    kernels = integer_kernels(path)
+    n_convs = sum(isinstance(m, nn.Conv2d) for m in qmodel.modules())
+    side = tmp_path / "q.codebook.npz"
+    if method == "lsq":
+        assert kernels.get("ConvInteger", 0) + kernels.get("QLinearConv", 0) == n_convs, kernels
+        assert not any(kernels.get(op, 0) for op in FLOAT_CONVS) and not side.exists()
+        return
+    tables = np.load(side)  # plain arrays: no pickle needed
+    layer = qmodel.get_submodule("stage2.0.rbr_reparam")
+    indices = tables["stage2.0.rbr_reparam.indices"]
+    assert indices.dtype == np.uint8 and int(indices.max()) < 16
+    np.testing.assert_array_equal(tables["stage2.0.rbr_reparam.codebook"][indices],
+                                  layer.effective_weight().detach().numpy())
+    assert "LUT" in str(tables["note"])

@@ -20,7 +20,7 @@ from torch import nn
 
 from repq.errors import RepqError
 from repq.io import atomic_write
-from repq.quant.modules import QUANT_LAYERS, QuantConv2d, QuantLinear
+from repq.quant.modules import CODEBOOK_LAYERS, QUANT_LAYERS, QuantConv2d, QuantLinear
 
 OPSET = 19
 
@@ -48,13 +48,20 @@ class _GraphBuilder:
         return out
 
 
-def _activation_qparams(g: _GraphBuilder, layer: nn.Module, base: str) -> tuple[str, str]:
+def _quantize_input(g: _GraphBuilder, layer: nn.Module, x: str, base: str) -> tuple[str, str, str]:
+    """QuantizeLinear of a layer's input: (codes, scale, zero point). Codes narrower than 8 bits travel in the
+    int8/uint8 container, behind a Clip to their own range (QuantizeLinear only clips to the container's)."""
     q = layer.input_quantizer
-    if q.bits != 8:
-        raise RepqError(f"ONNX export needs 8-bit activations; '{base}' has {q.bits} bits (simulation only)")
-    scale = g.const(base + "_x_scale", np.array(float(q.scale), dtype=np.float32))
+    if q.bits > 8:
+        raise RepqError(f"ONNX export supports activations up to 8 bits; '{base}' has {q.bits}")
+    scale_value = float(q.scale)
+    scale = g.const(base + "_x_scale", np.array(scale_value, dtype=np.float32))
     zero = g.const(base + "_x_zero", np.array(0, dtype=np.int8 if q.signed else np.uint8))
-    return scale, zero
+    if q.bits < 8:
+        low = g.const(base + "_x_min", np.array(float(q.qmin) * scale_value, dtype=np.float32))
+        high = g.const(base + "_x_max", np.array(float(q.qmax) * scale_value, dtype=np.float32))
+        x = g.node("Clip", [x, low, high], base)
+    return g.node("QuantizeLinear", [x, scale, zero], base), scale, zero
 
 
 def _weight_codes(g: _GraphBuilder, codes: torch.Tensor, base: str) -> str:
@@ -71,8 +78,8 @@ def _bias_codes(layer: nn.Module) -> tuple[np.ndarray, np.ndarray]:
 
 def _emit_qdq_layer(g: _GraphBuilder, layer: nn.Module, x: str, base: str) -> str:
     """Q -> DQ -> Conv/Gemm(DQ(int8 W), DQ(int32 b)): ONNX Runtime fuses it into QLinearConv / QGemm."""
-    s, z = _activation_qparams(g, layer, base)
-    xq = g.node("DequantizeLinear", [g.node("QuantizeLinear", [x, s, z], base), s, z], base)
+    codes, s, z = _quantize_input(g, layer, x, base)
+    xq = g.node("DequantizeLinear", [codes, s, z], base)
     w_scale = g.const(base + "_w_scale", layer.weight_scale.detach().cpu().numpy().astype(np.float32))
     w_zero = g.const(base + "_w_zero", np.zeros(layer.weight_scale.numel(), dtype=np.int8))
     w = g.node("DequantizeLinear", [_weight_codes(g, layer.weight_codes, base), w_scale, w_zero], base + "_w", axis=0)
@@ -92,8 +99,7 @@ def _emit_integer_conv(g: _GraphBuilder, layer: QuantConv2d, x: str, base: str) 
 
     This is the CFWS execution of methods.md section 2, and the integer form for signed (int8, zero point 0)
     inputs that ONNX Runtime does not fuse into QLinearConv on x86."""
-    s, z = _activation_qparams(g, layer, base)
-    xq = g.node("QuantizeLinear", [x, s, z], base)
+    xq, _, z = _quantize_input(g, layer, x, base)
     w_zero = g.const(base + "_w_zero", np.array(0, dtype=np.int8))
     in_scale = float(layer.input_quantizer.scale)
 
@@ -115,6 +121,34 @@ def _emit_integer_conv(g: _GraphBuilder, layer: QuantConv2d, x: str, base: str) 
     return out
 
 
+def _emit_codebook_layer(g: _GraphBuilder, layer: nn.Module, x: str, base: str) -> str:
+    """Round(Clip(x) / s) * s -> Conv/Gemm with weights Gather(codebook, indices).
+
+    The b-bit indices (uint8) and the codebook are initializers; ONNX Runtime folds the lookup into dequantized
+    float weights when the session starts. The input's quantization is written with float ops, not Q/DQ: with a
+    DQ input and constant float weights, ONNX Runtime would re-quantize those weights to a uniform int8 grid
+    (its weight/bias quantization pass), which is not the codebook. A lookup-table runtime uses the side file of
+    `codebook_tables` instead."""
+    q = layer.input_quantizer
+    if q.bits > 8:
+        raise RepqError(f"ONNX export supports activations up to 8 bits; '{base}' has {q.bits}")
+    scale = float(q.scale)
+    low = g.const(base + "_x_min", np.array(float(q.qmin) * scale, dtype=np.float32))
+    high = g.const(base + "_x_max", np.array(float(q.qmax) * scale, dtype=np.float32))
+    s = g.const(base + "_x_scale", np.array(scale, dtype=np.float32))
+    codes = g.node("Round", [g.node("Div", [g.node("Clip", [x, low, high], base), s], base)], base)
+    xq = g.node("Mul", [codes, s], base)
+    indices = g.const(base + "_w_indices", layer.weight_indices.cpu().numpy().astype(np.uint8))
+    codebook = g.const(base + "_codebook", layer.codebook.detach().cpu().numpy().astype(np.float32))
+    w = g.node("Gather", [codebook, g.node("Cast", [indices], base + "_w", to=6)], base + "_w", axis=0)
+    inputs = [xq, w]
+    if layer.bias is not None:
+        inputs.append(g.const(base + "_b", layer.bias.detach().cpu().numpy().astype(np.float32)))
+    if isinstance(layer, nn.Linear):
+        return g.node("Gemm", inputs, base, transB=1)
+    return g.node("Conv", inputs, base, **_conv_attrs(layer))
+
+
 def _conv_attrs(conv: nn.Conv2d, coarse_center: bool = False) -> dict[str, Any]:
     kernel = [1, 1] if coarse_center else list(conv.kernel_size)
     pads = [0, 0, 0, 0] if coarse_center else [conv.padding[0], conv.padding[1]] * 2
@@ -127,7 +161,11 @@ def _emit_quant_layer(g: _GraphBuilder, layer: nn.Module, x: str, base: str, fus
     explicit integer form; both compute the simulation's integer arithmetic."""
     if layer.w_bits > 8:
         raise RepqError(f"'{base}' has {layer.w_bits}-bit weights; ONNX export supports w_bits <= 8")
-    if isinstance(layer, QuantConv2d) and (layer.coarse is not None or layer.input_quantizer.signed or not fusable):
+    if isinstance(layer, CODEBOOK_LAYERS):
+        return _emit_codebook_layer(g, layer, x, base)
+    narrow = layer.input_quantizer.bits < 8  # the Clip before Q stops ORT's QLinearConv fusion of the layer before
+    if isinstance(layer, QuantConv2d) and (layer.coarse is not None or layer.input_quantizer.signed or not fusable
+                                           or narrow):
         return _emit_integer_conv(g, layer, x, base)
     return _emit_qdq_layer(g, layer, x, base)
 
@@ -250,4 +288,34 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, example_input: torch.
     model = model.eval()
     proto = build_onnx(model, example_input)
     onnx.checker.check_model(proto, full_check=True)
+    tables = codebook_tables(model)
+    if tables:
+        atomic_write(codebook_path(path), lambda fh: np.savez(fh, **tables))
     return atomic_write(path, lambda fh: fh.write(proto.SerializeToString()))
+
+
+LUT_NOTE = ("ClusterQAT layers: weight[i] = codebook[indices[i]] (indices uint8, shape of the weight; codebook "
+            "float32, 2^b entries). A lookup-table runtime multiplies the quantized input codes by codebook entries "
+            "picked by the b-bit indices (or precomputes codebook x input-level products per layer), accumulates, "
+            "then scales by the input scale and adds the float bias. Runtimes without LUT kernels use the "
+            "dequantized weights (what the ONNX graph computes).")
+
+
+def codebook_path(onnx_path: str | os.PathLike) -> Path:
+    path = Path(onnx_path)
+    return path.with_name(path.stem + ".codebook.npz")
+
+
+def codebook_tables(model: nn.Module) -> dict[str, np.ndarray]:
+    """Indices + codebook (+ input scale and bits) of every codebook layer, for the side file next to the ONNX
+    model; empty for models without codebook layers."""
+    tables: dict[str, np.ndarray] = {}
+    for name, layer in model.named_modules():
+        if isinstance(layer, CODEBOOK_LAYERS):
+            tables[f"{name}.indices"] = layer.weight_indices.cpu().numpy().astype(np.uint8)
+            tables[f"{name}.codebook"] = layer.codebook.detach().cpu().numpy().astype(np.float32)
+            tables[f"{name}.input_scale"] = np.array(float(layer.input_quantizer.scale), dtype=np.float32)
+            tables[f"{name}.bits"] = np.array([layer.w_bits, layer.input_quantizer.bits], dtype=np.int32)
+    if tables:
+        tables["note"] = np.array(LUT_NOTE)
+    return tables
