@@ -28,12 +28,12 @@ data:  ## Fashion-MNIST from Debian (needs root); digits ship with scikit-learn
 
 bench-quick: $(STAMP)  ## every benchmark in --quick mode (seconds)
 	cd benchmarks && ../$(PY) train_reference.py --quick && ../$(PY) ptq_benchmark.py --quick \
-		&& ../$(PY) export_benchmark.py --quick && ../$(PY) peer_benchmark.py --quick
+		&& ../$(PY) export_benchmark.py --quick && ../$(PY) peer_benchmark.py --quick && ../$(PY) qat_benchmark.py --quick
 
-bench: $(STAMP) data  ## the recorded benchmarks (tens of minutes on 2 cores), writes docs/results/
+bench: $(STAMP) data  ## the recorded benchmarks (a few hours on 2 cores), writes docs/results/
 	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[dev,export,peers]'
 	cd benchmarks && ../$(PY) train_reference.py && ../$(PY) ptq_benchmark.py && ../$(PY) export_benchmark.py \
-		&& ../$(PY) peer_benchmark.py
+		&& ../$(PY) peer_benchmark.py && ../$(PY) qat_benchmark.py
 
 clean:
 	rm -rf $(VENV) runs build src/*.egg-info

@@ -27,6 +27,11 @@ REFERENCE = {"model": "repvgg_a0", "model_kwargs": {"num_classes": 10, "in_chans
 QUICK_REFERENCE = {"model": "repvgg_a0", "model_kwargs": {"num_classes": 10, "in_chans": 1, "small_input": True,
                                                           "width_scale": 0.25},
                    "data": "digits", "train": {"epochs": 15, "batch_size": 64, "lr": 0.05, "seed": 0}}
+# OABN-trained twins of each reference (same recipe and seed, methods.md section 4): "fixed" is repq's default
+# (identity branch, |t0| <= 1); "relative" bounds the identity and 1x1 folded scales by twice the largest tap of the
+# block's folded 3x3 branch.
+OABN_VARIANTS = {"fixed": {"branches": "identity", "rule": "fixed", "tau": 1.0},
+                 "relative": {"branches": "identity+1x1", "rule": "relative", "k": 2.0}}
 
 
 def machine() -> str:
@@ -34,10 +39,20 @@ def machine() -> str:
             f"{torch.get_num_threads()} threads, {date.today().isoformat()}")
 
 
-def reference_checkpoint(quick: bool = False, progress: bool = True) -> Path:
-    """The trained reference checkpoint, trained once and cached under runs/ (REPQ_CACHE)."""
+def reference_spec(quick: bool = False, oabn: str | None = None) -> dict:
+    """The reference recipe; `oabn` names an entry of OABN_VARIANTS (None: plain BN)."""
     spec = QUICK_REFERENCE if quick else REFERENCE
-    path = CACHE / ("reference_quick.pt" if quick else "reference_fmnist_a0.pt")
+    if oabn is None:
+        return spec
+    return {**spec, "model_kwargs": {**spec["model_kwargs"], "oabn": OABN_VARIANTS[oabn]}}
+
+
+def reference_checkpoint(quick: bool = False, progress: bool = True, oabn: str | None = None) -> Path:
+    """The trained reference checkpoint (plain BN, or an OABN variant in the blocks), trained once and cached
+    under runs/ (REPQ_CACHE)."""
+    spec = reference_spec(quick, oabn)
+    path = CACHE / (("reference_quick" if quick else "reference_fmnist_a0") + (f"_oabn_{oabn}" if oabn else "")
+                    + ".pt")
     if path.exists():
         payload = repq.checkpoint.read_checkpoint(path)
         if payload.get("reference_spec") == spec:
@@ -64,5 +79,5 @@ def timed(fn, *args, **kwargs):
     return out, time.perf_counter() - start
 
 
-__all__ = ["CACHE", "QUICK_REFERENCE", "REFERENCE", "RESULTS", "machine", "reference_checkpoint",
-           "repq", "timed", "write_result"]
+__all__ = ["CACHE", "OABN_VARIANTS", "QUICK_REFERENCE", "REFERENCE", "RESULTS", "machine", "reference_checkpoint",
+           "reference_spec", "repq", "timed", "write_result"]

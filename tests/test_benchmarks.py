@@ -18,7 +18,8 @@ def cache(tmp_path_factory):
 @pytest.mark.parametrize("script,needle", [("train_reference.py", "fused (plain 3x3 convs)"),
                                            ("ptq_benchmark.py", "| W4A8 | cfws | channel | improved_kl | sequential |"),
                                            ("export_benchmark.py", "ORT quantize_static MinMax"),
-                                           ("peer_benchmark.py", "PyTorch FX PTQ")])
+                                           ("peer_benchmark.py", "PyTorch FX PTQ"),
+                                           ("qat_benchmark.py", "| OABN relative | cluster | W4A4 |")])
 def test_quick_mode(script, needle, cache):
     env = {**os.environ, "REPQ_CACHE": str(cache)}
     results = BENCH.parent / "docs" / "results"

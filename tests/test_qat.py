@@ -35,11 +35,23 @@ def test_kmeans_recovers_the_centers_of_a_mixture():
     torch.testing.assert_close(found, centers, atol=0.02, rtol=0)
 
 
-def test_lloyd_step_is_the_mean_of_each_cluster_and_keeps_empty_centroids():
+def test_lloyd_step_is_the_mean_of_each_cluster_and_relocates_empty_centroids():
     values = torch.tensor([0.0, 0.2, 0.9, 1.1, 1.3])
-    # Centroids 0.1 | 1.0 | 5.0: clusters {0, 0.2}, {0.9, 1.1, 1.3}, {} (5.0 keeps its place).
+    # Centroids 0.1 | 1.0 | 5.0: clusters {0, 0.2}, {0.9, 1.1, 1.3}, {}; the empty one moves to the median value.
     out = lloyd_steps(values, torch.tensor([0.1, 1.0, 5.0]), iters=1)
-    torch.testing.assert_close(out, torch.tensor([0.1, 1.1, 5.0]))
+    torch.testing.assert_close(out, torch.tensor([0.1, 1.1, 0.9]))
+
+
+def test_kmeans_uses_every_centroid_despite_an_outlier():
+    """A fused kernel: a bulk of small taps and one huge identity tap. Linearly spaced starts would leave most
+    centroids in the gap; relocation puts them back where the values are."""
+    gen = torch.Generator().manual_seed(3)
+    values = torch.cat([torch.randn(5000, generator=gen) * 0.05, torch.tensor([900.0])])
+    centroids = kmeans_1d(values, 16)
+    counts = torch.bincount(assign(values, centroids), minlength=16)
+    assert int((counts == 0).sum()) == 0
+    error = (values - centroids[assign(values, centroids)]).pow(2).sum()
+    assert 10 * torch.log10(values[:-1].pow(2).sum() / error) > 18  # Lloyd-Max for 15 levels: about 20 dB
 
 
 # ---------------------------------------------------------------- LSQ

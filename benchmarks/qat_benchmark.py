@@ -1,0 +1,149 @@
+"""Training-time methods on the reference model: plain BN vs OABN-trained RepVGG-A0 (same recipe and seed), each
+quantized by PTQ (W8A8, W4A4) and by LSQ and ClusterQAT (W6A6, W4A4, W3A3), with training time.
+
+    python benchmarks/qat_benchmark.py            # Fashion-MNIST A0, about an hour on 2 cores; the OABN twins are
+                                                  # trained once and every row is cached in runs/
+    python benchmarks/qat_benchmark.py --quick    # tiny digits models, plain and relative OABN, W4A4 (a minute)
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+from common import CACHE, OABN_VARIANTS, machine, reference_checkpoint, reference_spec, repq, write_result
+
+from repq.io import atomic_write_text
+
+PTQ_RECIPES = [("minmax", "minmax", True), ("cfws", "improved_kl", False)]  # (weight, activation, sequential)
+TARGETS = {4: 1.0, 3: 2.5}  # issue: OABN + ClusterQAT within this many points of FP
+
+
+def run_variant(oabn: str | None, args: argparse.Namespace) -> dict:
+    """One reference model's row (cached in runs/: the whole benchmark takes about an hour)."""
+    spec = reference_spec(args.quick, oabn)
+    settings = {"spec": spec, "bits": args.bits, "methods": args.methods, "epochs": args.epochs, "lr": args.lr,
+                "max_steps": args.max_steps}
+    cache = CACHE / f"qat_{'quick_' if args.quick else ''}{oabn or 'plain'}.json"
+    if cache.exists():
+        cached = json.loads(cache.read_text())
+        if cached.get("settings") == settings:
+            print(f"{cached['variant']}: reusing {cache}", flush=True)
+            return cached
+    model, payload = repq.load_checkpoint(reference_checkpoint(quick=args.quick, oabn=oabn))
+    train_ds, test_ds = repq.load_dataset(spec["data"], "train"), repq.load_dataset(spec["data"], "test")
+    calib = train_ds.calibration_images(32, 0)
+    history = payload.get("history", {})
+    out = {"variant": f"OABN {oabn}" if oabn else "plain BN", "oabn": OABN_VARIANTS.get(oabn),
+           "train_seconds": history.get("seconds"), "settings": settings,
+           "fp": repq.evaluate(repq.reparameterize(model), test_ds)["top1"], "ptq": [], "qat": []}
+    print(f"{out['variant']}: FP (fused) {out['fp']:.2f}", flush=True)
+    for bits in (8, 4):
+        for weight, activation, sequential in PTQ_RECIPES:
+            config = repq.PTQConfig(weight=weight, activation=activation, w_bits=bits, a_bits=bits,
+                                    sequential=sequential, seed=0)
+            top1 = repq.evaluate(repq.quantize(model, calib, config), test_ds)["top1"]
+            out["ptq"].append({"bits": bits, "weight": weight, "activation": activation,
+                               "calibration": "sequential" if sequential else "float pass", "top1": top1})
+            print(f"  PTQ W{bits}A{bits} {weight}/{activation}: {top1:.2f}", flush=True)
+    for bits in args.bits:
+        for method in args.methods:
+            config = repq.QATConfig(method=method, w_bits=bits, a_bits=bits, seed=0)
+            qat = repq.prepare_qat(model, config, calib)
+            start = repq.evaluate(qat, test_ds)["top1"]
+            train_config = repq.TrainConfig(epochs=args.epochs, batch_size=128, lr=args.lr, weight_decay=0.0,
+                                            seed=0, max_steps_per_epoch=args.max_steps)
+            began = time.perf_counter()
+            hist = repq.train(qat, train_ds, train_config, progress=False)
+            seconds = time.perf_counter() - began
+            top1 = repq.evaluate(repq.convert_qat(qat), test_ds)["top1"]
+            out["qat"].append({"bits": bits, "method": method, "start": start, "top1": top1, "seconds": seconds,
+                               "steps": len(hist["loss"]), "images_per_s": hist["epochs"][-1]["images_per_s"]})
+            print(f"  {method:7s} W{bits}A{bits}: start {start:.2f} -> {top1:.2f} ({seconds / 60:.1f} min)",
+                  flush=True)
+    atomic_write_text(cache, json.dumps(out))
+    return out
+
+
+def report(results: list[dict], args: argparse.Namespace) -> str:
+    cmd = "python benchmarks/qat_benchmark.py" + (" --quick" if args.quick else "")
+    spec = reference_spec(args.quick)
+    lines = [f"# QAT and OABN: {spec['model']} on {spec['data']}", "",
+             f"Command: `{cmd}` (seed 0; QAT: {args.epochs} epoch(s) of SGD"
+             + (f" capped at {args.max_steps} steps" if args.max_steps else "")
+             + f", lr {args.lr}, batch 128, no weight decay, 32 calibration images, first conv and last linear "
+             "at 8 bits)", f"Machine: {machine()}",
+             "OABN twins: same recipe and seed as the plain reference; options "
+             + "; ".join(f"{k}: {v}" for k, v in OABN_VARIANTS.items()) + ".", "",
+             "| model | FP | PTQ W8A8 | PTQ W4A4 | " + " | ".join(
+                 f"{m.upper() if m == 'lsq' else 'ClusterQAT'} W{b}A{b}" for b in args.bits for m in args.methods)
+             + " |", "|---|" + "---|" * (3 + len(args.bits) * len(args.methods))]
+    for r in results:
+        best_ptq = {b: max(p["top1"] for p in r["ptq"] if p["bits"] == b) for b in (8, 4)}
+        cells = [f"{q['top1']:.2f}" for q in r["qat"]]
+        lines.append(f"| {r['variant']} | {r['fp']:.2f} | {best_ptq[8]:.2f} | {best_ptq[4]:.2f} | "
+                     + " | ".join(cells) + " |")
+    lines += ["", "PTQ cells are the better of the two recipes below; QAT cells are the converted (deploy) models.", "",
+              "| model | PTQ recipe | W8A8 | W4A4 |", "|---|---|---|---|"]
+    for r in results:
+        for weight, activation, _ in PTQ_RECIPES:
+            cells = {p["bits"]: p for p in r["ptq"] if p["weight"] == weight and p["activation"] == activation}
+            lines.append(f"| {r['variant']} | {weight} + {activation} ({cells[8]['calibration']}) | "
+                         f"{cells[8]['top1']:.2f} | {cells[4]['top1']:.2f} |")
+    lines += ["", "| model | method | bits | start (PTQ init) | after QAT | drop vs FP | train min | images/s |",
+              "|---|---|---|---|---|---|---|---|"]
+    for r in results:
+        for q in r["qat"]:
+            lines.append(f"| {r['variant']} | {q['method']} | W{q['bits']}A{q['bits']} | {q['start']:.2f} | "
+                         f"{q['top1']:.2f} | {r['fp'] - q['top1']:.2f} | {q['seconds'] / 60:.1f} | "
+                         f"{q['images_per_s']:.0f} |")
+    lines += ["", "Training time of the float models: " + ", ".join(
+        f"{r['variant']} {r['train_seconds'] / 60:.1f} min" for r in results if r["train_seconds"]) + ".", "",
+        "## Targets"]
+    for r in results:
+        for bits, limit in TARGETS.items():
+            cluster = next((q for q in r["qat"] if q["bits"] == bits and q["method"] == "cluster"), None)
+            if cluster:
+                drop = r["fp"] - cluster["top1"]
+                lines.append(f"- {r['variant']} + ClusterQAT W{bits}A{bits} within {limit} pt of its FP: drop "
+                             f"{drop:.2f} pt, {'met' if drop <= limit else 'NOT met'}.")
+    for r in results:
+        for bits in (3, 4):
+            by = {q["method"]: q["top1"] for q in r["qat"] if q["bits"] == bits}
+            if {"lsq", "cluster"} <= set(by):
+                verdict = "met" if by["cluster"] >= by["lsq"] else "NOT met"
+                lines.append(f"- {r['variant']} W{bits}A{bits}: ClusterQAT {by['cluster']:.2f} vs LSQ "
+                             f"{by['lsq']:.2f}, ClusterQAT at least as good: {verdict}.")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--epochs", type=int, default=1, help="QAT epochs per run")
+    parser.add_argument("--lr", type=float, default=0.01)
+    parser.add_argument("--max-steps", type=int, default=150, help="cap QAT steps per epoch (0: whole epochs)")
+    parser.add_argument("--variants", default=None,
+                        help="plain and/or OABN variants (" + ", ".join(OABN_VARIANTS) + "); default: all of them "
+                             "(--quick: plain,relative)")
+    args = parser.parse_args()
+    args.bits = [4] if args.quick else [6, 4, 3]
+    args.methods = ["lsq", "cluster"]
+    args.max_steps = args.max_steps or None
+    if args.quick:
+        args.epochs, args.max_steps = 1, 10
+    variants = [v.strip() for v in (args.variants or ("plain,relative" if args.quick else
+                                                      "plain," + ",".join(OABN_VARIANTS))).split(",")]
+    unknown = set(variants) - {"plain", *OABN_VARIANTS}
+    if unknown:
+        parser.error(f"unknown variant(s) {', '.join(sorted(unknown))}")
+    results = [run_variant(None if v == "plain" else v, args) for v in variants]
+    text = report(results, args)
+    print(text)
+    if not args.quick:
+        write_result("qat", text, {"results": results, "machine": machine(), "epochs": args.epochs, "lr": args.lr,
+                                   "max_steps": args.max_steps, "oabn_variants": OABN_VARIANTS})
+
+
+if __name__ == "__main__":
+    main()
