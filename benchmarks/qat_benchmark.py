@@ -27,9 +27,11 @@ def run_variant(oabn: str | None, args: argparse.Namespace) -> dict:
     cache = CACHE / f"qat_{'quick_' if args.quick else ''}{oabn or 'plain'}.json"
     if cache.exists():
         cached = json.loads(cache.read_text())
-        if cached.get("settings") == settings:
+        if cached.get("settings") == settings or args.from_cache:
             print(f"{cached['variant']}: reusing {cache}", flush=True)
             return cached
+    if args.from_cache:
+        raise SystemExit(f"no cached row for {oabn or 'plain'} in {CACHE}; run without --from-cache first")
     model, payload = repq.load_checkpoint(reference_checkpoint(quick=args.quick, oabn=oabn))
     train_ds, test_ds = repq.load_dataset(spec["data"], "train"), repq.load_dataset(spec["data"], "test")
     calib = train_ds.calibration_images(32, 0)
@@ -66,23 +68,28 @@ def run_variant(oabn: str | None, args: argparse.Namespace) -> dict:
 
 
 def report(results: list[dict], args: argparse.Namespace) -> str:
-    cmd = "python benchmarks/qat_benchmark.py" + (" --quick" if args.quick else "")
+    cmd = "python benchmarks/qat_benchmark.py" + (" --quick" if args.quick else "") + (
+        f" --variants {args.variants}" if args.variants else "") + (" --from-cache" if args.from_cache else "")
     spec = reference_spec(args.quick)
+    columns = sorted({(q["bits"], q["method"]) for r in results for q in r["qat"]}, key=lambda c: (-c[0], c[1]))
+    settings = "; ".join(
+        f"{r['variant']}: " + (f"QAT at {', '.join(f'W{b}A{b}' for b in r['settings']['bits'])}, "
+                               f"{r['settings']['epochs']} epoch(s) of SGD capped at {r['settings']['max_steps']} "
+                               f"steps, lr {r['settings']['lr']}" if r["settings"]["methods"] else "FP and PTQ only")
+        for r in results)
     lines = [f"# QAT and OABN: {spec['model']} on {spec['data']}", "",
-             f"Command: `{cmd}` (seed 0; QAT: {args.epochs} epoch(s) of SGD"
-             + (f" capped at {args.max_steps} steps" if args.max_steps else "")
-             + f", lr {args.lr}, batch 128, no weight decay, 32 calibration images, first conv and last linear "
-             "at 8 bits)", f"Machine: {machine()}",
+             f"Command: `{cmd}` (seed 0; batch 128, no weight decay, 32 calibration images, first conv and last "
+             f"linear at 8 bits; {settings})", f"Machine: {machine()}",
              "OABN twins: same recipe and seed as the plain reference; options "
              + "; ".join(f"{k}: {v}" for k, v in OABN_VARIANTS.items()) + ".", "",
              "| model | FP | PTQ W8A8 | PTQ W4A4 | " + " | ".join(
-                 f"{m.upper() if m == 'lsq' else 'ClusterQAT'} W{b}A{b}" for b in args.bits for m in args.methods)
-             + " |", "|---|" + "---|" * (3 + len(args.bits) * len(args.methods))]
+                 f"{'LSQ' if m == 'lsq' else 'ClusterQAT'} W{b}A{b}" for b, m in columns)
+             + " |", "|---|" + "---|" * (3 + len(columns))]
     for r in results:
         best_ptq = {b: max(p["top1"] for p in r["ptq"] if p["bits"] == b) for b in (8, 4)}
-        cells = [f"{q['top1']:.2f}" for q in r["qat"]]
+        by = {(q["bits"], q["method"]): f"{q['top1']:.2f}" for q in r["qat"]}
         lines.append(f"| {r['variant']} | {r['fp']:.2f} | {best_ptq[8]:.2f} | {best_ptq[4]:.2f} | "
-                     + " | ".join(cells) + " |")
+                     + " | ".join(by.get(c, "-") for c in columns) + " |")
     lines += ["", "PTQ cells are the better of the two recipes below; QAT cells are the converted (deploy) models.", "",
               "| model | PTQ recipe | W8A8 | W4A4 |", "|---|---|---|---|"]
     for r in results:
@@ -122,13 +129,17 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--epochs", type=int, default=1, help="QAT epochs per run")
     parser.add_argument("--lr", type=float, default=0.01)
+    parser.add_argument("--bits", default="6,4,3", help="QAT bit-widths (weights = activations)")
+    parser.add_argument("--methods", default="lsq,cluster", help="QAT methods ('' for FP and PTQ rows only)")
+    parser.add_argument("--from-cache", action="store_true",
+                        help="report the rows cached in runs/ (e.g. computed with different --bits per variant)")
     parser.add_argument("--max-steps", type=int, default=150, help="cap QAT steps per epoch (0: whole epochs)")
     parser.add_argument("--variants", default=None,
                         help="plain and/or OABN variants (" + ", ".join(OABN_VARIANTS) + "); default: all of them "
                              "(--quick: plain,relative)")
     args = parser.parse_args()
-    args.bits = [4] if args.quick else [6, 4, 3]
-    args.methods = ["lsq", "cluster"]
+    args.bits = [4] if args.quick else [int(b) for b in args.bits.split(",")]
+    args.methods = [m for m in args.methods.split(",") if m]
     args.max_steps = args.max_steps or None
     if args.quick:
         args.epochs, args.max_steps = 1, 10
@@ -141,8 +152,7 @@ def main() -> None:
     text = report(results, args)
     print(text)
     if not args.quick:
-        write_result("qat", text, {"results": results, "machine": machine(), "epochs": args.epochs, "lr": args.lr,
-                                   "max_steps": args.max_steps, "oabn_variants": OABN_VARIANTS})
+        write_result("qat", text, {"results": results, "machine": machine(), "oabn_variants": OABN_VARIANTS})
 
 
 if __name__ == "__main__":

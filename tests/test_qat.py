@@ -204,6 +204,8 @@ def test_bad_qat_config_is_a_one_line_error(options, message):
 def test_quantized_qat_checkpoint_round_trips(trained_digits_model, digits, tmp_path):
     train_ds, test_ds = digits
     qat = repq.prepare_qat(trained_digits_model, repq.QATConfig(method="cluster", w_bits=4, a_bits=4), train_ds)
+    with pytest.raises(repq.RepqError, match="convert_qat"):
+        repq.save_checkpoint(tmp_path / "qat.pt", qat)
     qmodel = repq.convert_qat(qat)
     repq.save_checkpoint(tmp_path / "q.pt", qmodel)
     loaded, payload = repq.load_checkpoint(tmp_path / "q.pt")

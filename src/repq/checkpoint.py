@@ -36,6 +36,8 @@ def save_checkpoint(path: str | os.PathLike, model: nn.Module, **extra: Any) -> 
     config = getattr(model, "repq_config", None)
     if not isinstance(config, dict):
         raise RepqError("only models built by repq.create_model can be saved as repq checkpoints")
+    if hasattr(model, "repq_qat"):
+        raise RepqError("this is a model being trained by QAT; save repq.convert_qat(model), its deploy form")
     quant = getattr(model, "repq_quant", None)
     kind = "quantized" if quant else ("fused" if config.get("deploy") else "train")
     payload = {"format": FORMAT, "version": VERSION, "kind": kind, "model": dict(config),

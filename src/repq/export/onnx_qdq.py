@@ -20,7 +20,7 @@ from torch import nn
 
 from repq.errors import RepqError
 from repq.io import atomic_write
-from repq.quant.modules import CODEBOOK_LAYERS, QUANT_LAYERS, QuantConv2d, QuantLinear
+from repq.quant.modules import CODEBOOK_LAYERS, QUANT_LAYERS, QuantConv2d
 
 OPSET = 19
 
@@ -89,9 +89,7 @@ def _emit_qdq_layer(g: _GraphBuilder, layer: nn.Module, x: str, base: str) -> st
         b_args = [g.const(base + "_b", codes), g.const(base + "_b_scale", step),
                   g.const(base + "_b_zero", np.zeros(step.size, dtype=np.int32))]
         inputs.append(g.node("DequantizeLinear", b_args, base + "_b", axis=0))
-    if isinstance(layer, QuantLinear):
-        return g.node("Gemm", inputs, base, transB=1)
-    return g.node("Conv", inputs, base, **_conv_attrs(layer))
+    return _conv_or_gemm(g, layer, inputs, base)
 
 
 def _emit_integer_conv(g: _GraphBuilder, layer: QuantConv2d, x: str, base: str) -> str:
@@ -141,12 +139,7 @@ def _emit_codebook_layer(g: _GraphBuilder, layer: nn.Module, x: str, base: str) 
     indices = g.const(base + "_w_indices", layer.weight_indices.cpu().numpy().astype(np.uint8))
     codebook = g.const(base + "_codebook", layer.codebook.detach().cpu().numpy().astype(np.float32))
     w = g.node("Gather", [codebook, g.node("Cast", [indices], base + "_w", to=6)], base + "_w", axis=0)
-    inputs = [xq, w]
-    if layer.bias is not None:
-        inputs.append(g.const(base + "_b", layer.bias.detach().cpu().numpy().astype(np.float32)))
-    if isinstance(layer, nn.Linear):
-        return g.node("Gemm", inputs, base, transB=1)
-    return g.node("Conv", inputs, base, **_conv_attrs(layer))
+    return _conv_or_gemm(g, layer, [xq, w] + _float_bias(g, layer, base), base)
 
 
 def _conv_attrs(conv: nn.Conv2d, coarse_center: bool = False) -> dict[str, Any]:
@@ -172,9 +165,14 @@ def _emit_quant_layer(g: _GraphBuilder, layer: nn.Module, x: str, base: str, fus
 
 def _emit_float_layer(g: _GraphBuilder, layer: nn.Module, x: str, base: str) -> str:
     w = g.const(base + "_w", layer.weight.detach().cpu().numpy().astype(np.float32))
-    inputs = [x, w]
-    if layer.bias is not None:
-        inputs.append(g.const(base + "_b", layer.bias.detach().cpu().numpy().astype(np.float32)))
+    return _conv_or_gemm(g, layer, [x, w] + _float_bias(g, layer, base), base)
+
+
+def _float_bias(g: _GraphBuilder, layer: nn.Module, base: str) -> list[str]:
+    return [] if layer.bias is None else [g.const(base + "_b", layer.bias.detach().cpu().numpy().astype(np.float32))]
+
+
+def _conv_or_gemm(g: _GraphBuilder, layer: nn.Module, inputs: list[str], base: str) -> str:
     if isinstance(layer, nn.Linear):
         return g.node("Gemm", inputs, base, transB=1)
     return g.node("Conv", inputs, base, **_conv_attrs(layer))

@@ -135,30 +135,44 @@ class QuantWeightMixin:
         return codes * step
 
 
-class QuantConv2d(nn.Conv2d, QuantWeightMixin):
+class SimulatedConv2d(nn.Conv2d):
+    """Conv whose forward is quantized input x `effective_weight()` + `effective_bias()` (set by a mixin)."""
+
     @classmethod
-    def from_float(cls, conv: nn.Conv2d, w_bits: int, a_bits: int, coarse: str | None) -> "QuantConv2d":
+    def _blank_like(cls, conv: nn.Conv2d) -> "SimulatedConv2d":
         if conv.padding_mode != "zeros" or isinstance(conv.padding, str):
             raise RepqError("repq quantizes Conv2d with numeric zero padding only")
-        layer = cls(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
-                    conv.dilation, conv.groups, bias=conv.bias is not None)
-        layer._adopt(conv, w_bits, a_bits, coarse)
-        return layer.to(conv.weight.device)
+        return cls(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding, conv.dilation,
+                   conv.groups, bias=conv.bias is not None)
 
     def forward(self, x: Tensor) -> Tensor:
         return F.conv2d(self.input_quantizer(x), self.effective_weight(), self.effective_bias(), self.stride,
                         self.padding, self.dilation, self.groups)
 
 
-class QuantLinear(nn.Linear, QuantWeightMixin):
+class SimulatedLinear(nn.Linear):
     @classmethod
-    def from_float(cls, linear: nn.Linear, w_bits: int, a_bits: int, coarse: str | None = None) -> "QuantLinear":
-        layer = cls(linear.in_features, linear.out_features, bias=linear.bias is not None)
-        layer._adopt(linear, w_bits, a_bits, coarse)
-        return layer.to(linear.weight.device)
+    def _blank_like(cls, linear: nn.Linear) -> "SimulatedLinear":
+        return cls(linear.in_features, linear.out_features, bias=linear.bias is not None)
 
     def forward(self, x: Tensor) -> Tensor:
         return F.linear(self.input_quantizer(x), self.effective_weight(), self.effective_bias())
+
+
+class QuantConv2d(SimulatedConv2d, QuantWeightMixin):
+    @classmethod
+    def from_float(cls, conv: nn.Conv2d, w_bits: int, a_bits: int, coarse: str | None) -> "QuantConv2d":
+        layer = cls._blank_like(conv)
+        layer._adopt(conv, w_bits, a_bits, coarse)
+        return layer.to(conv.weight.device)
+
+
+class QuantLinear(SimulatedLinear, QuantWeightMixin):
+    @classmethod
+    def from_float(cls, linear: nn.Linear, w_bits: int, a_bits: int, coarse: str | None = None) -> "QuantLinear":
+        layer = cls._blank_like(linear)
+        layer._adopt(linear, w_bits, a_bits, coarse)
+        return layer.to(linear.weight.device)
 
 
 class CodebookWeightMixin:
@@ -195,28 +209,20 @@ class CodebookWeightMixin:
         return self.bias
 
 
-class CodebookConv2d(nn.Conv2d, CodebookWeightMixin):
+class CodebookConv2d(SimulatedConv2d, CodebookWeightMixin):
     @classmethod
     def from_float(cls, conv: nn.Conv2d, w_bits: int, a_bits: int) -> "CodebookConv2d":
-        layer = cls(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
-                    conv.dilation, conv.groups, bias=conv.bias is not None)
+        layer = cls._blank_like(conv)
         layer._adopt_codebook(conv, w_bits, a_bits)
         return layer.to(conv.weight.device)
 
-    def forward(self, x: Tensor) -> Tensor:
-        return F.conv2d(self.input_quantizer(x), self.effective_weight(), self.effective_bias(), self.stride,
-                        self.padding, self.dilation, self.groups)
 
-
-class CodebookLinear(nn.Linear, CodebookWeightMixin):
+class CodebookLinear(SimulatedLinear, CodebookWeightMixin):
     @classmethod
     def from_float(cls, linear: nn.Linear, w_bits: int, a_bits: int) -> "CodebookLinear":
-        layer = cls(linear.in_features, linear.out_features, bias=linear.bias is not None)
+        layer = cls._blank_like(linear)
         layer._adopt_codebook(linear, w_bits, a_bits)
         return layer.to(linear.weight.device)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return F.linear(self.input_quantizer(x), self.effective_weight(), self.effective_bias())
 
 
 UNIFORM_LAYERS = (QuantConv2d, QuantLinear)
