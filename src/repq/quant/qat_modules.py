@@ -23,7 +23,7 @@ def round_ste(x: Tensor) -> Tensor:
     return x + (torch.round(x) - x).detach()
 
 
-def scale_grad(x: Tensor, factor: float) -> Tensor:
+def scale_grad(x: Tensor, factor: float | Tensor) -> Tensor:
     """x forward, factor * gradient backward (LSQ's step-size gradient scale)."""
     return (x - x * factor).detach() + x * factor
 
@@ -136,7 +136,7 @@ class CodebookQuantizer(nn.Module):
             # The gradient of a centroid is the sum over its weights; divided by their number, a centroid moves at
             # the pace of one weight under the same learning rate (the raw sum scales with the layer size).
             counts = torch.bincount(idx.reshape(-1), minlength=codebook.numel()).clamp_min(1).to(codebook.dtype)
-            codebook = (codebook - codebook / counts).detach() + codebook / counts
+            codebook = scale_grad(codebook, 1.0 / counts)
         return codebook[idx] + (w - w.detach())
 
     def extra_repr(self) -> str:
