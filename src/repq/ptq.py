@@ -73,14 +73,18 @@ def check_supported(model: nn.Module) -> None:
                             "Linear layers; fold or remove it before quantizing")
 
 
+def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    """Put `new` where the submodule called `name` (dotted path) is."""
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
+
+
 def _swap_layers(model: nn.Module, layers: dict[str, dict[str, Any]]) -> dict[str, nn.Module]:
     """Replace each named Conv2d/Linear with its quantized twin (uniform codes, or a codebook when the spec says
     so; buffers zeroed); return name -> new layer."""
     swapped = {}
     for name, spec in layers.items():
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        float_layer = getattr(parent, child)
+        float_layer = model.get_submodule(name)
         conv = isinstance(float_layer, nn.Conv2d)
         if spec.get("codebook"):
             layer = (CodebookConv2d if conv else CodebookLinear).from_float(float_layer, spec["w_bits"], spec["a_bits"])
@@ -88,7 +92,7 @@ def _swap_layers(model: nn.Module, layers: dict[str, dict[str, Any]]) -> dict[st
             layer = (QuantConv2d if conv else QuantLinear).from_float(float_layer, spec["w_bits"], spec["a_bits"],
                                                                        spec["coarse"])
         layer.input_quantizer.name = name
-        setattr(parent, child, layer)
+        replace_module(model, name, layer)
         swapped[name] = layer
     return swapped
 

@@ -19,10 +19,11 @@ from torch import nn
 
 from repq.data.batches import take_images
 from repq.errors import RepqError
-from repq.ptq import check_supported
+from repq.ptq import check_supported, replace_module
 from repq.quant.calibrators import ACTIVATION_METHODS
 from repq.quant.codebook import assign
 from repq.quant.modules import CodebookConv2d, CodebookLinear, QuantConv2d, QuantLinear
+from repq.quant.primitives import quantize
 from repq.quant.qat_modules import (
     QAT_LAYERS,
     CodebookQuantizer,
@@ -76,11 +77,6 @@ def _layer_bits(names: list[str], config: QATConfig) -> dict[str, tuple[int, int
     return {n: (config.edge_bits, config.edge_bits) if n in edges else (config.w_bits, config.a_bits) for n in names}
 
 
-def _swap(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
-
-
 def prepare_qat(model: nn.Module, config: QATConfig | None = None, calib_data: Any = None) -> nn.Module:
     """Fuse `model` (if needed) and replace every conv/linear by a fake-quantized QAT layer.
 
@@ -108,7 +104,7 @@ def prepare_qat(model: nn.Module, config: QATConfig | None = None, calib_data: A
                                allow_unsigned=config.unsigned_activations).to(layer.weight.device)
         input_q.name = name
         cls = QATConv2d if isinstance(layer, nn.Conv2d) else QATLinear
-        _swap(fused, name, cls.from_float(layer, weight_q, input_q))
+        replace_module(fused, name, cls.from_float(layer, weight_q, input_q))
     fused.repq_qat = {"qat": asdict(config), "bits": {n: list(b) for n, b in bits.items()}}
     if calib_data is not None:
         images = take_images(calib_data, config.num_samples, config.seed)
@@ -160,8 +156,7 @@ def convert_qat(qat_model: nn.Module) -> nn.Module:
         if isinstance(wq, LSQQuantizer):
             new = (QuantConv2d if conv else QuantLinear).from_float(layer, w_bits, a_bits, None)
             step = wq.current_step()
-            codes = torch.clamp(torch.round(layer.weight / step.reshape(-1, *[1] * (layer.weight.dim() - 1))),
-                                int(wq.qmin), int(wq.qmax))
+            codes = quantize(layer.weight, step, 0.0, int(wq.qmin), int(wq.qmax), axis=0)
             new.set_quantized_weight(QuantizedWeight(codes, step))
             spec = {"coarse": None}
         else:
@@ -173,7 +168,7 @@ def convert_qat(qat_model: nn.Module) -> nn.Module:
         q.qmin.copy_(act.qmin)
         q.qmax.copy_(act.qmax)
         q.name = name
-        _swap(model, name, new)
+        replace_module(model, name, new)
         layers[name] = {**spec, "w_bits": w_bits, "a_bits": a_bits, "input_scale": float(act.current_step()),
                         "input_signed": act.signed}
     del model.repq_qat

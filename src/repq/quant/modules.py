@@ -135,15 +135,20 @@ class QuantWeightMixin:
         return codes * step
 
 
+def conv_like(cls: type[nn.Conv2d], conv: nn.Conv2d) -> nn.Conv2d:
+    """An uninitialized `cls` with `conv`'s geometry (quantized and QAT twins); numeric zero padding only."""
+    if conv.padding_mode != "zeros" or isinstance(conv.padding, str):
+        raise RepqError("repq quantizes Conv2d with numeric zero padding only")
+    return cls(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding, conv.dilation,
+               conv.groups, bias=conv.bias is not None)
+
+
+def linear_like(cls: type[nn.Linear], linear: nn.Linear) -> nn.Linear:
+    return cls(linear.in_features, linear.out_features, bias=linear.bias is not None)
+
+
 class SimulatedConv2d(nn.Conv2d):
     """Conv whose forward is quantized input x `effective_weight()` + `effective_bias()` (set by a mixin)."""
-
-    @classmethod
-    def _blank_like(cls, conv: nn.Conv2d) -> "SimulatedConv2d":
-        if conv.padding_mode != "zeros" or isinstance(conv.padding, str):
-            raise RepqError("repq quantizes Conv2d with numeric zero padding only")
-        return cls(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding, conv.dilation,
-                   conv.groups, bias=conv.bias is not None)
 
     def forward(self, x: Tensor) -> Tensor:
         return F.conv2d(self.input_quantizer(x), self.effective_weight(), self.effective_bias(), self.stride,
@@ -151,10 +156,6 @@ class SimulatedConv2d(nn.Conv2d):
 
 
 class SimulatedLinear(nn.Linear):
-    @classmethod
-    def _blank_like(cls, linear: nn.Linear) -> "SimulatedLinear":
-        return cls(linear.in_features, linear.out_features, bias=linear.bias is not None)
-
     def forward(self, x: Tensor) -> Tensor:
         return F.linear(self.input_quantizer(x), self.effective_weight(), self.effective_bias())
 
@@ -162,7 +163,7 @@ class SimulatedLinear(nn.Linear):
 class QuantConv2d(SimulatedConv2d, QuantWeightMixin):
     @classmethod
     def from_float(cls, conv: nn.Conv2d, w_bits: int, a_bits: int, coarse: str | None) -> "QuantConv2d":
-        layer = cls._blank_like(conv)
+        layer = conv_like(cls, conv)
         layer._adopt(conv, w_bits, a_bits, coarse)
         return layer.to(conv.weight.device)
 
@@ -170,7 +171,7 @@ class QuantConv2d(SimulatedConv2d, QuantWeightMixin):
 class QuantLinear(SimulatedLinear, QuantWeightMixin):
     @classmethod
     def from_float(cls, linear: nn.Linear, w_bits: int, a_bits: int, coarse: str | None = None) -> "QuantLinear":
-        layer = cls._blank_like(linear)
+        layer = linear_like(cls, linear)
         layer._adopt(linear, w_bits, a_bits, coarse)
         return layer.to(linear.weight.device)
 
@@ -212,7 +213,7 @@ class CodebookWeightMixin:
 class CodebookConv2d(SimulatedConv2d, CodebookWeightMixin):
     @classmethod
     def from_float(cls, conv: nn.Conv2d, w_bits: int, a_bits: int) -> "CodebookConv2d":
-        layer = cls._blank_like(conv)
+        layer = conv_like(cls, conv)
         layer._adopt_codebook(conv, w_bits, a_bits)
         return layer.to(conv.weight.device)
 
@@ -220,7 +221,7 @@ class CodebookConv2d(SimulatedConv2d, CodebookWeightMixin):
 class CodebookLinear(SimulatedLinear, CodebookWeightMixin):
     @classmethod
     def from_float(cls, linear: nn.Linear, w_bits: int, a_bits: int) -> "CodebookLinear":
-        layer = cls._blank_like(linear)
+        layer = linear_like(cls, linear)
         layer._adopt_codebook(linear, w_bits, a_bits)
         return layer.to(linear.weight.device)
 

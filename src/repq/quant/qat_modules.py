@@ -14,6 +14,7 @@ from torch import Tensor, nn
 from repq.errors import RepqError
 from repq.quant.calibrators import CalibrationConfig, compute_amax
 from repq.quant.codebook import assign, kmeans_1d, lloyd_steps
+from repq.quant.modules import conv_like, linear_like
 from repq.quant.primitives import int_range, symmetric_scale
 from repq.quant.weights import quantize_weight
 
@@ -181,10 +182,7 @@ class QATLayerMixin:
 class QATConv2d(nn.Conv2d, QATLayerMixin):
     @classmethod
     def from_float(cls, conv: nn.Conv2d, weight_quantizer: nn.Module, input_quantizer: LSQQuantizer) -> "QATConv2d":
-        if conv.padding_mode != "zeros" or isinstance(conv.padding, str):
-            raise RepqError("repq quantizes Conv2d with numeric zero padding only")
-        layer = cls(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
-                    conv.dilation, conv.groups, bias=conv.bias is not None)
+        layer = conv_like(cls, conv)
         layer._attach(conv, weight_quantizer, input_quantizer)
         return layer.to(conv.weight.device)
 
@@ -198,7 +196,7 @@ class QATConv2d(nn.Conv2d, QATLayerMixin):
 class QATLinear(nn.Linear, QATLayerMixin):
     @classmethod
     def from_float(cls, linear: nn.Linear, weight_quantizer: nn.Module, input_quantizer: LSQQuantizer) -> "QATLinear":
-        layer = cls(linear.in_features, linear.out_features, bias=linear.bias is not None)
+        layer = linear_like(cls, linear)
         layer._attach(linear, weight_quantizer, input_quantizer)
         return layer.to(linear.weight.device)
 
