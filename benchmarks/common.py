@@ -57,8 +57,10 @@ def reference_checkpoint(quick: bool = False, progress: bool = True, oabn: str |
         payload = repq.checkpoint.read_checkpoint(path)
         if payload.get("reference_spec") == spec:
             return path
-    # The script runs in a fresh process, where torch's generator starts from its fixed default seed, so the
-    # initialization is reproducible; TrainConfig.seed then fixes data order and augmentation.
+    # torch 2.13 starts each process from a random seed, so the initialization is seeded here (the OABN twins then
+    # start from the plain model's weights); TrainConfig.seed fixes data order and augmentation. The checkpoints
+    # cached in runs/ before this seeding started from unseeded initializations (docs/results/README.md).
+    torch.manual_seed(spec["train"]["seed"])
     model = repq.create_model(spec["model"], **spec["model_kwargs"])
     train_ds = repq.load_dataset(spec["data"], "train")
     test_ds = repq.load_dataset(spec["data"], "test")

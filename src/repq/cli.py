@@ -124,7 +124,8 @@ def cmd_ptq(args: argparse.Namespace) -> None:
     grid = _ptq_grid(args)
     for options in grid:
         config = repq.PTQConfig(num_samples=args.calib, seed=args.seed, sequential=not args.fp_calibration,
-                                unsigned_activations=args.unsigned_activations, **options)
+                                unsigned_activations=args.unsigned_activations, quantize_pool=args.quantize_pool,
+                                **options)
         calib = train_ds.calibration_images(config.num_samples, config.seed)
         start = time.perf_counter()
         qmodel = repq.quantize(model, calib, config)
@@ -245,6 +246,10 @@ def cmd_export(args: argparse.Namespace) -> None:
     result: dict[str, Any] = {"command": "export", "onnx": str(path), "bytes": path.stat().st_size,
                               "kernels": integer_kernels(path)}
     human = f"wrote {path} ({path.stat().st_size / 1e6:.2f} MB)\nONNX Runtime kernels: {result['kernels']}"
+    if result["kernels"].get("ConvInteger"):
+        human += ("\nnote: ConvInteger convs (CFWS layers, or outputs that are not requantized) are exact but slower "
+                  "than QLinearConv in ONNX Runtime; `repq ptq --unsigned-activations --quantize-pool` with a "
+                  "non-CFWS weight method fuses every conv")
     if args.verify:
         if test_ds is None:
             raise RepqError("--verify needs --data (the evaluation images)")
@@ -379,6 +384,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="calibrate all layers in one float pass instead of sequentially (P1); better for the KL "
                         "methods on the reference model (docs/results)")
     p.add_argument("--unsigned-activations", action="store_true", help="uint8 codes for non-negative activations")
+    p.add_argument("--quantize-pool", action="store_true",
+                   help="also quantize the global-pool input, so the last conv runs as a fused integer kernel in "
+                        "ONNX Runtime (with --unsigned-activations: every conv is a QLinearConv)")
     p.add_argument("--compare", action="store_true", help="run the grid of the listed options, print one table")
     p.add_argument("--out", default=None, help="quantized checkpoint to write")
     _common(p)

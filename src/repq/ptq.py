@@ -15,7 +15,8 @@ from torch import nn
 from repq.data.batches import take_images
 from repq.errors import RepqError
 from repq.quant.calibrators import ACTIVATION_METHODS, CalibrationConfig
-from repq.quant.modules import QUANT_LAYERS, ActQuantizer, CodebookConv2d, CodebookLinear, QuantConv2d, QuantLinear
+from repq.quant.modules import (QUANT_LAYERS, ActQuantizer, CodebookConv2d, CodebookLinear, QuantConv2d,
+                                QuantGlobalAvgPool, QuantLinear, is_global_avg_pool)
 from repq.quant.weights import WEIGHT_METHODS, quantize_weight
 from repq.reparam.model import fuse_blocks
 
@@ -41,6 +42,8 @@ class PTQConfig:
     percentile: float = 99.99
     drop_zeros: bool = True
     fuse_relu: bool = True
+    quantize_pool: bool = False          # also quantize the global-pool input, as integer runtimes do: the last
+                                         # conv then runs as a fused integer kernel (one more rounding point)
 
     def validate(self) -> None:
         if self.weight not in WEIGHT_METHODS:
@@ -97,9 +100,21 @@ def _swap_layers(model: nn.Module, layers: dict[str, dict[str, Any]]) -> dict[st
     return swapped
 
 
+def _swap_pools(model: nn.Module, pools: dict[str, dict[str, Any]]) -> dict[str, QuantGlobalAvgPool]:
+    """Replace each named global average pool with one that quantizes its input."""
+    swapped = {}
+    for name, spec in pools.items():
+        pool = QuantGlobalAvgPool(spec["a_bits"]).to(next(model.parameters()).device)
+        pool.input_quantizer.name = name
+        replace_module(model, name, pool)
+        swapped[name] = pool
+    return swapped
+
+
 def restore_quantized(fused: nn.Module, meta: dict[str, Any]) -> nn.Module:
     """Rebuild the quantized structure described by `meta` on a fused float model (its state is loaded after)."""
     _swap_layers(fused, meta["layers"])
+    _swap_pools(fused, meta.get("pools", {}))
     fused.repq_quant = meta
     return fused.eval()
 
@@ -133,11 +148,14 @@ def quantize(model: nn.Module, calib_data: Any, config: PTQConfig | None = None)
     swapped = _swap_layers(fused, layers)
     for name, layer in swapped.items():
         layer.set_quantized_weight(qweights[name])
+    pools = {n: {"a_bits": config.a_bits} for n, m in fused.named_modules() if is_global_avg_pool(m)} \
+        if config.quantize_pool else {}
+    swapped.update(_swap_pools(fused, pools))
     _calibrate(fused, images.to(device), config)
     for name, layer in swapped.items():
         q = layer.input_quantizer
-        layers[name].update(input_scale=float(q.scale), input_signed=q.signed)
-    fused.repq_quant = {"ptq": asdict(config), "layers": layers, "calibration_images": len(images),
+        (pools if name in pools else layers)[name].update(input_scale=float(q.scale), input_signed=q.signed)
+    fused.repq_quant = {"ptq": asdict(config), "layers": layers, "pools": pools, "calibration_images": len(images),
                         "input_shape": list(images.shape[1:])}
     return fused.eval()
 

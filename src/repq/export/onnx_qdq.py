@@ -3,8 +3,11 @@
 The model is traced with torch.fx; each call becomes ONNX nodes. A quantized layer becomes
     Q(x) -> DQ -> Conv(DQ(int8 W), DQ(int32 b))            (+ Conv(DQ(int8 coarse center), 1x1) -> Add for CFWS)
 so the integer codes and scales of the simulation are written as they are (no re-quantization happens in export).
-Activations: int8 with zero point 0 when signed; uint8 (codes 0..255) for `unsigned_activations` (ORT on x86 fuses
-Conv+ReLU into QLinearConv only for the unsigned form).
+Activations: unsigned codes as uint8 (zero point 0), signed codes as int8 (zero point 0), except at the input of a
+fused conv, where signed codes c travel as uint8 c + 128 with zero point 128 (the same values): ONNX Runtime on x86
+fuses QLinearConv only for uint8 inputs. (Its u8 x s8 kernels may saturate int16 pair sums on CPUs without VNNI,
+so int8 stays the form of the ConvInteger path, which is exact.)
+A quantized global pool (PTQConfig.quantize_pool) is Q -> DQ -> GlobalAveragePool, so the last conv is fused too.
 """
 from __future__ import annotations
 
@@ -20,7 +23,7 @@ from torch import nn
 
 from repq.errors import RepqError
 from repq.io import atomic_write
-from repq.quant.modules import CODEBOOK_LAYERS, QUANT_LAYERS, QuantConv2d
+from repq.quant.modules import CODEBOOK_LAYERS, QUANT_LAYERS, QuantConv2d, QuantGlobalAvgPool
 
 OPSET = 19
 
@@ -48,15 +51,20 @@ class _GraphBuilder:
         return out
 
 
-def _quantize_input(g: _GraphBuilder, layer: nn.Module, x: str, base: str) -> tuple[str, str, str]:
-    """QuantizeLinear of a layer's input: (codes, scale, zero point). Codes narrower than 8 bits travel in the
-    int8/uint8 container, behind a Clip to their own range (QuantizeLinear only clips to the container's)."""
+def _quantize_input(g: _GraphBuilder, layer: nn.Module, x: str, base: str,
+                    signed_as_uint8: bool = False) -> tuple[str, str, str]:
+    """QuantizeLinear of a layer's input: (codes, scale, zero point); `signed_as_uint8` stores signed codes c as
+    uint8 c + 128. Codes narrower than 8 bits travel in the 8-bit container, behind a Clip to their own range
+    (QuantizeLinear only clips to the container's)."""
     q = layer.input_quantizer
     if q.bits > 8:
         raise RepqError(f"ONNX export supports activations up to 8 bits; '{base}' has {q.bits}")
     scale_value = float(q.scale)
     scale = g.const(base + "_x_scale", np.array(scale_value, dtype=np.float32))
-    zero = g.const(base + "_x_zero", np.array(0, dtype=np.int8 if q.signed else np.uint8))
+    if q.signed and not signed_as_uint8:
+        zero = g.const(base + "_x_zero", np.array(0, dtype=np.int8))
+    else:
+        zero = g.const(base + "_x_zero", np.array(128 if q.signed else 0, dtype=np.uint8))
     if q.bits < 8:
         low = g.const(base + "_x_min", np.array(float(q.qmin) * scale_value, dtype=np.float32))
         high = g.const(base + "_x_max", np.array(float(q.qmax) * scale_value, dtype=np.float32))
@@ -78,7 +86,7 @@ def _bias_codes(layer: nn.Module) -> tuple[np.ndarray, np.ndarray]:
 
 def _emit_qdq_layer(g: _GraphBuilder, layer: nn.Module, x: str, base: str) -> str:
     """Q -> DQ -> Conv/Gemm(DQ(int8 W), DQ(int32 b)): ONNX Runtime fuses it into QLinearConv / QGemm."""
-    codes, s, z = _quantize_input(g, layer, x, base)
+    codes, s, z = _quantize_input(g, layer, x, base, signed_as_uint8=isinstance(layer, nn.Conv2d))
     xq = g.node("DequantizeLinear", [codes, s, z], base)
     w_scale = g.const(base + "_w_scale", layer.weight_scale.detach().cpu().numpy().astype(np.float32))
     w_zero = g.const(base + "_w_zero", np.zeros(layer.weight_scale.numel(), dtype=np.int8))
@@ -95,8 +103,8 @@ def _emit_qdq_layer(g: _GraphBuilder, layer: nn.Module, x: str, base: str) -> st
 def _emit_integer_conv(g: _GraphBuilder, layer: QuantConv2d, x: str, base: str) -> str:
     """Q -> ConvInteger (int32 accumulator) -> x per-channel scale (+ the CFWS coarse 1x1 ConvInteger) + bias.
 
-    This is the CFWS execution of methods.md section 2, and the integer form for signed (int8, zero point 0)
-    inputs that ONNX Runtime does not fuse into QLinearConv on x86."""
+    This is the CFWS execution of methods.md section 2, and the integer form of a conv whose output is not
+    requantized (ONNX Runtime fuses only Q -> DQ -> Conv -> [Relu] -> Q into QLinearConv)."""
     xq, _, z = _quantize_input(g, layer, x, base)
     w_zero = g.const(base + "_w_zero", np.array(0, dtype=np.int8))
     in_scale = float(layer.input_quantizer.scale)
@@ -150,15 +158,13 @@ def _conv_attrs(conv: nn.Conv2d, coarse_center: bool = False) -> dict[str, Any]:
 
 
 def _emit_quant_layer(g: _GraphBuilder, layer: nn.Module, x: str, base: str, fusable: bool) -> str:
-    """QDQ form where ONNX Runtime fuses it (unsigned input, output requantized by the next layer), else the
+    """QDQ form where ONNX Runtime fuses it (8-bit input, output requantized by the next layer), else the
     explicit integer form; both compute the simulation's integer arithmetic."""
     if layer.w_bits > 8:
         raise RepqError(f"'{base}' has {layer.w_bits}-bit weights; ONNX export supports w_bits <= 8")
     if isinstance(layer, CODEBOOK_LAYERS):
         return _emit_codebook_layer(g, layer, x, base)
-    narrow = layer.input_quantizer.bits < 8  # the Clip before Q stops ORT's QLinearConv fusion of the layer before
-    if isinstance(layer, QuantConv2d) and (layer.coarse is not None or layer.input_quantizer.signed or not fusable
-                                           or narrow):
+    if isinstance(layer, QuantConv2d) and (layer.coarse is not None or not fusable):
         return _emit_integer_conv(g, layer, x, base)
     return _emit_qdq_layer(g, layer, x, base)
 
@@ -181,6 +187,9 @@ def _conv_or_gemm(g: _GraphBuilder, layer: nn.Module, inputs: list[str], base: s
 def _emit_module(g: _GraphBuilder, module: nn.Module, x: str, base: str, fusable: bool = False) -> str:
     if isinstance(module, QUANT_LAYERS):
         return _emit_quant_layer(g, module, x, base, fusable)
+    if isinstance(module, QuantGlobalAvgPool):
+        codes, s, z = _quantize_input(g, module, x, base)
+        return g.node("GlobalAveragePool", [g.node("DequantizeLinear", [codes, s, z], base)], base)
     if isinstance(module, (nn.Conv2d, nn.Linear)):
         return _emit_float_layer(g, module, x, base)
     if isinstance(module, nn.ReLU):
@@ -200,16 +209,21 @@ def _emit_module(g: _GraphBuilder, module: nn.Module, x: str, base: str, fusable
 
 
 def _requantized_outputs(graph: torch.fx.Graph, modules: dict[str, nn.Module]) -> set[str]:
-    """Nodes whose output reaches only quantized layers, directly or through one ReLU (ORT's QDQ fusion pattern)."""
-    def is_quant(n: torch.fx.Node) -> bool:
-        return n.op == "call_module" and isinstance(modules[n.target], QUANT_LAYERS)
+    """Nodes whose output reaches only 8-bit quantized inputs, directly or through one ReLU into unsigned ones
+    (ORT's QDQ fusion pattern: it folds a ReLU into the Q after it only when the zero point is the range's bottom)."""
+    def quantized_input(n: torch.fx.Node, after_relu: bool) -> bool:
+        module = modules[n.target] if n.op == "call_module" else None
+        if not isinstance(module, (*QUANT_LAYERS, QuantGlobalAvgPool)):
+            return False
+        q = module.input_quantizer  # narrower codes put a Clip before the Q, which breaks the pattern too
+        return q.bits == 8 and not (after_relu and q.signed)
 
     found = set()
     for node in graph.nodes:
-        users = list(node.users)
+        users, after_relu = list(node.users), False
         if len(users) == 1 and users[0].op == "call_module" and isinstance(modules[users[0].target], nn.ReLU):
-            users = list(users[0].users)
-        if users and all(is_quant(u) for u in users):
+            users, after_relu = list(users[0].users), True
+        if users and all(quantized_input(u, after_relu) for u in users):
             found.add(node.name)
     return found
 
@@ -226,7 +240,7 @@ def _is_flatten_from_dim1(node: torch.fx.Node) -> bool:
 def _leaf_tracer() -> torch.fx.Tracer:
     class Tracer(torch.fx.Tracer):
         def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-            return isinstance(m, QUANT_LAYERS) or super().is_leaf_module(m, qualname)
+            return isinstance(m, (*QUANT_LAYERS, QuantGlobalAvgPool)) or super().is_leaf_module(m, qualname)
     return Tracer()
 
 

@@ -226,6 +226,23 @@ class CodebookLinear(SimulatedLinear, CodebookWeightMixin):
         return layer.to(linear.weight.device)
 
 
+class QuantGlobalAvgPool(nn.Module):
+    """Global average pooling of a quantized input. Integer runtimes requantize the last conv's output before the
+    pool (ONNX Runtime: Q -> DQ -> GlobalAveragePool); with this quantization point the last conv runs as a fused
+    QLinearConv instead of a slow ConvInteger with a float epilogue."""
+
+    def __init__(self, a_bits: int):
+        super().__init__()
+        self.input_quantizer = ActQuantizer(a_bits)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.adaptive_avg_pool2d(self.input_quantizer(x), 1)
+
+
+def is_global_avg_pool(module: nn.Module) -> bool:
+    return isinstance(module, nn.AdaptiveAvgPool2d) and module.output_size in (1, (1, 1))
+
+
 UNIFORM_LAYERS = (QuantConv2d, QuantLinear)
 CODEBOOK_LAYERS = (CodebookConv2d, CodebookLinear)
 QUANT_LAYERS = UNIFORM_LAYERS + CODEBOOK_LAYERS
