@@ -33,7 +33,10 @@ bench-quick: $(STAMP)  ## every benchmark in --quick mode (seconds)
 bench: $(STAMP) data  ## the recorded benchmarks (a few hours on 2 cores), writes docs/results/
 	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[dev,export,peers]'
 	cd benchmarks && ../$(PY) train_reference.py && ../$(PY) ptq_benchmark.py && ../$(PY) export_benchmark.py \
-		&& ../$(PY) peer_benchmark.py && ../$(PY) qat_benchmark.py
+		&& ../$(PY) peer_benchmark.py && ../$(PY) qat_benchmark.py \
+		&& ../$(PY) qat_benchmark.py --variants plain,fixed --max-steps 0 --name qat_epoch \
+		&& ../$(PY) qat_benchmark.py --variants fixed,plain --bits 4,3 --methods cluster --epochs 2 --max-steps 0 \
+			--name qat_2epochs
 
 clean:
 	rm -rf $(VENV) runs build src/*.egg-info

@@ -25,7 +25,10 @@ RECIPES = [
      {"weight": "minmax", "activation": "percentile", "unsigned_activations": True}),
     ("minmax/tensor + minmax", {**DEPLOY, "weight": "minmax", "weight_granularity": "tensor", "activation": "minmax"}),
     ("minmax/channel + percentile", {**DEPLOY, "weight": "minmax", "activation": "percentile"}),
+    ("mse/channel + mse", {**DEPLOY, "weight": "mse", "activation": "mse"}),
     ("cfws/channel + percentile", {**DEPLOY, "weight": "cfws", "activation": "percentile"}),
+    ("cfws_whole/channel + improved_kl (float pass)", {**DEPLOY, "weight": "cfws_whole", "activation": "improved_kl",
+                                                       "sequential": False}),
     ("cfws/channel + improved_kl (float pass)", {**DEPLOY, "weight": "cfws", "activation": "improved_kl",
                                                  "sequential": False}),
 ]

@@ -5,8 +5,9 @@ The model is traced with torch.fx; each call becomes ONNX nodes. A quantized lay
 so the integer codes and scales of the simulation are written as they are (no re-quantization happens in export).
 Activations: unsigned codes as uint8 (zero point 0), signed codes as int8 (zero point 0), except at the input of a
 fused conv, where signed codes c travel as uint8 c + 128 with zero point 128 (the same values): ONNX Runtime on x86
-fuses QLinearConv only for uint8 inputs. (Its u8 x s8 kernels may saturate int16 pair sums on CPUs without VNNI,
-so int8 stays the form of the ConvInteger path, which is exact.)
+fuses QLinearConv only for uint8 inputs. Its u8 x s8 kernels may saturate int16 pair sums on CPUs without VNNI: the
+fused convs take that risk, as ONNX Runtime's own quantize_static graphs do (parity is measured in the tests and
+benchmarks), while the ConvInteger path keeps int8 inputs and stays exact.
 A quantized global pool (PTQConfig.quantize_pool) is Q -> DQ -> GlobalAveragePool, so the last conv is fused too.
 """
 from __future__ import annotations
@@ -26,6 +27,8 @@ from repq.io import atomic_write
 from repq.quant.modules import CODEBOOK_LAYERS, QUANT_LAYERS, QuantConv2d, QuantGlobalAvgPool
 
 OPSET = 19
+# modules with an activation quantizer on their input: each one is a QuantizeLinear in the graph
+_QUANT_INPUTS = (*QUANT_LAYERS, QuantGlobalAvgPool)
 
 
 class _GraphBuilder:
@@ -213,7 +216,7 @@ def _requantized_outputs(graph: torch.fx.Graph, modules: dict[str, nn.Module]) -
     (ORT's QDQ fusion pattern: it folds a ReLU into the Q after it only when the zero point is the range's bottom)."""
     def quantized_input(n: torch.fx.Node, after_relu: bool) -> bool:
         module = modules[n.target] if n.op == "call_module" else None
-        if not isinstance(module, (*QUANT_LAYERS, QuantGlobalAvgPool)):
+        if not isinstance(module, _QUANT_INPUTS):
             return False
         q = module.input_quantizer  # narrower codes put a Clip before the Q, which breaks the pattern too
         return q.bits == 8 and not (after_relu and q.signed)
@@ -240,7 +243,7 @@ def _is_flatten_from_dim1(node: torch.fx.Node) -> bool:
 def _leaf_tracer() -> torch.fx.Tracer:
     class Tracer(torch.fx.Tracer):
         def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-            return isinstance(m, (*QUANT_LAYERS, QuantGlobalAvgPool)) or super().is_leaf_module(m, qualname)
+            return isinstance(m, _QUANT_INPUTS) or super().is_leaf_module(m, qualname)
     return Tracer()
 
 
