@@ -35,7 +35,7 @@ bench: $(STAMP) data  ## the recorded benchmarks (a few hours on 2 cores), write
 	cd benchmarks && ../$(PY) train_reference.py && ../$(PY) ptq_benchmark.py && ../$(PY) export_benchmark.py \
 		&& ../$(PY) peer_benchmark.py && ../$(PY) qat_benchmark.py \
 		&& ../$(PY) qat_benchmark.py --variants plain,fixed --max-steps 0 --name qat_epoch \
-		&& ../$(PY) qat_benchmark.py --variants fixed,plain --bits 4,3 --methods cluster --epochs 2 --max-steps 0 \
+		&& ../$(PY) qat_benchmark.py --variants fixed --bits 4,3 --methods cluster --epochs 2 --max-steps 0 \
 			--name qat_2epochs
 
 clean:
