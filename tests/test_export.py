@@ -27,6 +27,18 @@ def assert_parity(sim: np.ndarray, ort: np.ndarray, labels: np.ndarray) -> None:
     assert (per_image < 1e-3).mean() >= 0.98, np.sort(per_image)[-10:]
 
 
+def export_with_parity(q: nn.Module, tmp_path, calib: torch.Tensor, test_ds) -> tuple:
+    """Export `q`, check the graph, assert parity with the simulation on the test split; return the ONNX path, ORT's
+    optimized-graph op counts and the number of convs of `q`."""
+    path = export_onnx(q, tmp_path / "q.onnx", calib[:1])
+    onnx.checker.check_model(onnx.load(str(path)), full_check=True)
+    images = test_ds.normalize(test_ds.images)
+    with torch.no_grad():
+        sim = q(images).numpy()
+    assert_parity(sim, run_onnx(path, images.numpy()), test_ds.labels.numpy())
+    return path, integer_kernels(path), sum(isinstance(m, nn.Conv2d) for m in q.modules())
+
+
 @pytest.fixture(scope="module")
 def setup(trained_digits_model, digits):
     train_ds, test_ds = digits
@@ -39,15 +51,7 @@ def test_parity_and_integer_kernels(setup, tmp_path, weight, unsigned):
     model, calib, test_ds = setup
     q = repq.quantize(model, calib, repq.PTQConfig(weight=weight, activation="percentile",
                                                    unsigned_activations=unsigned))
-    path = export_onnx(q, tmp_path / "q.onnx", calib[:1])
-    onnx.checker.check_model(onnx.load(str(path)), full_check=True)
-    images = test_ds.normalize(test_ds.images)
-    with torch.no_grad():
-        sim = q(images).numpy()
-    ort = run_onnx(path, images.numpy())
-    assert_parity(sim, ort, test_ds.labels.numpy())
-    kernels = integer_kernels(path)
-    n_convs = sum(isinstance(m, nn.Conv2d) for m in q.modules())
+    path, kernels, n_convs = export_with_parity(q, tmp_path, calib, test_ds)
     assert not any(kernels.get(op, 0) for op in FLOAT_CONVS), kernels
     per_conv = 2 if weight != "minmax" else 1   # CFWS: fine 3x3 + coarse 1x1 integer convs
     assert kernels.get("QLinearConv", 0) + kernels.get("ConvInteger", 0) == n_convs * per_conv
@@ -66,14 +70,7 @@ def test_quantized_pool_makes_every_conv_a_fused_integer_kernel(setup, tmp_path,
     model, calib, test_ds = setup
     q = repq.quantize(model, calib, repq.PTQConfig(weight="minmax", activation="percentile", quantize_pool=True,
                                                    unsigned_activations=unsigned))
-    path = export_onnx(q, tmp_path / "q.onnx", calib[:1])
-    images = test_ds.normalize(test_ds.images)
-    with torch.no_grad():
-        sim = q(images).numpy()
-    ort = run_onnx(path, images.numpy())
-    assert_parity(sim, ort, test_ds.labels.numpy())
-    kernels = integer_kernels(path)
-    n_convs = sum(isinstance(m, nn.Conv2d) for m in q.modules())
+    _, kernels, n_convs = export_with_parity(q, tmp_path, calib, test_ds)
     assert not any(kernels.get(op, 0) for op in FLOAT_CONVS), kernels
     if unsigned:
         assert kernels.get("QLinearConv", 0) == n_convs and "ConvInteger" not in kernels, kernels
@@ -146,15 +143,7 @@ def test_qat_models_export_with_parity(setup, tmp_path, method):
     ClusterQAT runs as float convs on the quantized input grid, its indices + codebook in a side file."""
     model, calib, test_ds = setup
     qmodel = repq.convert_qat(repq.prepare_qat(model, repq.QATConfig(method=method, w_bits=4, a_bits=4), calib))
-    path = export_onnx(qmodel, tmp_path / "q.onnx", calib[:1])
-    onnx.checker.check_model(onnx.load(str(path)), full_check=True)
-    images = test_ds.normalize(test_ds.images)
-    with torch.no_grad():
-        sim = qmodel(images).numpy()
-    ort = run_onnx(path, images.numpy())
-    assert_parity(sim, ort, test_ds.labels.numpy())
-    kernels = integer_kernels(path)
-    n_convs = sum(isinstance(m, nn.Conv2d) for m in qmodel.modules())
+    _, kernels, n_convs = export_with_parity(qmodel, tmp_path, calib, test_ds)
     side = tmp_path / "q.codebook.npz"
     if method == "lsq":
         assert kernels.get("ConvInteger", 0) + kernels.get("QLinearConv", 0) == n_convs, kernels
