@@ -53,15 +53,14 @@ def run_variant(oabn: str | None, args: argparse.Namespace) -> dict:
     row = _load_cache(cache, spec)
     if args.from_cache and not row:
         raise SystemExit(f"no cached row for {oabn or 'plain'} in {CACHE}; run without --from-cache first")
-    if not row:
-        model, payload = repq.load_checkpoint(reference_checkpoint(quick=args.quick, oabn=oabn))
-        row = {"variant": f"OABN {oabn}" if oabn else "plain BN", "oabn": OABN_VARIANTS.get(oabn), "spec": spec,
-               "train_seconds": payload.get("history", {}).get("seconds"), "ptq": [], "runs": {}}
+    row = row or {"variant": f"OABN {oabn}" if oabn else "plain BN", "oabn": OABN_VARIANTS.get(oabn), "spec": spec,
+                  "ptq": [], "runs": {}}
     needed = [(b, m) for b in args.bits for m in args.methods if _run_key(b, m, budget) not in row["runs"]]
     done = {_ptq_key(p) for p in row["ptq"]}
     missing_ptq = [(bits, *r) for bits in (8, 4) for r in PTQ_RECIPES if (bits, *r[:3]) not in done]
     if "fp" not in row or ((needed or missing_ptq) and not args.from_cache):
-        model, _ = repq.load_checkpoint(reference_checkpoint(quick=args.quick, oabn=oabn))
+        model, payload = repq.load_checkpoint(reference_checkpoint(quick=args.quick, oabn=oabn))
+        row["train_seconds"] = payload.get("history", {}).get("seconds")
         train_ds, test_ds = repq.load_dataset(spec["data"], "train"), repq.load_dataset(spec["data"], "test")
         calib = train_ds.calibration_images(32, 0)
     if "fp" not in row:

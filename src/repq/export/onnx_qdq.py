@@ -24,7 +24,8 @@ from torch import nn
 
 from repq.errors import RepqError
 from repq.io import atomic_write
-from repq.quant.modules import CODEBOOK_LAYERS, QUANT_LAYERS, QuantConv2d, QuantGlobalAvgPool
+from repq.quant.modules import (CODEBOOK_LAYERS, QUANT_LAYERS, QuantConv2d, QuantGlobalAvgPool,
+                                is_global_avg_pool)
 
 OPSET = 19
 # modules with an activation quantizer on their input: each one is a QuantizeLinear in the graph
@@ -197,7 +198,7 @@ def _emit_module(g: _GraphBuilder, module: nn.Module, x: str, base: str, fusable
         return _emit_float_layer(g, module, x, base)
     if isinstance(module, nn.ReLU):
         return g.node("Relu", [x], base)
-    if isinstance(module, nn.AdaptiveAvgPool2d) and module.output_size in (1, (1, 1)):
+    if is_global_avg_pool(module):
         return g.node("GlobalAveragePool", [x], base)
     if isinstance(module, nn.Flatten) and module.start_dim == 1 and module.end_dim == -1:
         return g.node("Flatten", [x], base, axis=1)
