@@ -22,8 +22,8 @@ from export_benchmark import ort_quantize_static
 from repq.export import export_onnx, run_onnx, top1
 
 REPQ_RECIPES = {
-    "repq CFWS + improved KL, float pass": dict(weight="cfws", activation="improved_kl", sequential=False),
-    "repq CFWS + improved KL, sequential (default)": dict(weight="cfws", activation="improved_kl"),
+    "repq default (CFWS + auto)": {},
+    "repq CFWS + improved KL (P1)": dict(weight="cfws", activation="improved_kl"),
     "repq min-max per-channel + min-max": dict(weight="minmax", activation="minmax"),
 }
 

@@ -1,76 +1,197 @@
-"""PTQ on the reference model: every weight x activation recipe at W8A8, W6A6 and W4A8 rows, 3 calibration seeds.
+"""PTQ on the model zoo (benchmarks/zoo.py): repq's default and the baselines at W8A8, W6A6, W4A8 and W4A4,
+3 calibration seeds (32 images from the train split each), full test split; per model and aggregated (mean drop,
+worst model, worst seed). With --peers, ONNX Runtime quantize_static (MinMax, Entropy, Percentile), PyTorch FX PTQ
+and NNCF (if installed) run on the same images at W8A8.
 
-    python benchmarks/ptq_benchmark.py            # reference Fashion-MNIST RepVGG-A0, ~20 min on 2 cores
-    python benchmarks/ptq_benchmark.py --quick    # tiny digits model, one seed, a few recipes (seconds)
+    python benchmarks/ptq_benchmark.py [--peers]      # the zoo (train it first: train_zoo.py), tens of minutes
+    python benchmarks/ptq_benchmark.py --quick        # the tiny digits zoo, one seed, two bit-widths (seconds)
+
+Every finished row is cached in runs/ptq_zoo_rows.json (REPQ_CACHE), so an interrupted run resumes; --from-cache
+writes the tables from the cache alone.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
+import tempfile
 import time
+from pathlib import Path
 
-from common import QUICK_REFERENCE, REFERENCE, machine, reference_checkpoint, repq, write_result
+from common import CACHE, machine, repq, write_result
+from repq.io import atomic_write_text
+from zoo import select, zoo, zoo_checkpoint
 
-ACTS = ["minmax", "percentile", "mse", "kl", "improved_kl"]
-W8_WEIGHTS = [("minmax", "tensor"), ("minmax", "channel"), ("mse", "tensor"), ("mse", "channel"),
-              ("cfws", "tensor"), ("cfws", "channel"), ("cfws_whole", "channel")]
-LOW_BIT = [(w, "channel", a, wb, ab, seq) for wb, ab in ((6, 6), (4, 8)) for w in ("minmax", "mse", "cfws")
-           for a, seq in (("percentile", True), ("improved_kl", True), ("improved_kl", False))]
-# Calibration on the float network (one pass) instead of sequentially on the quantized prefix.
-FLOAT_PASS = [("cfws", "channel", a, 8, 8, False) for a in ACTS]
+BITS = {"W8A8": (8, 8), "W6A6": (6, 6), "W4A8": (4, 8), "W4A4": (4, 4)}
+# recipe -> (PTQConfig options, bit-widths it runs at)
+RECIPES: dict[str, tuple[dict, tuple[str, ...]]] = {
+    "repq default (CFWS + auto)": ({}, tuple(BITS)),
+    "min-max/channel + percentile": ({"weight": "minmax", "activation": "percentile"}, tuple(BITS)),
+    "CFWS + improved KL (P1, float inputs)": ({"activation": "improved_kl"}, tuple(BITS)),
+    "repq default + bias correction": ({"bias_correction": True}, ("W8A8", "W6A6", "W4A4")),
+    "CFWS + improved KL (P1, sequential)": ({"activation": "improved_kl", "sequential": True}, ("W8A8",)),
+    "CFWS + former improved KL (separate norm, 256-2048 bins, sequential)": (
+        {"activation": "improved_kl", "sequential": True, "kl_normalization": "separate", "kl_min_per_bin": 8.0},
+        ("W8A8",)),
+    "min-max/tensor + min-max (naive)": ({"weight": "minmax", "weight_granularity": "tensor",
+                                          "activation": "minmax"}, ("W8A8",)),
+}
+QUICK_RECIPES = ("repq default (CFWS + auto)", "min-max/channel + percentile")
+DEFAULT, BASELINE = "repq default (CFWS + auto)", "min-max/channel + percentile"
+PEERS = ("ORT quantize_static MinMax", "ORT quantize_static Entropy", "ORT quantize_static Percentile",
+         "PyTorch FX PTQ (x86)", "NNCF PTQ (defaults)")
 
 
-def recipes(quick: bool) -> list[tuple[str, str, str, int, int, bool]]:
-    if quick:
-        return [("minmax", "tensor", "minmax", 8, 8, True), ("cfws", "channel", "improved_kl", 8, 8, True),
-                ("cfws", "channel", "improved_kl", 4, 8, True)]
-    return [(w, g, a, 8, 8, True) for w, g in W8_WEIGHTS for a in ACTS] + FLOAT_PASS + LOW_BIT
+def load_rows(path: Path) -> dict[str, dict]:
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def run_peers(model, train_ds, test_ds, seed: int, quick: bool) -> dict[str, float]:
+    """Top-1 of each peer tool on the fused model with this seed's 32 calibration images."""
+    from export_benchmark import ort_quantize_static
+    from peer_benchmark import nncf_ptq, torch_fx_ptq
+    from repq.export import export_onnx, run_onnx, top1
+    fused = repq.reparameterize(model)
+    calib = train_ds.calibration_images(32, seed)
+    images, labels = test_ds.normalize(test_ds.images), test_ds.labels.numpy()
+    out = {}
+    with tempfile.TemporaryDirectory(prefix="repq-peers-") as tmp:
+        fp_onnx = export_onnx(fused, Path(tmp) / "fp32.onnx", images[:1], allow_float=True)
+        for method in (("MinMax",) if quick else ("MinMax", "Entropy", "Percentile")):
+            path = ort_quantize_static(fp_onnx, Path(tmp) / f"{method}.onnx", calib.numpy(), method)
+            out[f"ORT quantize_static {method}"] = top1(run_onnx(path, images.numpy()), labels)
+    out["PyTorch FX PTQ (x86)"] = repq.evaluate(torch_fx_ptq(fused, calib), test_ds)["top1"]
+    nncf_model = None if quick else nncf_ptq(fused, calib)
+    if nncf_model is not None:
+        out["NNCF PTQ (defaults)"] = repq.evaluate(nncf_model, test_ds)["top1"]
+    return out
+
+
+def measure(names, entries, seeds, recipes, rows, cache_path, quick, peers) -> None:
+    for name in names:
+        spec = entries[name]
+        model, _ = repq.load_checkpoint(zoo_checkpoint(name, quick=quick))
+        train_ds, test_ds = repq.load_dataset(spec["data"], "train"), repq.load_dataset(spec["data"], "test")
+        fp_key = f"{name}|fp"
+        if fp_key not in rows:
+            rows[fp_key] = {"top1": repq.evaluate(repq.reparameterize(model), test_ds)["top1"]}
+        for recipe in recipes:
+            options, bit_list = RECIPES[recipe]
+            for bits in (b for b in bit_list if not quick or b in ("W8A8", "W4A8")):
+                for seed in seeds:
+                    key = f"{name}|{recipe}|{bits}|{seed}"
+                    if key in rows:
+                        continue
+                    wb, ab = BITS[bits]
+                    calib = train_ds.calibration_images(32, seed)
+                    start = time.perf_counter()
+                    q = repq.quantize(model, calib, repq.PTQConfig(w_bits=wb, a_bits=ab, num_samples=32, seed=seed,
+                                                                   **options))
+                    seconds = time.perf_counter() - start
+                    meta = q.repq_quant
+                    methods: dict[str, int] = {}
+                    for layer in meta["layers"].values():
+                        methods[layer["calibrator"]] = methods.get(layer["calibrator"], 0) + 1
+                    guard = (meta.get("auto") or {}).get("guard") or {}
+                    rows[key] = {"top1": repq.evaluate(q, test_ds)["top1"], "ptq_seconds": seconds,
+                                 "calibrators": methods, "guard_fallbacks": len(guard.get("fallbacks", []))}
+                    print(f"{name:28s} {recipe[:40]:40s} {bits} seed {seed}: {rows[key]['top1']:6.2f} "
+                          f"(FP {rows[fp_key]['top1']:.2f}) {seconds:5.1f} s", flush=True)
+                    if not quick:
+                        atomic_write_text(cache_path, json.dumps(rows, indent=1))
+        if peers:
+            for seed in seeds:
+                key = f"{name}|peers|W8A8|{seed}"
+                if key not in rows:
+                    rows[key] = run_peers(model, train_ds, test_ds, seed, quick)
+                    print(f"{name:28s} peers seed {seed}: {rows[key]}", flush=True)
+                    if not quick:
+                        atomic_write_text(cache_path, json.dumps(rows, indent=1))
+
+
+def summarize(names, seeds, recipes, rows, peers) -> tuple[list[dict], list[dict]]:
+    """Per (model, recipe, bits): mean / worst seed; aggregated per (recipe, bits) over the models."""
+    per_model = []
+    for name in names:
+        fp = rows[f"{name}|fp"]["top1"]
+        combos = [(r, b) for r in recipes for b in RECIPES[r][1]]
+        if peers:
+            combos += [(p, "W8A8") for p in PEERS]
+        for recipe, bits in combos:
+            if recipe in PEERS:
+                accs = [rows.get(f"{name}|peers|W8A8|{s}", {}).get(recipe) for s in seeds]
+            else:
+                accs = [rows.get(f"{name}|{recipe}|{bits}|{s}", {}).get("top1") for s in seeds]
+            accs = [a for a in accs if a is not None]
+            if not accs:
+                continue
+            seconds = [rows[f"{name}|{recipe}|{bits}|{s}"]["ptq_seconds"] for s in seeds
+                       if f"{name}|{recipe}|{bits}|{s}" in rows]
+            per_model.append({"model": name, "recipe": recipe, "bits": bits, "fp": fp, "seeds": len(accs),
+                              "top1_mean": statistics.mean(accs), "top1_per_seed": accs,
+                              "drop_mean": fp - statistics.mean(accs), "drop_worst_seed": fp - min(accs),
+                              "ptq_seconds": max(seconds) if seconds else None})
+    aggregate = []
+    keys = sorted({(r["recipe"], r["bits"]) for r in per_model},
+                  key=lambda k: (list(BITS).index(k[1]), k[0] not in (DEFAULT, BASELINE), k[0]))
+    for recipe, bits in keys:
+        group = [r for r in per_model if (r["recipe"], r["bits"]) == (recipe, bits)]
+        base = {r["model"]: r for r in per_model if (r["recipe"], r["bits"]) == (BASELINE, bits)}
+        worst = max(group, key=lambda r: r["drop_mean"])
+        vs_base = [r["top1_mean"] - base[r["model"]]["top1_mean"] for r in group if r["model"] in base]
+        aggregate.append({"recipe": recipe, "bits": bits, "models": len(group),
+                          "mean_drop": statistics.mean(r["drop_mean"] for r in group),
+                          "worst_drop": worst["drop_mean"], "worst_model": worst["model"],
+                          "worst_seed_drop": max(r["drop_worst_seed"] for r in group),
+                          "min_vs_baseline": min(vs_base) if vs_base else None,
+                          "mean_top1": statistics.mean(r["top1_mean"] for r in group)})
+    return per_model, aggregate
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--seeds", type=int, default=3, help="calibration seeds (0..N-1)")
+    parser.add_argument("--seeds", type=int, default=3, help="calibration seeds 0..N-1")
+    parser.add_argument("--only", default="", help="comma-separated zoo entries (default: all)")
+    parser.add_argument("--peers", action="store_true", help="also ORT quantize_static, PyTorch FX and NNCF (W8A8)")
+    parser.add_argument("--from-cache", action="store_true", help="write the tables from the cached rows only")
     args = parser.parse_args()
-    spec = QUICK_REFERENCE if args.quick else REFERENCE
+    entries = zoo(args.quick)
+    names = select(args.only, args.quick)
     seeds = [0] if args.quick else list(range(args.seeds))
-    model, _ = repq.load_checkpoint(reference_checkpoint(quick=args.quick))
-    train_ds, test_ds = repq.load_dataset(spec["data"], "train"), repq.load_dataset(spec["data"], "test")
-    fp = repq.evaluate(repq.reparameterize(model), test_ds)["top1"]
-    rows = []
-    for w, g, a, wb, ab, sequential in recipes(args.quick):
-        accs, times = [], []
-        for seed in seeds:
-            calib = train_ds.calibration_images(32, seed)
-            start = time.perf_counter()
-            q = repq.quantize(model, calib, repq.PTQConfig(weight=w, weight_granularity=g, activation=a, w_bits=wb,
-                                                           a_bits=ab, num_samples=32, seed=seed,
-                                                           sequential=sequential))
-            times.append(time.perf_counter() - start)
-            accs.append(repq.evaluate(q, test_ds)["top1"])
-        mean = statistics.mean(accs)
-        spread = statistics.pstdev(accs) if len(accs) > 1 else 0.0
-        calibration = "sequential" if sequential else "float pass"
-        rows.append({"weight": w, "granularity": g, "activation": a, "calibration": calibration,
-                     "bits": f"W{wb}A{ab}", "top1_mean": mean,
-                     "top1_std": spread, "top1_per_seed": accs, "drop": fp - mean, "ptq_seconds": max(times)})
-        print(f"{rows[-1]['bits']} {w:10s} {g:7s} {a:12s} {calibration:10s} {mean:6.2f} ± {spread:.2f}  "
-              f"drop {fp - mean:5.2f}  "
-              f"{max(times):.1f} s", flush=True)
-    cmd = "python benchmarks/ptq_benchmark.py" + (" --quick" if args.quick else "")
-    lines = [f"# PTQ on {spec['model']} {spec['model_kwargs']} ({spec['data']})", "",
-             f"Command: `{cmd}` (calibration seeds {seeds}, 32 images from the train split; full test split)",
-             f"Machine: {machine()}", f"Float (fused) top-1: **{fp:.2f}**", "",
-             "| bits | weight | granularity | activation | calibration | top-1 mean | ± std | drop vs FP | "
-             "PTQ s (max) |", "|---|---|---|---|---|---|---|---|---|"]
-    lines += [f"| {r['bits']} | {r['weight']} | {r['granularity']} | {r['activation']} | {r['calibration']} | "
-              f"{r['top1_mean']:.2f} | "
-              f"{r['top1_std']:.2f} | {r['drop']:+.2f} | {r['ptq_seconds']:.1f} |" for r in rows]
+    recipes = list(QUICK_RECIPES) if args.quick else list(RECIPES)
+    cache_path = CACHE / "ptq_zoo_rows.json"
+    rows = {} if args.quick else load_rows(cache_path)
+    if not args.from_cache:
+        measure(names, entries, seeds, recipes, rows, cache_path, args.quick, args.peers)
+    names = [n for n in names if f"{n}|fp" in rows]
+    per_model, aggregate = summarize(names, seeds, recipes, rows, args.peers or args.from_cache)
+    cmd = "python benchmarks/ptq_benchmark.py" + (" --quick" if args.quick else "") + (
+        " --peers" if args.peers else "")
+    lines = ["# PTQ on the model zoo", "",
+             f"Command: `{cmd}` (calibration seeds {seeds}, 32 images from the train split each; full test split; "
+             "zoo: docs/results/zoo.md)", f"Machine: {machine()}", "",
+             "## Aggregate over the zoo", "",
+             f"Drops are FP minus quantized top-1 in points; `vs baseline` is the smallest (quantized top-1 minus "
+             f"'{BASELINE}') over the models.", "",
+             "| bits | recipe | models | mean top-1 | mean drop | worst model drop | worst model | worst seed drop | "
+             "min vs baseline |", "|---|---|---|---|---|---|---|---|---|"]
+    for a in aggregate:
+        vs = "" if a["min_vs_baseline"] is None else f"{a['min_vs_baseline']:+.2f}"
+        lines.append(f"| {a['bits']} | {a['recipe']} | {a['models']} | {a['mean_top1']:.2f} | {a['mean_drop']:+.2f} | "
+                     f"{a['worst_drop']:+.2f} | {a['worst_model']} | {a['worst_seed_drop']:+.2f} | {vs} |")
+    lines += ["", "## Per model", "", "| model | FP | bits | recipe | top-1 mean | per seed | drop mean | "
+              "drop worst seed | PTQ s (max) |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in per_model:
+        seconds = "" if r["ptq_seconds"] is None else f"{r['ptq_seconds']:.1f}"
+        lines.append(f"| {r['model']} | {r['fp']:.2f} | {r['bits']} | {r['recipe']} | {r['top1_mean']:.2f} | "
+                     f"{' / '.join(f'{a:.2f}' for a in r['top1_per_seed'])} | {r['drop_mean']:+.2f} | "
+                     f"{r['drop_worst_seed']:+.2f} | {seconds} |")
     text = "\n".join(lines) + "\n"
     print(text)
-    if not args.quick:
-        write_result("ptq", text, {"fp_top1": fp, "rows": rows, "seeds": seeds, "machine": machine(),
-                                   "spec": spec})
+    if not args.quick and not args.only:
+        write_result("ptq", text, {"aggregate": aggregate, "per_model": per_model, "seeds": seeds,
+                                   "machine": machine(), "rows": rows})
 
 
 if __name__ == "__main__":

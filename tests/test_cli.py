@@ -63,8 +63,32 @@ def test_train_eval_ptq_json(trained_checkpoint, tmp_path, capsys):
     assert code == 0 and "cfws" in out and "minmax" in out and "FP top-1" in out
 
 
+def test_default_ptq_reports_the_calibrator_of_every_layer(trained_checkpoint, capsys):
+    code, out, _ = run(capsys, "ptq", "--checkpoint", str(trained_checkpoint), "--data", "digits", "--calib", "16")
+    assert code == 0 and "per-layer activation calibrator" in out and "guard:" in out
+    assert "16 calibration images" in out and "auto (float inputs" in out
+    code, out, _ = run(capsys, "ptq", "--checkpoint", str(trained_checkpoint), "--data", "digits", "--calib", "5000",
+                       "--json")
+    result = json.loads(out)["results"][0]
+    assert result["activation"] == "auto" and result["weight"] == "cfws"
+    train_size = len(repq.load_dataset("digits", "train"))
+    assert result["calibration"]["images"] == train_size and result["calibration"]["seed"] == 0   # what was used
+    layers = {r["layer"]: r for r in result["layers"]}
+    assert layers["stage0.rbr_reparam"]["calibrator"] == "minmax"                       # the network input
+    from repq.quant.selection import CANDIDATES
+    assert all(r["calibrator"] in CANDIDATES for name, r in layers.items() if name != "stage0.rbr_reparam")
+    assert set(result["guard"]) >= {"baseline_error", "final_error", "fallbacks"}
+    assert not layers["stage1.0.rbr_reparam"]["signed"]                  # post-ReLU: unsigned codes by default
+    code, out, _ = run(capsys, "ptq", "--checkpoint", str(trained_checkpoint), "--data", "digits", "--calib", "16",
+                       "--signed-activations", "--json")
+    assert code == 0 and all(r["signed"] for r in json.loads(out)["results"][0]["layers"])
+
+
 @pytest.mark.parametrize("argv,needle", [
     (["eval", "--checkpoint", "/nonexistent/x.pt", "--data", "digits"], "not found"),
+    (["ptq", "--checkpoint", "CKPT", "--data", "digits", "--w-bits", "1"], "--w-bits: w_bits must be between"),
+    (["ptq", "--checkpoint", "CKPT", "--data", "digits", "--activation", "entropy"], "--activation: unknown"),
+    (["ptq", "--checkpoint", "CKPT", "--data", "digits", "--calib", "0"], "--calib:"),
     (["ptq", "--checkpoint", "CKPT", "--data", "digits", "--out", "CKPT"], "never overwritten"),
     (["ptq", "--checkpoint", "CKPT", "--data", "digits", "--weight", "minmax,cfws"], "--compare"),
     (["ptq", "--checkpoint", "CKPT", "--data", "mnist"], "unknown data"),

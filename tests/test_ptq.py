@@ -53,7 +53,8 @@ def test_forward_is_the_integer_computation():
     """Layer output == (integer conv of integer codes) x scales + integer bias, computed independently."""
     net = plain_net()
     x = torch.randn(6, 1, 8, 8)
-    q = repq.quantize(net, x, repq.PTQConfig(weight="cfws", activation="minmax", num_samples=6))
+    q = repq.quantize(net, x, repq.PTQConfig(weight="cfws", activation="minmax", num_samples=6,
+                                             unsigned_activations=False))
     layer = q[2]
     inp = F.relu(q[0](x))
     s_x = layer.input_quantizer.scale.double()
@@ -74,7 +75,8 @@ def test_calibration_order(sequential):
     """Sequential: layer 2's scale comes from the quantized output of layer 1; else from the float one."""
     net = plain_net()
     x = torch.randn(10, 1, 8, 8)
-    q = repq.quantize(net, x, repq.PTQConfig(activation="minmax", num_samples=10, sequential=sequential))
+    q = repq.quantize(net, x, repq.PTQConfig(activation="minmax", num_samples=10, sequential=sequential,
+                                             unsigned_activations=False))
     s1 = float(x.abs().max()) / 127
     assert float(q[0].input_quantizer.scale) == pytest.approx(s1)
     if sequential:
@@ -87,6 +89,9 @@ def test_calibration_order(sequential):
 
 def test_unsigned_activations_after_relu_only():
     net = plain_net()
+    assert repq.PTQConfig().unsigned_activations                 # the default
+    signed = repq.quantize(net, torch.randn(4, 1, 8, 8), repq.PTQConfig(num_samples=4, unsigned_activations=False))
+    assert signed[2].input_quantizer.signed and int(signed[2].input_quantizer.qmax) == 127
     q = repq.quantize(net, torch.randn(4, 1, 8, 8), repq.PTQConfig(num_samples=4, unsigned_activations=True))
     assert q[0].input_quantizer.signed          # the image has negative values
     assert not q[2].input_quantizer.signed      # post-ReLU
@@ -130,9 +135,13 @@ def test_quantized_pool_input(tmp_path):
     plain.gap.register_forward_hook(lambda m, args, out: features.update(x=args[0]))
     plain(x)
     assert features["x"].shape[-2:] == (2, 2)
+    float_features = {}                        # calibration runs on float inputs: the float feature map's max
+    fused = repq.reparameterize(model)
+    fused.gap.register_forward_hook(lambda m, args, out: float_features.update(x=args[0]))
+    fused(x)
     quantizer = pooled.gap.input_quantizer
     scale = float(quantizer.scale)
-    assert not quantizer.signed and scale == pytest.approx(features["x"].max().item() / 255, rel=1e-6)
+    assert not quantizer.signed and scale == pytest.approx(float_features["x"].max().item() / 255, rel=1e-6)
     by_hand = (torch.clamp(torch.round(features["x"] / scale), 0, 255) * scale).mean(dim=(2, 3))
     expected = pooled.linear(by_hand)
     assert torch.allclose(pooled(x), expected, atol=1e-6)

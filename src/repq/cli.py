@@ -104,15 +104,70 @@ def _ptq_grid(args: argparse.Namespace) -> list[dict[str, Any]]:
             for w, g, a, wb, ab in grid]
 
 
+def _ptq_config(args: argparse.Namespace, options: dict[str, Any]):
+    import repq
+
+    config = repq.PTQConfig(num_samples=args.calib, seed=args.seed, sequential=args.sequential,
+                            unsigned_activations=not args.signed_activations, quantize_pool=args.quantize_pool,
+                            bias_correction=args.bias_correction, **options)
+    try:
+        config.validate()
+    except RepqError as err:   # name the flag, not the Python field
+        for field, flag in (("w_bits", "--w-bits"), ("a_bits", "--a-bits"), ("num_samples", "--calib"),
+                            ("activation method", "--activation"), ("weight method", "--weight"),
+                            ("weight_granularity", "--granularity")):
+            if field in str(err):
+                raise RepqError(f"{flag}: {err}") from None
+        raise
+    return config
+
+
+def _calibration_mode(config) -> str:
+    if config.activation == "auto":
+        return "auto (float inputs, consumer-output scoring" + (", guarded)" if config.guard else ")")
+    return "sequential (quantized inputs)" if config.sequential else "float inputs"
+
+
+def _layer_report(meta: dict[str, Any]) -> list[dict[str, Any]]:
+    """One row per quantized layer and pool: the calibrator its input got, its range, a guard fallback."""
+    from repq.ptq import input_ranges
+
+    choices = (meta.get("auto") or {}).get("choices", {})
+    ranges = input_ranges(meta)
+    rows = []
+    for name, spec in {**meta["layers"], **meta.get("pools", {})}.items():
+        rows.append({"layer": name, "calibrator": spec.get("calibrator", ""), "amax": ranges[name],
+                     "signed": spec["input_signed"],
+                     "guard_fallback": bool(choices.get(name, {}).get("guard_fallback", False))})
+    return rows
+
+
+def _format_layer_report(result: dict[str, Any]) -> str:
+    rows = [[r["layer"], r["calibrator"] + (" (guard)" if r["guard_fallback"] else ""), f"{r['amax']:.4g}",
+             "int" if r["signed"] else "uint"] for r in result["layers"]]
+    text = format_table(["layer", "calibrator", "range", "codes"], rows)
+    guard = result.get("guard")
+    if guard:
+        text += (f"\nguard: output MSE {guard['final_error']:.4g} vs baseline (per-channel min-max + percentile) "
+                 f"{guard['baseline_error']:.4g}; {len(guard['fallbacks'])} layer(s) fell back")
+        if guard["worse_than_baseline"]:
+            text += "; still worse than the baseline on the calibration images"
+    return text
+
+
 def cmd_ptq(args: argparse.Namespace) -> None:
     import repq
 
     _check_output(args.out, args.checkpoint)
+    grid = _ptq_grid(args)                   # every option checked before any data is loaded
+    configs = [_ptq_config(args, options) for options in grid]
+    if args.out and len(grid) > 1:
+        raise RepqError("--out saves one quantized model; drop --compare or give one method per option")
+    if args.timm and args.out:
+        raise RepqError("--out saves repq models only; for a timm model use the Python API or drop --out")
     train_ds = repq.load_dataset(args.data, "train", args.image_size)
     test_ds = _limit(repq.load_dataset(args.data, "test", args.image_size), args.eval_limit)
     if args.timm:
-        if args.out:
-            raise RepqError("--out saves repq models only; for a timm model use the Python API or drop --out")
         model = _timm_model(args.timm, args.checkpoint, train_ds)
     else:
         model, payload = repq.load_checkpoint(args.checkpoint)
@@ -121,28 +176,30 @@ def cmd_ptq(args: argparse.Namespace) -> None:
         _check_data_fits(payload["model"], train_ds)
     fp = repq.evaluate(model, test_ds)
     results, last = [], None
-    grid = _ptq_grid(args)
-    for options in grid:
-        config = repq.PTQConfig(num_samples=args.calib, seed=args.seed, sequential=not args.fp_calibration,
-                                unsigned_activations=args.unsigned_activations, quantize_pool=args.quantize_pool,
-                                **options)
+    for options, config in zip(grid, configs):
         calib = train_ds.calibration_images(config.num_samples, config.seed)
         start = time.perf_counter()
         qmodel = repq.quantize(model, calib, config)
         seconds = time.perf_counter() - start
         metrics = repq.evaluate(qmodel, test_ds)
         results.append({**options, "top1": metrics["top1"], "top5": metrics["top5"],
-                        "drop": fp["top1"] - metrics["top1"], "ptq_seconds": seconds})
+                        "drop": fp["top1"] - metrics["top1"], "ptq_seconds": seconds,
+                        "calibration": {"images": qmodel.repq_quant["calibration_images"], "seed": config.seed,
+                                        "mode": _calibration_mode(config)},
+                        "layers": _layer_report(qmodel.repq_quant),
+                        "guard": (qmodel.repq_quant.get("auto") or {}).get("guard")})
         last = qmodel
     if args.out:
-        if len(grid) > 1:
-            raise RepqError("--out saves one quantized model; drop --compare or give one method per option")
         repq.save_checkpoint(args.out, last, source=str(args.checkpoint), data=args.data,
                              metrics={"fp": fp, "quantized": results[0]})
     rows = [[r["weight"], r["weight_granularity"], r["activation"], f"W{r['w_bits']}A{r['a_bits']}", r["top1"],
              r["drop"], f"{r['ptq_seconds']:.1f}"] for r in results]
-    human = (f"FP top-1 {fp['top1']:.2f} ({fp['n']} test images, {args.calib} calibration images, seed {args.seed})\n"
+    used = results[0]["calibration"]["images"]
+    human = (f"FP top-1 {fp['top1']:.2f} ({fp['n']} test images, {used} calibration images, seed {args.seed}, "
+             f"{results[0]['calibration']['mode']})\n"
              + format_table(["weight", "granularity", "activation", "bits", "top-1", "drop", "PTQ s"], rows))
+    if len(results) == 1:
+        human += "\n\nper-layer activation calibrator:\n" + _format_layer_report(results[0])
     if args.out:
         human += f"\nquantized checkpoint: {args.out}"
     _emit(args, {"command": "ptq", "fp": fp, "results": results, "checkpoint": args.out}, human)
@@ -248,7 +305,7 @@ def cmd_export(args: argparse.Namespace) -> None:
     human = f"wrote {path} ({path.stat().st_size / 1e6:.2f} MB)\nONNX Runtime kernels: {result['kernels']}"
     if result["kernels"].get("ConvInteger"):
         human += ("\nnote: ConvInteger convs (CFWS layers, or outputs that are not requantized) are exact but slower "
-                  "than QLinearConv in ONNX Runtime; `repq ptq --unsigned-activations --quantize-pool` with a "
+                  "than QLinearConv in ONNX Runtime; `repq ptq --quantize-pool` with a "
                   "non-CFWS weight method fuses every conv")
     if args.verify:
         if test_ds is None:
@@ -374,19 +431,28 @@ def build_parser() -> argparse.ArgumentParser:
     _data_args(p)
     p.add_argument("--weight", default="cfws", help="minmax | mse | cfws | cfws-whole (comma list with --compare)")
     p.add_argument("--granularity", default="channel", help="channel | tensor weight scales (comma list)")
-    p.add_argument("--activation", default="improved-kl",
-                   help="minmax | percentile | mse | kl | improved-kl (comma list with --compare)")
+    p.add_argument("--activation", default="auto",
+                   help="auto (per layer, loss-aware, guarded) | minmax | percentile | mse | kl | improved-kl "
+                        "(comma list with --compare)")
     p.add_argument("--w-bits", default="8", help="weight bits (comma list with --compare)")
     p.add_argument("--a-bits", default="8", help="activation bits (comma list with --compare)")
     p.add_argument("--calib", type=int, default=32, help="number of calibration images from the train split")
     p.add_argument("--seed", type=int, default=0, help="seed of the calibration subset")
+    p.add_argument("--sequential", action="store_true",
+                   help="single methods: calibrate each layer on the quantized output of the layers before it "
+                        "(P1's sequencer) instead of float inputs; auto always uses float inputs")
     p.add_argument("--fp-calibration", action="store_true",
-                   help="calibrate all layers in one float pass instead of sequentially (P1); better for the KL "
-                        "methods on the reference model (docs/results)")
-    p.add_argument("--unsigned-activations", action="store_true", help="uint8 codes for non-negative activations")
+                   help="deprecated, no effect: calibration on float inputs is now the default")
+    p.add_argument("--bias-correction", action="store_true",
+                   help="empirical per-channel bias correction from the calibration images")
+    p.add_argument("--signed-activations", action="store_true",
+                   help="signed codes for every activation, as P1 (default: unsigned codes for non-negative, "
+                        "post-ReLU inputs: one more bit of resolution)")
+    p.add_argument("--unsigned-activations", action="store_true",
+                   help="deprecated, no effect: unsigned codes for non-negative inputs are the default")
     p.add_argument("--quantize-pool", action="store_true",
                    help="also quantize the global-pool input, so the last conv runs as a fused integer kernel in "
-                        "ONNX Runtime (with --unsigned-activations: every conv is a QLinearConv)")
+                        "ONNX Runtime (with unsigned activations, the default: every conv is a QLinearConv)")
     p.add_argument("--compare", action="store_true", help="run the grid of the listed options, print one table")
     p.add_argument("--out", default=None, help="quantized checkpoint to write")
     _common(p)

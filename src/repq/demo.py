@@ -47,9 +47,10 @@ def run_demo(out: str = "runs/demo", data: str = "digits", epochs: int | None = 
     fp, fz = repq.evaluate(model, test_ds), repq.evaluate(fused, test_ds)
     calib = train_ds.calibration_images(32, seed=0)
     rows: list[dict[str, Any]] = []
-    recipes = [(w, g, a, 8, 8, True) for w, g in WEIGHT_RECIPES for a in ACTIVATION_METHODS]
-    recipes += [("cfws", "channel", "improved_kl", 8, 8, False)]   # float-pass calibration (docs/results)
-    recipes += [(w, "channel", "improved_kl", 4, 8, seq) for w in ("minmax", "mse", "cfws") for seq in (True, False)]
+    recipes = [(w, g, a, 8, 8, False) for w, g in WEIGHT_RECIPES for a in ACTIVATION_METHODS]
+    recipes += [("cfws", "channel", "improved_kl", 8, 8, True)]    # P1's sequential calibration
+    recipes += [(w, "channel", a, 4, 8, False) for w in ("minmax", "mse", "cfws")
+                for a in ("percentile", "improved_kl", "auto")]
     iterator = recipes
     if progress:
         from tqdm import tqdm
@@ -61,15 +62,15 @@ def run_demo(out: str = "runs/demo", data: str = "digits", epochs: int | None = 
         seconds = time.perf_counter() - start
         top1 = repq.evaluate(qmodel, test_ds)["top1"]
         rows.append(dict(weight=w, granularity=g, activation=a, bits=f"W{wb}A{ab}",
-                         calibration="sequential" if sequential else "float pass", top1=top1,
+                         calibration="sequential" if sequential else "float inputs", top1=top1,
                          drop=fz["top1"] - top1, seconds=seconds))
-        if (w, a, wb, sequential) == ("cfws", "improved_kl", 8, True):
-            repq.save_checkpoint(out_dir / "int8_cfws_improved_kl.pt", qmodel)
+        if (w, a, wb, sequential) == ("cfws", "auto", 8, False):   # repq's default
+            repq.save_checkpoint(out_dir / "int8_cfws_auto.pt", qmodel)
     table = format_table(["weight", "granularity", "activation", "calibration", "bits", "top-1", "drop", "PTQ s"],
                          [[r["weight"], r["granularity"], r["activation"], r["calibration"], r["bits"], r["top1"],
                            r["drop"], f"{r['seconds']:.1f}"] for r in rows])
     labels = [f"{r['bits']} {r['weight']}/{r['granularity'][0]} + {r['activation']}"
-              f"{'' if r['calibration'] == 'sequential' else ' (float pass)'}" for r in rows]
+              f"{' (sequential)' if r['calibration'] == 'sequential' else ''}" for r in rows]
     plots = [plot_accuracy_bars(labels, [r["top1"] for r in rows], fz["top1"], out_dir / "ptq_top1.png",
                                 f"PTQ on {data} (32 calibration images)")]
     report = analyze(model, calib, out_dir / "analysis", eval_data=_first(test_ds, 300))

@@ -6,7 +6,8 @@ carries `repq_quant`, the metadata a checkpoint needs to rebuild it.
 from __future__ import annotations
 
 import warnings
-from dataclasses import asdict, dataclass
+import copy
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import torch
@@ -14,9 +15,11 @@ from torch import nn
 
 from repq.data.batches import take_images
 from repq.errors import RepqError
-from repq.quant.calibrators import ACTIVATION_METHODS, CalibrationConfig
-from repq.quant.modules import (QUANT_LAYERS, ActQuantizer, CodebookConv2d, CodebookLinear, QuantConv2d,
+from repq.quant.bias_correction import correct_bias
+from repq.quant.calibrators import ACTIVATION_METHODS, KL_NORMALIZATIONS, SINGLE_METHODS, CalibrationConfig
+from repq.quant.modules import (ActQuantizer, CodebookConv2d, CodebookLinear, QuantConv2d,
                                 QuantGlobalAvgPool, QuantLinear, is_global_avg_pool)
+from repq.quant.selection import CANDIDATES, check_all_ran, observe, select_ranges
 from repq.quant.weights import WEIGHT_METHODS, quantize_weight
 from repq.reparam.model import fuse_blocks
 
@@ -26,32 +29,48 @@ _PARAMETRIC = (nn.Conv2d, nn.Linear)
 
 @dataclass
 class PTQConfig:
-    """Options of `repq.quantize`. Defaults follow P1: CFWS weights, improved-KL activations, 32 images."""
+    """Options of `repq.quantize`. Defaults: CFWS weights (P1) and `auto` activations (methods.md section 3: each
+    activation gets the calibrator that best reconstructs what it feeds, guarded against a min-max + percentile
+    baseline), 32 calibration images, calibration on float inputs."""
 
     weight: str = "cfws"                 # minmax | mse | cfws | cfws_whole
     weight_granularity: str = "channel"  # channel | tensor (for CFWS: the coarse scale; fine is per channel)
-    activation: str = "improved_kl"      # minmax | percentile | mse | kl | improved_kl
+    activation: str = "auto"             # auto | minmax | percentile | mse | kl | improved_kl
     w_bits: int = 8
     a_bits: int = 8
     num_samples: int = 32
     seed: int = 0
-    sequential: bool = True              # calibrate each layer with the earlier layers already quantized
+    sequential: bool = False             # single methods only: calibrate each layer on the already-quantized
+                                         # output of the layers before it (P1's sequencer) instead of float inputs;
+                                         # `auto` always uses float inputs
     input_activation: str = "minmax"     # the network input (P1: max-abs)
-    unsigned_activations: bool = False   # uint8-style codes for non-negative (post-ReLU) inputs
+    unsigned_activations: bool = True    # [choice] unsigned codes ([0, 2^b - 1]) for inputs that are non-negative on
+                                         # the calibration images (post-ReLU): a signed grid wastes one bit on them
+                                         # (measured: W6A6 94.4 -> 97.5, W4A4 75.2 -> 88.9 on digits-A0). False:
+                                         # P1's signed grid everywhere. It is also ONNX Runtime's fused x86 form
     bins: int = 2048
     percentile: float = 99.99
-    drop_zeros: bool = True
+    drop_zeros: bool = True              # improved KL: histogram of the positive values (P1: of the conv output)
     fuse_relu: bool = True
+    kl_normalization: str = "p1"         # improved KL divergence: "p1" (P1's code) | "separate" (ablation)
+    kl_min_per_bin: float = 0.0          # > 0: fewer KL bins for scarce samples (ablation; P1 keeps 2048)
+    auto_candidates: tuple[str, ...] = tuple(CANDIDATES)   # auto: the calibrators it chooses from
+    guard: bool = True                   # auto: fall back layer by layer where a min-max + percentile baseline
+                                         # reconstructs the network output better on the calibration images
+    bias_correction: bool = False        # empirical per-channel bias correction after calibration
+    batch_size: int = 32                 # calibration forward passes run in chunks of this many images
     quantize_pool: bool = False          # also quantize the global-pool input, as integer runtimes do: the last
                                          # conv then runs as a fused integer kernel (one more rounding point)
 
     def validate(self) -> None:
         if self.weight not in WEIGHT_METHODS:
             raise RepqError(f"unknown weight method '{self.weight}'; choose one of {', '.join(WEIGHT_METHODS)}")
-        for name in ("activation", "input_activation"):
-            if getattr(self, name) not in ACTIVATION_METHODS:
-                raise RepqError(f"unknown {name} method '{getattr(self, name)}'; "
-                                f"choose one of {', '.join(ACTIVATION_METHODS)}")
+        if self.activation not in ACTIVATION_METHODS:
+            raise RepqError(f"unknown activation method '{self.activation}'; "
+                            f"choose one of {', '.join(ACTIVATION_METHODS)}")
+        if self.input_activation not in SINGLE_METHODS:
+            raise RepqError(f"unknown input_activation method '{self.input_activation}'; "
+                            f"choose one of {', '.join(SINGLE_METHODS)}")
         if self.weight_granularity not in ("channel", "tensor"):
             raise RepqError(f"weight_granularity must be 'channel' or 'tensor', not '{self.weight_granularity}'")
         for name in ("w_bits", "a_bits"):
@@ -59,10 +78,23 @@ class PTQConfig:
                 raise RepqError(f"{name} must be between 2 and 16, got {getattr(self, name)}")
         if self.num_samples < 1:
             raise RepqError(f"num_samples must be at least 1, got {self.num_samples}")
+        if self.batch_size < 1:
+            raise RepqError(f"batch_size must be at least 1, got {self.batch_size}")
+        if not 0 < self.percentile <= 100:
+            raise RepqError(f"percentile must be in (0, 100], got {self.percentile}")
+        if self.bins < 256 or self.bins & (self.bins - 1):
+            raise RepqError(f"bins must be a power of two of at least 256, got {self.bins}")
+        if self.kl_normalization not in KL_NORMALIZATIONS:
+            raise RepqError(f"kl_normalization must be one of {', '.join(KL_NORMALIZATIONS)}, "
+                            f"not '{self.kl_normalization}'")
+        unknown = [c for c in self.auto_candidates if c not in CANDIDATES]
+        if unknown or not self.auto_candidates:
+            raise RepqError(f"auto_candidates must name some of {', '.join(CANDIDATES)}; got {list(self.auto_candidates)}")
 
     def calibration(self, method: str) -> CalibrationConfig:
         return CalibrationConfig(method=method, bits=self.a_bits, bins=self.bins, percentile=self.percentile,
-                                 drop_zeros=self.drop_zeros, fuse_relu=self.fuse_relu)
+                                 drop_zeros=self.drop_zeros, fuse_relu=self.fuse_relu,
+                                 kl_normalization=self.kl_normalization, min_per_bin=self.kl_min_per_bin)
 
 
 def check_supported(model: nn.Module) -> None:
@@ -119,24 +151,9 @@ def restore_quantized(fused: nn.Module, meta: dict[str, Any]) -> nn.Module:
     return fused.eval()
 
 
-def quantize(model: nn.Module, calib_data: Any, config: PTQConfig | None = None) -> nn.Module:
-    """Fuse `model` (if needed), quantize every conv and linear layer and calibrate the activations.
-
-    `calib_data` may be a tensor of images, a DataLoader, an iterable of batches or an ImageDataset; at most
-    `config.num_samples` images are used (a seeded subset where the data allows it). `model` is left untouched.
-    """
-    config = config or PTQConfig()
-    config.validate()
-    images = take_images(calib_data, config.num_samples, config.seed)
-    if len(images) < config.num_samples:
-        warnings.warn(f"calibration data has {len(images)} images, fewer than the {config.num_samples} asked; "
-                      "using them all", stacklevel=2)
-    fused, blocks = fuse_blocks(model, verify=False)  # a copy; plain models come back unchanged
-    config_of_model = getattr(model, "repq_config", None)
-    if not blocks and not (isinstance(config_of_model, dict) and config_of_model.get("deploy")):
-        warnings.warn("no re-parameterizable block found: quantizing the model's plain convs", stacklevel=2)
-    check_supported(fused)
-    device = next(fused.parameters()).device
+def _quantize_weights(fused: nn.Module, config: PTQConfig) -> tuple[dict, dict, dict]:
+    """Swap every conv/linear of the fused float model (in place) for its quantized twin with `config`'s weights,
+    and the global pools too with `quantize_pool`; returns (layer specs, pool specs, name -> new module)."""
     per_channel = config.weight_granularity == "channel"
     names = [n for n, m in fused.named_modules() if isinstance(m, _PARAMETRIC)]
     if not names:
@@ -151,20 +168,73 @@ def quantize(model: nn.Module, calib_data: Any, config: PTQConfig | None = None)
     pools = {n: {"a_bits": config.a_bits} for n, m in fused.named_modules() if is_global_avg_pool(m)} \
         if config.quantize_pool else {}
     swapped.update(_swap_pools(fused, pools))
-    _calibrate(fused, images.to(device), config)
+    return layers, pools, swapped
+
+
+def quantize(model: nn.Module, calib_data: Any, config: PTQConfig | None = None) -> nn.Module:
+    """Fuse `model` (if needed), quantize every conv and linear layer and calibrate the activations.
+
+    `calib_data` may be a tensor of images, a DataLoader, an iterable of batches or an ImageDataset; at most
+    `config.num_samples` images are used (a seeded subset where the data allows it). `model` is left untouched.
+    The result's `repq_quant` metadata records, per layer, the calibrator each activation got.
+    """
+    config = config or PTQConfig()
+    config.validate()
+    images = take_images(calib_data, config.num_samples, config.seed)
+    if len(images) < config.num_samples:
+        warnings.warn(f"calibration data has {len(images)} images, fewer than the {config.num_samples} asked; "
+                      "using them all", stacklevel=2)
+    fused, blocks = fuse_blocks(model, verify=False)  # a copy; plain models come back unchanged
+    config_of_model = getattr(model, "repq_config", None)
+    if not blocks and not (isinstance(config_of_model, dict) and config_of_model.get("deploy")):
+        warnings.warn("no re-parameterizable block found: quantizing the model's plain convs", stacklevel=2)
+    check_supported(fused)
+    device = next(fused.parameters()).device
+    images = images.to(device)
+    float_copy = copy.deepcopy(fused) if config.activation == "auto" and config.guard else None
+    layers, pools, swapped = _quantize_weights(fused, config)
+    auto_record = None
+    if config.activation == "auto":
+        def build_baseline() -> nn.Module:   # the guard's baseline: per-channel min-max weights
+            _quantize_weights(float_copy, replace(config, weight="minmax", weight_granularity="channel"))
+            return float_copy
+        choices, guard_record = select_ranges(
+            fused, images, config.calibration("auto"), config.calibration(config.input_activation),
+            config.unsigned_activations, config.batch_size, list(config.auto_candidates),
+            build_baseline if float_copy is not None else None)
+        auto_record = {"choices": {n: c.as_dict() for n, c in choices.items()}, "guard": guard_record}
+        methods = {n: c.chosen for n, c in choices.items()}
+    else:
+        first = _calibrate(fused, images, config)
+        methods = {n: config.activation for n in swapped if n != first}
+    shifts = correct_bias(fused, images) if config.bias_correction else None
     for name, layer in swapped.items():
         q = layer.input_quantizer
-        (pools if name in pools else layers)[name].update(input_scale=float(q.scale), input_signed=q.signed)
+        (pools if name in pools else layers)[name].update(input_scale=float(q.scale), input_signed=q.signed,
+                                                          calibrator=methods.get(name, config.input_activation))
     fused.repq_quant = {"ptq": asdict(config), "layers": layers, "pools": pools, "calibration_images": len(images),
-                        "input_shape": list(images.shape[1:])}
+                        "input_shape": list(images.shape[1:]), "auto": auto_record, "bias_correction": shifts}
     return fused.eval()
 
 
 @torch.no_grad()
-def _calibrate(model: nn.Module, images: torch.Tensor, config: PTQConfig) -> None:
-    """One forward over the calibration batch in which each input quantizer, in execution order, fixes its scale
-    (sequential: on the already-quantized output of the layers before it; else on the float network)."""
+def _calibrate(model: nn.Module, images: torch.Tensor, config: PTQConfig) -> str:
+    """Calibrate every input quantizer with one method; returns the name of the first (the network input), which
+    uses `config.input_activation`. Float pass: histograms of the float network's activations accumulate over
+    batches of `config.batch_size`. Sequential (P1's sequencer): one forward over all images in which each
+    quantizer, in execution order, fixes its scale on the already-quantized output of the layers before it."""
     quantizers = [m for m in model.modules() if isinstance(m, ActQuantizer)]
+    for q in quantizers:
+        q.allow_unsigned = config.unsigned_activations
+    if not config.sequential:
+        order, observers, _ = observe(model, images, config.batch_size, config.bins)
+        check_all_ran(quantizers, order)
+        for i, q in enumerate(order):
+            obs = observers[q]
+            signed = not (config.unsigned_activations and obs.nonnegative)
+            method = config.input_activation if i == 0 else config.activation
+            q.set_range(obs.amax(replace(config.calibration(method), bits=q.bits, signed=signed)), signed)
+        return order[0].name
     order: list[ActQuantizer] = []
 
     def first_call_hook(module: ActQuantizer, args):
@@ -175,11 +245,7 @@ def _calibrate(model: nn.Module, images: torch.Tensor, config: PTQConfig) -> Non
     handles = [q.register_forward_pre_hook(first_call_hook) for q in quantizers]
     for q in quantizers:
         q.calibration = config.calibration(config.activation)
-        q.allow_unsigned = config.unsigned_activations
-        q.mode = "calibrate" if config.sequential else "observe"
-    for layer in model.modules():
-        if isinstance(layer, QUANT_LAYERS):
-            layer.use_float_weight = not config.sequential
+        q.mode = "calibrate"
     try:
         model.eval()(images)
     finally:
@@ -187,9 +253,14 @@ def _calibrate(model: nn.Module, images: torch.Tensor, config: PTQConfig) -> Non
             h.remove()
         for q in quantizers:
             q.mode = "quant"
-        for layer in model.modules():
-            if isinstance(layer, QUANT_LAYERS):
-                layer.use_float_weight = False
-    missed = [q.name for q in quantizers if q not in order]
-    if missed:
-        raise RepqError(f"layers never ran during calibration: {', '.join(missed)}; repq needs every layer used")
+    check_all_ran(quantizers, order)
+    return order[0].name
+
+
+def input_ranges(meta: dict[str, Any]) -> dict[str, float]:
+    """Layer (or pool) name -> the clipping threshold of its input quantizer, from a quantized model's metadata."""
+    ranges = {}
+    for name, spec in {**meta["layers"], **meta.get("pools", {})}.items():
+        levels = 2 ** (spec["a_bits"] - 1) - 1 if spec["input_signed"] else 2 ** spec["a_bits"] - 1
+        ranges[name] = spec["input_scale"] * levels
+    return ranges

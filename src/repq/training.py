@@ -59,8 +59,10 @@ def distributed_context() -> tuple[int, int]:
 
 
 def train(model: nn.Module, data: ImageDataset, config: TrainConfig | None = None, eval_data: Any = None,
-          out: str | None = None, resume: str | None = None, progress: bool = True) -> dict[str, Any]:
-    """Train `model` in place; returns the history (per-step loss, per-epoch accuracy, seconds)."""
+          out: str | None = None, resume: str | None = None, progress: bool = True,
+          checkpoint_extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Train `model` in place; returns the history (per-step loss, per-epoch accuracy, seconds). With `out`, a
+    resumable checkpoint (plus the `checkpoint_extra` entries) is written after every epoch."""
     config = config or TrainConfig()
     if config.epochs < 1 or config.batch_size < 1:
         raise RepqError(f"epochs and batch size must be at least 1 (got {config.epochs} and {config.batch_size})")
@@ -131,5 +133,6 @@ def train(model: nn.Module, data: ImageDataset, config: TrainConfig | None = Non
         history["epochs"].append(record)
         if out and rank == 0:
             save_checkpoint(out, model, train_state={"epoch": epoch + 1, "optimizer": optimizer.state_dict(),
-                                                     "history": history, "config": asdict(config)})
+                                                     "history": history, "config": asdict(config)},
+                            **(checkpoint_extra or {}))
     return history

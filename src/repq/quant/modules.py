@@ -49,11 +49,15 @@ class ActQuantizer(nn.Module):
             raise RepqError(f"NaN/Inf activations at the input of '{self.name}' during calibration; "
                             "check the model weights and the calibration images")
         signed = not (self.allow_unsigned and bool(x.min() >= 0))
-        cfg = replace(cfg, bits=self.bits, signed=signed)
+        self.set_range(compute_amax(x, replace(cfg, bits=self.bits, signed=signed)), signed)
+
+    @torch.no_grad()
+    def set_range(self, amax: float, signed: bool) -> None:
+        """Clip at `amax` on a signed or unsigned grid (scale amax / qmax; scale 1 for an all-zero input)."""
         qmin, qmax = int_range(self.bits, signed=signed)
         self.qmin.fill_(qmin)
         self.qmax.fill_(qmax)
-        self.scale.copy_(symmetric_scale(torch.tensor(compute_amax(x, cfg)), qmax))
+        self.scale.copy_(symmetric_scale(torch.tensor(float(amax)), qmax))
 
     def forward(self, x: Tensor) -> Tensor:
         if self.mode == "off":

@@ -1,0 +1,88 @@
+"""PTQ wall time and memory: repq's default (CFWS + auto, guarded) vs improved KL alone, on the zoo's RepVGG-A0 at
+28x28 and on a full RepVGG-A0 at 224x224 (3 channels, 1000 classes, random weights with non-trivial BN statistics,
+random images: the timing does not depend on the values), 32 calibration images, plus 256 images at 224x224.
+
+    python benchmarks/ptq_timing.py            # a few minutes on 2 cores
+    python benchmarks/ptq_timing.py --quick    # tiny sizes (seconds)
+"""
+from __future__ import annotations
+
+import argparse
+import resource
+import time
+
+import torch
+
+from common import machine, repq, write_result
+from zoo import zoo_checkpoint
+
+RECIPES = {"repq default (CFWS + auto)": {}, "CFWS + improved KL": {"activation": "improved_kl"}}
+
+
+def randomized_bn(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                n = m.num_features
+                m.weight.copy_(torch.rand(n, generator=gen) + 0.5)
+                m.bias.copy_(torch.randn(n, generator=gen) * 0.1)
+                m.running_var.copy_(torch.rand(n, generator=gen) + 0.5)
+    return model.eval()
+
+
+def peak_rss_gib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
+
+
+def time_quantize(model, images, options) -> float:
+    start = time.perf_counter()
+    repq.quantize(model, images, repq.PTQConfig(num_samples=len(images), **options))
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true")
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    cases = []
+    if args.quick:
+        small, _ = repq.load_checkpoint(zoo_checkpoint("quick_a0", quick=True))
+        cases.append(("quick_a0 (digits 8x8)", small, repq.load_dataset("digits", "train").calibration_images(32)))
+        big = randomized_bn(repq.create_model("repvgg_a0", num_classes=10, in_chans=3, width_scale=0.125))
+        cases.append(("RepVGG-A0 x0.125, 64x64, random", big, torch.randn(32, 3, 64, 64)))
+    else:
+        small, _ = repq.load_checkpoint(zoo_checkpoint("fmnist_a0_strong"))
+        cases.append(("fmnist_a0_strong (28x28)", small,
+                      repq.load_dataset("fashion-mnist", "train").calibration_images(32)))
+        big = randomized_bn(repq.create_model("repvgg_a0", num_classes=1000, in_chans=3))
+        cases.append(("RepVGG-A0, 224x224, random", big, torch.randn(32, 3, 224, 224)))
+    rows = []
+    for label, model, images in cases:
+        times = {name: time_quantize(model, images, options) for name, options in RECIPES.items()}
+        ratio = times["repq default (CFWS + auto)"] / times["CFWS + improved KL"]
+        rows.append({"case": label, "images": len(images), **times, "ratio": ratio})
+        print(rows[-1], flush=True)
+    label, model, _ = cases[-1]
+    many = torch.randn(256, *cases[-1][2].shape[1:])
+    seconds = time_quantize(model, many, {})
+    rows.append({"case": label, "images": 256, "repq default (CFWS + auto)": seconds, "CFWS + improved KL": None,
+                 "ratio": None})
+    cmd = "python benchmarks/ptq_timing.py" + (" --quick" if args.quick else "")
+    lines = ["# PTQ wall time", "", f"Command: `{cmd}`", f"Machine: {machine()}", "",
+             "| model | calibration images | default (CFWS + auto) s | CFWS + improved KL s | ratio |",
+             "|---|---|---|---|---|"]
+    for r in rows:
+        kl = "-" if r["CFWS + improved KL"] is None else f"{r['CFWS + improved KL']:.2f}"
+        ratio = "-" if r["ratio"] is None else f"{r['ratio']:.2f}"
+        lines.append(f"| {r['case']} | {r['images']} | {r['repq default (CFWS + auto)']:.2f} | {kl} | {ratio} |")
+    lines += ["", f"Peak resident memory of the process: {peak_rss_gib():.2f} GiB."]
+    text = "\n".join(lines) + "\n"
+    print(text)
+    if not args.quick:
+        write_result("ptq_timing", text, {"rows": rows, "peak_rss_gib": peak_rss_gib(), "machine": machine()})
+
+
+if __name__ == "__main__":
+    main()
