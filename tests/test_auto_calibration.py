@@ -50,23 +50,34 @@ def test_auto_keeps_large_values_that_matter_and_clips_those_that_do_not(unsigne
     assert amax <= 0.5 * top, f"{method} kept a range ({amax} of {top}) whose top values conv2 ignores"
 
 
-def _error(model_q, model_f, images, layer):
-    """Independent check of the scoring: conv2's output error after its ReLU, by hand."""
+def consumer_error(model_q, model_f, images, label):
+    """Independent check of the scoring: the range of `label` fitted on the images, and conv2's output error
+    after its ReLU on the same images, computed by hand from the integer grid (input codes, weight codes, bias on
+    the s_x * s_w grid)."""
+    from repq.quant.calibrators import CalibrationConfig, compute_amax
+    from repq.quant.selection import CANDIDATES
+    layer = model_q[2]
+    method, pct = CANDIDATES[label]
+    qmax = 255 if not layer.input_quantizer.signed else 127
     x = F.relu(model_f[0](images))
-    reference = F.relu(model_f[2](x))
-    got = F.relu(model_q.get_submodule(layer)(x))
-    return float(((got - reference) ** 2).mean().detach())
+    s_x = compute_amax(x, CalibrationConfig(method=method, percentile=pct or 99.99, signed=qmax == 127)) / qmax
+    x_q = torch.clamp(torch.round(x / s_x), 0 if qmax == 255 else -128, qmax) * s_x
+    w = layer.weight_codes.float() * layer.weight_scale[:, None, None, None]
+    step = s_x * layer.weight_scale
+    got = F.relu(F.conv2d(x_q, w, torch.round(layer.bias / step) * step))
+    return float(((got - F.relu(model_f[2](x))) ** 2).mean())
 
 
 @pytest.mark.filterwarnings("ignore:no re-parameterizable block")
+@torch.no_grad()
 def test_auto_reports_the_candidate_with_the_smallest_consumer_error():
     images = planted_images()
     model = planted(1.0)
     q = repq.quantize(model, images, repq.PTQConfig(num_samples=32, guard=False))
     choice = q.repq_quant["auto"]["choices"]["2"]
     assert choice["method"] == min(choice["errors"], key=lambda k: (choice["errors"][k], -choice["candidates"][k]))
-    # the recorded error of the chosen candidate is the consumer's error, recomputed here by hand
-    assert choice["errors"][choice["method"]] == pytest.approx(_error(q, model, images, "2"), rel=1e-4)
+    for label in ("minmax", "p99.9", "mse"):
+        assert choice["errors"][label] == pytest.approx(consumer_error(q, model, images, label), rel=1e-4)
 
 
 @pytest.mark.filterwarnings("ignore:no re-parameterizable block")
