@@ -24,20 +24,21 @@ from zoo import select, zoo, zoo_checkpoint
 
 BITS = {"W8A8": (8, 8), "W6A6": (6, 6), "W4A8": (4, 8), "W4A4": (4, 4)}
 # recipe -> (PTQConfig options, bit-widths it runs at)
+PLAIN = {"bias_correction": False}
 RECIPES: dict[str, tuple[dict, tuple[str, ...]]] = {
-    "repq default (CFWS + auto)": ({}, tuple(BITS)),
-    "min-max/channel + percentile": ({"weight": "minmax", "activation": "percentile"}, tuple(BITS)),
-    "CFWS + improved KL (P1, float inputs)": ({"activation": "improved_kl"}, tuple(BITS)),
-    "repq default + bias correction": ({"bias_correction": True}, ("W8A8", "W6A6", "W4A4")),
-    "CFWS + improved KL (P1, sequential)": ({"activation": "improved_kl", "sequential": True}, ("W8A8",)),
+    "repq default (CFWS + auto + bias correction)": ({}, tuple(BITS)),
+    "min-max/channel + percentile": ({**PLAIN, "weight": "minmax", "activation": "percentile"}, tuple(BITS)),
+    "CFWS + improved KL (P1, float inputs)": ({**PLAIN, "activation": "improved_kl"}, tuple(BITS)),
+    "CFWS + auto, no bias correction": (PLAIN, ("W8A8", "W6A6", "W4A8", "W4A4")),
+    "CFWS + improved KL (P1, sequential)": ({**PLAIN, "activation": "improved_kl", "sequential": True}, ("W8A8",)),
     "CFWS + former improved KL (separate norm, 256-2048 bins, sequential)": (
-        {"activation": "improved_kl", "sequential": True, "kl_normalization": "separate", "kl_min_per_bin": 8.0},
-        ("W8A8",)),
-    "min-max/tensor + min-max (naive)": ({"weight": "minmax", "weight_granularity": "tensor",
+        {**PLAIN, "activation": "improved_kl", "sequential": True, "kl_normalization": "separate",
+         "kl_min_per_bin": 8.0}, ("W8A8",)),
+    "min-max/tensor + min-max (naive)": ({**PLAIN, "weight": "minmax", "weight_granularity": "tensor",
                                           "activation": "minmax"}, ("W8A8",)),
 }
-QUICK_RECIPES = ("repq default (CFWS + auto)", "min-max/channel + percentile")
-DEFAULT, BASELINE = "repq default (CFWS + auto)", "min-max/channel + percentile"
+DEFAULT, BASELINE = "repq default (CFWS + auto + bias correction)", "min-max/channel + percentile"
+QUICK_RECIPES = (DEFAULT, BASELINE)
 PEERS = ("ORT quantize_static MinMax", "ORT quantize_static Entropy", "ORT quantize_static Percentile",
          "PyTorch FX PTQ (x86)", "NNCF PTQ (defaults)")
 

@@ -109,7 +109,7 @@ def _ptq_config(args: argparse.Namespace, options: dict[str, Any]):
 
     config = repq.PTQConfig(num_samples=args.calib, seed=args.seed, sequential=args.sequential,
                             unsigned_activations=not args.signed_activations, quantize_pool=args.quantize_pool,
-                            bias_correction=args.bias_correction, **options)
+                            bias_correction=not args.no_bias_correction, **options)
     try:
         config.validate()
     except RepqError as err:   # name the flag, not the Python field
@@ -443,8 +443,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "(P1's sequencer) instead of float inputs; auto always uses float inputs")
     p.add_argument("--fp-calibration", action="store_true",
                    help="deprecated, no effect: calibration on float inputs is now the default")
-    p.add_argument("--bias-correction", action="store_true",
-                   help="empirical per-channel bias correction from the calibration images")
+    p.add_argument("--no-bias-correction", action="store_true",
+                   help="skip the empirical per-channel bias correction (on by default)")
+    p.add_argument("--bias-correction", action="store_true", help="deprecated, no effect: it is the default")
     p.add_argument("--signed-activations", action="store_true",
                    help="signed codes for every activation, as P1 (default: unsigned codes for non-negative, "
                         "post-ReLU inputs: one more bit of resolution)")

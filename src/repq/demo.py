@@ -58,7 +58,8 @@ def run_demo(out: str = "runs/demo", data: str = "digits", epochs: int | None = 
     for w, g, a, wb, ab, sequential in iterator:
         start = time.perf_counter()
         qmodel = repq.quantize(model, calib, repq.PTQConfig(weight=w, weight_granularity=g, activation=a,
-                                                            w_bits=wb, a_bits=ab, sequential=sequential))
+                                                            w_bits=wb, a_bits=ab, sequential=sequential,
+                                                            bias_correction=a == "auto"))   # the default: auto + BC
         seconds = time.perf_counter() - start
         top1 = repq.evaluate(qmodel, test_ds)["top1"]
         rows.append(dict(weight=w, granularity=g, activation=a, bits=f"W{wb}A{ab}",

@@ -55,9 +55,11 @@ class PTQConfig:
     kl_normalization: str = "p1"         # improved KL divergence: "p1" (P1's code) | "separate" (ablation)
     kl_min_per_bin: float = 0.0          # > 0: fewer KL bins for scarce samples (ablation; P1 keeps 2048)
     auto_candidates: tuple[str, ...] = tuple(CANDIDATES)   # auto: the calibrators it chooses from
-    guard: bool = True                   # auto: fall back layer by layer where a min-max + percentile baseline
-                                         # reconstructs the network output better on the calibration images
-    bias_correction: bool = False        # empirical per-channel bias correction after calibration
+    guard: bool = True                   # auto: fall back to percentile ranges (layer by layer, then everywhere)
+                                         # where a min-max + percentile baseline or percentile ranges reconstruct
+                                         # the network output better, judged on held-out calibration images
+    bias_correction: bool = True         # [choice] empirical per-channel bias correction after calibration
+                                         # (measured on the zoo: equal at W8A8, better at 6 and 4 bits)
     batch_size: int = 32                 # calibration forward passes run in chunks of this many images
     quantize_pool: bool = False          # also quantize the global-pool input, as integer runtimes do: the last
                                          # conv then runs as a fused integer kernel (one more rounding point)
@@ -89,7 +91,8 @@ class PTQConfig:
                             f"not '{self.kl_normalization}'")
         unknown = [c for c in self.auto_candidates if c not in CANDIDATES]
         if unknown or not self.auto_candidates:
-            raise RepqError(f"auto_candidates must name some of {', '.join(CANDIDATES)}; got {list(self.auto_candidates)}")
+            raise RepqError(f"auto_candidates must name some of {', '.join(CANDIDATES)}; "
+                            f"got {list(self.auto_candidates)}")
 
     def calibration(self, method: str) -> CalibrationConfig:
         return CalibrationConfig(method=method, bits=self.a_bits, bins=self.bins, percentile=self.percentile,
