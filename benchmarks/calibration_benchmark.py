@@ -2,7 +2,7 @@
 for the former repq variant, each of its differences from P1 switched on its own, P1's faithful form (float
 inputs and sequential), percentile and `auto`, on zoo models (W8A8, CFWS weights, 32 images, seed 0).
 
-    python benchmarks/calibration_benchmark.py                  # fmnist_a0_strong and fmnist_a1_half
+    python benchmarks/calibration_benchmark.py                  # fmnist_b1g4_quarter and fmnist_a1_half
     python benchmarks/calibration_benchmark.py --only NAME,...  # other zoo entries
     python benchmarks/calibration_benchmark.py --quick          # the tiny digits zoo (seconds)
 """
@@ -36,7 +36,7 @@ def main() -> None:
     parser.add_argument("--only", default="", help="comma-separated zoo entries")
     args = parser.parse_args()
     entries = zoo(args.quick)
-    names = select(args.only, args.quick, ["quick_a0"] if args.quick else ["fmnist_a0_strong", "fmnist_a1_half"])
+    names = select(args.only, args.quick, ["quick_a0"] if args.quick else ["fmnist_b1g4_quarter", "fmnist_a1_half"])
     cmd = "python benchmarks/calibration_benchmark.py" + (" --quick" if args.quick else "") + (
         f" --only {args.only}" if args.only else "")
     lines = ["# Activation calibration: where the former improved KL went wrong", "",
@@ -76,7 +76,7 @@ def main() -> None:
         lines.append("")
     text = "\n".join(lines) + "\n"
     print(text)
-    if not args.quick and not args.only:
+    if not args.quick:
         write_result("calibration", text, {"models": data, "machine": machine()})
 
 

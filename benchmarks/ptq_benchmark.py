@@ -168,7 +168,7 @@ def main() -> None:
     names = [n for n in names if f"{n}|fp" in rows]
     per_model, aggregate = summarize(names, seeds, recipes, rows, args.peers or args.from_cache)
     cmd = "python benchmarks/ptq_benchmark.py" + (" --quick" if args.quick else "") + (
-        " --peers" if args.peers else "")
+        " --peers" if args.peers else "") + (f" --only {args.only}" if args.only else "")
     lines = ["# PTQ on the model zoo", "",
              f"Command: `{cmd}` (calibration seeds {seeds}, 32 images from the train split each; full test split; "
              "zoo: docs/results/zoo.md)", f"Machine: {machine()}", "",
@@ -190,7 +190,7 @@ def main() -> None:
                      f"{r['drop_worst_seed']:+.2f} | {seconds} |")
     text = "\n".join(lines) + "\n"
     print(text)
-    if not args.quick and not args.only:
+    if not args.quick:
         write_result("ptq", text, {"aggregate": aggregate, "per_model": per_model, "seeds": seeds,
                                    "machine": machine(), "rows": rows})
 

@@ -31,7 +31,8 @@ def main() -> None:
                      "train": spec["train"], "fp_top1": fp, "fused_top1": fused,
                      "train_minutes": history["seconds"] / 60})
         print(f"{name:30s} {fp:6.2f} fused {fused:6.2f}  {history['seconds'] / 60:.1f} min", flush=True)
-    cmd = "python benchmarks/train_zoo.py" + (" --quick" if args.quick else "")
+    cmd = "python benchmarks/train_zoo.py" + (" --quick" if args.quick else "") + (
+        f" --only {args.only}" if args.only else "")
     lines = ["# The model zoo", "", f"Command: `{cmd}` (each entry seeds its own initialization and data order)",
              f"Machine: {machine()}", "",
              "| name | model | arguments | data | recipe | FP top-1 | fused top-1 | train min |",
@@ -47,7 +48,7 @@ def main() -> None:
                      f"{r['fused_top1']:.2f} | {r['train_minutes']:.1f} |")
     text = "\n".join(lines) + "\n"
     print(text)
-    if not args.quick and not args.only:
+    if not args.quick:
         write_result("zoo", text, {"rows": rows, "machine": machine()})
 
 

@@ -326,8 +326,9 @@ def select_ranges(model: nn.Module, images: Tensor, base: CalibrationConfig, inp
         for fit, _ in splits:       # the guard's ranges: fitted on one fold, judged on the other
             _, fold_observers, _ = observe(model, fit, batch_size, base.bins)
             input_ranges.append((first.name, fold_observers[first].amax(cfg(first, input_cfg)), signed[first]))
-            for q in rest:
-                choices[q].folds.append(candidate_ranges(fold_observers[q], cfg(q), labels))
+            for q in rest:          # the guard only moves a layer between its choice and percentile
+                needed = list(dict.fromkeys([choices[q].chosen, BASELINE_CANDIDATE]))
+                choices[q].folds.append(candidate_ranges(fold_observers[q], cfg(q), needed))
         record = guard(model, baseline_builder(), splits, batch_size, by_name, input_ranges)
     first.set_range(observers[first].amax(cfg(first, input_cfg)), signed[first])
     for q, choice in choices.items():
