@@ -148,10 +148,11 @@ def _format_layer_report(result: dict[str, Any]) -> str:
     text = format_table(["layer", "calibrator", "range", "codes"], rows)
     guard = result.get("guard")
     if guard:
-        text += (f"\nguard: output MSE {guard['final_error']:.4g} vs baseline (per-channel min-max + percentile) "
-                 f"{guard['baseline_error']:.4g}; {len(guard['fallbacks'])} layer(s) fell back")
+        text += (f"\nguard: output MSE on held-out calibration images {guard['final_error']:.4g}; "
+                 f"per-channel min-max + percentile {guard['baseline_error']:.4g}, percentile ranges "
+                 f"{guard['percentile_error']:.4g}; {len(guard['fallbacks'])} layer(s) fell back")
         if guard["worse_than_baseline"]:
-            text += "; still worse than the baseline on the calibration images"
+            text += "; still worse than the min-max + percentile baseline"
     return text
 
 

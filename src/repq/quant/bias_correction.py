@@ -11,7 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from repq.quant.modules import UNIFORM_LAYERS
-from repq.quant.selection import _FloatMode
+from repq.quant.selection import FloatMode
 
 
 def _channel_mean(out: Tensor) -> Tensor:
@@ -35,7 +35,7 @@ def correct_bias(model: nn.Module, images: Tensor) -> dict[str, float]:
 
     handles = [m.register_forward_hook(record(n)) for n, m in layers.items()]
     try:
-        with _FloatMode(model):
+        with FloatMode(model):
             model(images)
     finally:
         for h in handles:

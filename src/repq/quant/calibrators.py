@@ -56,11 +56,15 @@ class HistogramObserver:
         self.abs_hist, self.abs_top = np.zeros(bins), 0.0
         self.pos_hist, self.pos_top = np.zeros(bins), 0.0
 
-    def update(self, x: Tensor) -> None:
+    def update(self, x: Tensor, name: str = "") -> None:
+        """Add a batch; `name` (the layer whose input `x` is) only goes into the error for NaN/Inf values."""
         x = x.detach().float().flatten()
         if x.numel() == 0:
             return
         if not torch.isfinite(x).all():
+            if name:
+                raise RepqError(f"NaN/Inf activations at the input of '{name}' during calibration; "
+                                "check the model weights and the calibration images")
             raise RepqError("activations contain NaN/Inf during calibration; check the model weights and input data")
         self.numel += x.numel()
         self.zeros += int((x == 0).sum())

@@ -60,7 +60,7 @@ def _consumers(model: nn.Module) -> list[nn.Module]:
     return [m for m in model.modules() if isinstance(getattr(m, "input_quantizer", None), ActQuantizer)]
 
 
-class _FloatMode:
+class FloatMode:
     """Context: quantizers off and float weights, so a forward is the float network."""
 
     def __init__(self, model: nn.Module):
@@ -93,13 +93,10 @@ def observe(model: nn.Module, images: Tensor, batch_size: int, bins: int
     activation_of: dict[nn.Module, nn.Module] = {}        # so that an id cannot be reused by another tensor)
 
     def observe_hook(q: ActQuantizer, args):
-        if not torch.isfinite(args[0]).all():
-            raise RepqError(f"NaN/Inf activations at the input of '{q.name}' during calibration; "
-                            "check the model weights and the calibration images")
         if q not in observers:
             observers[q] = HistogramObserver(bins)
             order.append(q)
-        observers[q].update(args[0])
+        observers[q].update(args[0], q.name)
 
     def output_hook(layer, args, output):
         if isinstance(output, Tensor):
@@ -114,7 +111,7 @@ def observe(model: nn.Module, images: Tensor, batch_size: int, bins: int
     structure = [m.register_forward_hook(output_hook) for m in _consumers(model)]
     structure += [m.register_forward_pre_hook(activation_hook) for m in model.modules() if isinstance(m, _ACTIVATIONS)]
     try:
-        with _FloatMode(model):
+        with FloatMode(model):
             for batch in chunks(images, batch_size):
                 model(batch)
                 for h in structure:       # the activations that follow each layer are known after one batch
@@ -179,7 +176,7 @@ def score_candidates(model: nn.Module, images: Tensor, batch_size: int, ranges: 
 
     handles = [m.register_forward_hook(score_hook) for m in owner.values() if m.input_quantizer in ranges]
     try:
-        with _FloatMode(model):
+        with FloatMode(model):
             for batch in chunks(images, batch_size):
                 model(batch)
     finally:
@@ -216,7 +213,7 @@ def output_error(model: nn.Module, images: Tensor, batch_size: int, reference: l
 
 @torch.no_grad()
 def float_outputs(model: nn.Module, images: Tensor, batch_size: int) -> list[Tensor]:
-    with _FloatMode(model):
+    with FloatMode(model):
         return [_flat_outputs(model(batch)) for batch in chunks(images, batch_size)]
 
 
