@@ -10,7 +10,7 @@ import repq
 from repq.cli import main
 from repq.foreign import load_foreign_weights
 from repq.models.blocks import RepVGGBlock
-from repq.reparam import fuse_blocks
+from repq.reparam import fuse_blocks, fused_blocks
 from tests.conftest import randomize_bn, tiny
 
 
@@ -35,7 +35,8 @@ class MMRepVGGBlock(nn.Module):
 
 
 class MMRepVGG(nn.Module):
-    """backbone (stage_0, stage_1..4) + head.fc, the channel plan copied from a repq model."""
+    """mmpretrain's names: backbone.stem, backbone.stage_1..4, head.fc (as its repvgg-to-mmpretrain converter writes
+    them); the channel plan copied from a repq model."""
 
     def __init__(self, like: nn.Module):
         super().__init__()
@@ -43,7 +44,7 @@ class MMRepVGG(nn.Module):
 
         def mm(block: RepVGGBlock):
             return MMRepVGGBlock(block.in_chans, block.out_chans, block.stride, block.groups)
-        self.backbone.stage_0 = mm(like.stage0)
+        self.backbone.stem = mm(like.stage0)
         for i in range(1, 5):
             setattr(self.backbone, f"stage_{i}", nn.Sequential(*[mm(b) for b in getattr(like, f"stage{i}")]))
         self.head = nn.Module()
@@ -51,7 +52,7 @@ class MMRepVGG(nn.Module):
 
     def forward(self, x):
         b = self.backbone
-        x = b.stage_4(b.stage_3(b.stage_2(b.stage_1(b.stage_0(x)))))
+        x = b.stage_4(b.stage_3(b.stage_2(b.stage_1(b.stem(x)))))
         return self.head.fc(x.mean((2, 3)))
 
 
@@ -64,7 +65,7 @@ def test_mmpretrain_checkpoint_loads_and_matches(tmp_path):
     load_foreign_weights(model, tmp_path / "mm.pth")
     x = torch.randn(2, 1, 16, 16)
     assert torch.allclose(model.eval()(x), source(x), atol=1e-5)
-    _, report = fuse_blocks(source)  # the mmpretrain blocks themselves fuse through their adapter
+    report = fused_blocks(fuse_blocks(source)[1])  # the mmpretrain blocks themselves fuse through their adapter
     assert {r["layout"] for r in report} == {"mmpretrain_repvgg"} and max(r["relative_diff"] for r in report) < 1e-4
 
 

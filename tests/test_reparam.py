@@ -4,7 +4,7 @@ import torch
 from torch import nn
 
 import repq
-from repq.models.blocks import FusedConvAct, RepVGGBlock
+from repq.models.blocks import FusedConvAct, RepVGGBlock, SEBlock
 from repq.reparam import fold_bn, identity_kernel, match_layout, merge_branches, pad_to
 from tests.conftest import randomize_bn, tiny
 
@@ -62,10 +62,10 @@ def test_every_architecture_fuses_exactly(name):
     assert (fused(x) - ref).abs().max() < 1e-4 * max(1.0, ref.abs().max())
     assert not any(isinstance(m, nn.BatchNorm2d) for m in fused.modules())
     blocks = [m for m in model.modules() if isinstance(m, RepVGGBlock) or match_layout(m) is not None]
-    convs = [m for m in fused.modules() if isinstance(m, nn.Conv2d)]
+    convs = [m for n, m in fused.named_modules() if isinstance(m, nn.Conv2d) and ".se." not in n]
     assert len(convs) == len(blocks) > 0
     assert all(isinstance(m, (FusedConvAct, nn.Conv2d, nn.ReLU, nn.Identity, nn.Sequential, nn.AdaptiveAvgPool2d,
-                              nn.Linear, type(fused))) for m in fused.modules())
+                              nn.Linear, SEBlock, type(fused))) for m in fused.modules())
     deploy = tiny(name, deploy=True)
     deploy.load_state_dict(fused.state_dict())  # the deploy build has the fused form's keys
 

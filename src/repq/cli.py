@@ -109,13 +109,14 @@ def _ptq_config(args: argparse.Namespace, options: dict[str, Any]):
 
     config = repq.PTQConfig(num_samples=args.calib, seed=args.seed, sequential=args.sequential,
                             unsigned_activations=not args.signed_activations, quantize_pool=args.quantize_pool,
-                            bias_correction=not args.no_bias_correction, **options)
+                            bias_correction=not args.no_bias_correction,
+                            skip_layers=tuple(n.strip() for n in args.skip_layers.split(",") if n.strip()), **options)
     try:
         config.validate()
     except RepqError as err:   # name the flag, not the Python field
         for field, flag in (("w_bits", "--w-bits"), ("a_bits", "--a-bits"), ("num_samples", "--calib"),
                             ("activation method", "--activation"), ("weight method", "--weight"),
-                            ("weight_granularity", "--granularity")):
+                            ("weight_granularity", "--granularity"), ("skip_layers", "--skip-layers")):
             if field in str(err):
                 raise RepqError(f"{flag}: {err}") from None
         raise
@@ -175,6 +176,12 @@ def cmd_ptq(args: argparse.Namespace) -> None:
         if payload.get("quant"):
             raise RepqError(f"{args.checkpoint} is already quantized; pass the float checkpoint from `repq train`")
         _check_data_fits(payload["model"], train_ds)
+    if configs[0].skip_layers:   # names refer to the fused model: check them before the evaluation and the grid
+        from repq.ptq import resolve_skip_layers
+        try:
+            resolve_skip_layers(repq.reparameterize(model, train_ds.calibration_images(2)), configs[0].skip_layers)
+        except RepqError as err:
+            raise RepqError(f"--skip-layers: {str(err).removeprefix('skip_layers: ')}") from None
     fp = repq.evaluate(model, test_ds)
     results, last = [], None
     for options, config in zip(grid, configs):
@@ -188,6 +195,8 @@ def cmd_ptq(args: argparse.Namespace) -> None:
                         "calibration": {"images": qmodel.repq_quant["calibration_images"], "seed": config.seed,
                                         "mode": _calibration_mode(config)},
                         "layers": _layer_report(qmodel.repq_quant),
+                        "float_layers": qmodel.repq_quant["float_layers"],
+                        "fusion": qmodel.repq_quant["fusion"],
                         "guard": (qmodel.repq_quant.get("auto") or {}).get("guard")})
         last = qmodel
     if args.out:
@@ -201,6 +210,13 @@ def cmd_ptq(args: argparse.Namespace) -> None:
              + format_table(["weight", "granularity", "activation", "bits", "top-1", "drop", "PTQ s"], rows))
     if len(results) == 1:
         human += "\n\nper-layer activation calibrator:\n" + _format_layer_report(results[0])
+    fusion = results[0]["fusion"]
+    human += (f"\nfusion: {sum(fusion['blocks'].values())} block(s) "
+              f"({', '.join(f'{n} {k}' for k, n in fusion['blocks'].items()) or 'none'}), "
+              f"{fusion['conv_bn_folded']} conv+BN fold(s), verified against the original"
+              + (f" (relative difference {fusion['relative_diff']:.2g})" if fusion["relative_diff"] is not None
+                 else ""))
+    human += "\nkept in float: " + (", ".join(results[0]["float_layers"]) or "nothing")
     if args.out:
         human += f"\nquantized checkpoint: {args.out}"
     _emit(args, {"command": "ptq", "fp": fp, "results": results, "checkpoint": args.out}, human)
@@ -455,6 +471,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quantize-pool", action="store_true",
                    help="also quantize the global-pool input, so the last conv runs as a fused integer kernel in "
                         "ONNX Runtime (with unsigned activations, the default: every conv is a QLinearConv)")
+    p.add_argument("--skip-layers", default="",
+                   help="comma list of layers of the fused model to keep in float (names or patterns, e.g. "
+                        "'linear' or 'stage4.*')")
     p.add_argument("--compare", action="store_true", help="run the grid of the listed options, print one table")
     p.add_argument("--out", default=None, help="quantized checkpoint to write")
     _common(p)

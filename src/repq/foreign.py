@@ -1,7 +1,8 @@
 """Import weights of the RepVGG checkpoints users already have (no network: the user passes the file).
 
 Layouts: "original" (DingXiaoH/RepVGG and YOLOv6-style keys, which are repq's own, optionally under `module.`)
-and "mmpretrain" (OpenMMLab: backbone.stage_N.i.branch_3x3.conv/norm, branch_1x1, branch_norm, head.fc).
+and "mmpretrain" (OpenMMLab: backbone.stem, backbone.stage_N.i.branch_3x3.conv/norm, branch_1x1, branch_norm,
+head.fc, as mmpretrain's own RepVGG converter names them).
 Files are read with torch.load(weights_only=True): loading never runs code from them.
 """
 from __future__ import annotations
@@ -16,6 +17,7 @@ from repq.checkpoint import safe_torch_load
 from repq.errors import RepqError
 
 _MMPRETRAIN_RULES = [
+    (re.compile(r"^backbone\.stem\."), "stage0."),
     (re.compile(r"^backbone\.stage_(\d+)\."), r"stage\1."),
     (re.compile(r"\.branch_3x3\."), ".rbr_dense."),
     (re.compile(r"\.branch_1x1\."), ".rbr_1x1."),
@@ -39,7 +41,7 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
 
 
 def detect_layout(state: dict[str, torch.Tensor]) -> str:
-    if any(k.startswith("backbone.stage_") for k in state):
+    if any(k.startswith(("backbone.stage_", "backbone.stem.")) for k in state):
         return "mmpretrain"
     if any(".rbr_dense." in k or ".rbr_reparam." in k for k in state):
         return "original"

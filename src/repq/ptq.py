@@ -5,8 +5,9 @@ carries `repq_quant`, the metadata a checkpoint needs to rebuild it.
 """
 from __future__ import annotations
 
-import warnings
 import copy
+import fnmatch
+import warnings
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
@@ -21,7 +22,7 @@ from repq.quant.modules import (ActQuantizer, CodebookConv2d, CodebookLinear, Qu
                                 QuantGlobalAvgPool, QuantLinear, is_global_avg_pool)
 from repq.quant.selection import CANDIDATES, check_all_ran, observe, select_ranges
 from repq.quant.weights import WEIGHT_METHODS, quantize_weight
-from repq.reparam.model import fuse_blocks
+from repq.reparam.model import fuse_blocks, fused_blocks
 
 # Leaf layers with parameters that a fused model may contain; anything else is reported as unsupported.
 _PARAMETRIC = (nn.Conv2d, nn.Linear)
@@ -63,6 +64,8 @@ class PTQConfig:
     batch_size: int = 32                 # calibration forward passes run in chunks of this many images
     quantize_pool: bool = False          # also quantize the global-pool input, as integer runtimes do: the last
                                          # conv then runs as a fused integer kernel (one more rounding point)
+    skip_layers: tuple[str, ...] = ()    # layers of the fused model kept in float (names or fnmatch patterns,
+                                         # e.g. "detect.*"); also how a layer repq cannot quantize is kept
 
     def validate(self) -> None:
         if self.weight not in WEIGHT_METHODS:
@@ -89,6 +92,8 @@ class PTQConfig:
         if self.kl_normalization not in KL_NORMALIZATIONS:
             raise RepqError(f"kl_normalization must be one of {', '.join(KL_NORMALIZATIONS)}, "
                             f"not '{self.kl_normalization}'")
+        if isinstance(self.skip_layers, str) or not all(isinstance(p, str) and p for p in self.skip_layers):
+            raise RepqError(f"skip_layers must be a list of layer names or patterns, got {self.skip_layers!r}")
         unknown = [c for c in self.auto_candidates if c not in CANDIDATES]
         if unknown or not self.auto_candidates:
             raise RepqError(f"auto_candidates must name some of {', '.join(CANDIDATES)}; "
@@ -100,15 +105,46 @@ class PTQConfig:
                                  kl_normalization=self.kl_normalization, min_per_bin=self.kl_min_per_bin)
 
 
-def check_supported(model: nn.Module) -> None:
-    """Refuse layers whose parameters repq cannot quantize (e.g. a BatchNorm that was not folded)."""
+def fusion_summary(report: list[dict[str, Any]]) -> dict[str, Any]:
+    """What the fusion did, for a quantized model's metadata: blocks per method, conv+BN folds, and the verified
+    relative difference of the network."""
+    methods: dict[str, int] = {}
+    for r in fused_blocks(report):
+        methods[r["layout"]] = methods.get(r["layout"], 0) + 1
+    network = next((r for r in report if r.get("network")), {})
+    return {"blocks": methods, "conv_bn_folded": sum(1 for r in report if "bn" in r),
+            "relative_diff": network.get("relative_diff")}
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    return next((p.device for p in model.parameters()), torch.device("cpu"))
+
+
+def check_supported(model: nn.Module, keep_float: set[str] = frozenset()) -> None:
+    """Refuse layers whose parameters repq cannot quantize (e.g. a BatchNorm that was not folded), unless the user
+    keeps them in float (`skip_layers`)."""
     for name, module in model.named_modules():
-        if isinstance(module, _PARAMETRIC) or list(module.children()):
+        if isinstance(module, _PARAMETRIC) or list(module.children()) or name in keep_float:
             continue
         if any(True for _ in module.parameters(recurse=False)) or any(
                 b.is_floating_point() for b in module.buffers(recurse=False)):
             raise RepqError(f"unsupported layer {type(module).__name__} at '{name}': repq quantizes Conv2d and "
-                            "Linear layers; fold or remove it before quantizing")
+                            f"Linear layers; fold or remove it, or keep it in float with skip_layers=['{name}']")
+
+
+def resolve_skip_layers(model: nn.Module, patterns: tuple[str, ...]) -> set[str]:
+    """Names of the fused model's leaf layers with parameters that the `skip_layers` patterns select; a pattern
+    that selects nothing is an error naming some layers it could have meant."""
+    leaves = [n for n, m in model.named_modules() if n and not list(m.children())
+              and any(True for _ in m.parameters(recurse=False))]
+    chosen: set[str] = set()
+    for pattern in patterns:
+        hits = [n for n in leaves if fnmatch.fnmatchcase(n, pattern)]
+        if not hits:
+            raise RepqError(f"skip_layers: '{pattern}' matches no layer of the fused model; layers are named like "
+                            f"{', '.join(leaves[:3])}, ... (see `repq analyze` or model.named_modules())")
+        chosen.update(hits)
+    return chosen
 
 
 def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
@@ -154,11 +190,13 @@ def restore_quantized(fused: nn.Module, meta: dict[str, Any]) -> nn.Module:
     return fused.eval()
 
 
-def _quantize_weights(fused: nn.Module, config: PTQConfig) -> tuple[dict, dict, dict]:
-    """Swap every conv/linear of the fused float model (in place) for its quantized twin with `config`'s weights,
-    and the global pools too with `quantize_pool`; returns (layer specs, pool specs, name -> new module)."""
+def _quantize_weights(fused: nn.Module, config: PTQConfig, keep_float: set[str] = frozenset()
+                      ) -> tuple[dict, dict, dict]:
+    """Swap every conv/linear of the fused float model (in place, except `keep_float`) for its quantized twin with
+    `config`'s weights, and the global pools too with `quantize_pool`; returns (layer specs, pool specs, name ->
+    new module)."""
     per_channel = config.weight_granularity == "channel"
-    names = [n for n, m in fused.named_modules() if isinstance(m, _PARAMETRIC)]
+    names = [n for n, m in fused.named_modules() if isinstance(m, _PARAMETRIC) and n not in keep_float]
     if not names:
         raise RepqError("the model has no Conv2d or Linear layer to quantize")
     qweights = {n: quantize_weight(fused.get_submodule(n).weight.detach(), config.weight, config.w_bits, per_channel)
@@ -187,19 +225,21 @@ def quantize(model: nn.Module, calib_data: Any, config: PTQConfig | None = None)
     if len(images) < config.num_samples:
         warnings.warn(f"calibration data has {len(images)} images, fewer than the {config.num_samples} asked; "
                       "using them all", stacklevel=2)
-    fused, blocks = fuse_blocks(model, verify=False)  # a copy; plain models come back unchanged
+    # a verified copy: each fused block and the network are checked against `model` on calibration images
+    fused, fusion = fuse_blocks(model, example_input=images[:2].to(_device_of(model)))
     config_of_model = getattr(model, "repq_config", None)
-    if not blocks and not (isinstance(config_of_model, dict) and config_of_model.get("deploy")):
+    if not fused_blocks(fusion) and not (isinstance(config_of_model, dict) and config_of_model.get("deploy")):
         warnings.warn("no re-parameterizable block found: quantizing the model's plain convs", stacklevel=2)
-    check_supported(fused)
+    keep_float = resolve_skip_layers(fused, config.skip_layers)
+    check_supported(fused, keep_float)
     device = next(fused.parameters()).device
     images = images.to(device)
     float_copy = copy.deepcopy(fused) if config.activation == "auto" and config.guard else None
-    layers, pools, swapped = _quantize_weights(fused, config)
+    layers, pools, swapped = _quantize_weights(fused, config, keep_float)
     auto_record = None
     if config.activation == "auto":
         def build_baseline() -> nn.Module:   # the guard's baseline: per-channel min-max weights
-            _quantize_weights(float_copy, replace(config, weight="minmax", weight_granularity="channel"))
+            _quantize_weights(float_copy, replace(config, weight="minmax", weight_granularity="channel"), keep_float)
             return float_copy
         choices, guard_record = select_ranges(
             fused, images, config.calibration("auto"), config.calibration(config.input_activation),
@@ -216,7 +256,8 @@ def quantize(model: nn.Module, calib_data: Any, config: PTQConfig | None = None)
         (pools if name in pools else layers)[name].update(input_scale=float(q.scale), input_signed=q.signed,
                                                           calibrator=methods.get(name, config.input_activation))
     fused.repq_quant = {"ptq": asdict(config), "layers": layers, "pools": pools, "calibration_images": len(images),
-                        "input_shape": list(images.shape[1:]), "auto": auto_record, "bias_correction": shifts}
+                        "input_shape": list(images.shape[1:]), "auto": auto_record, "bias_correction": shifts,
+                        "fusion": fusion_summary(fusion), "float_layers": sorted(keep_float)}
     return fused.eval()
 
 

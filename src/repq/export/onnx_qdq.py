@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.fx
+import torch.nn.functional as F
 from torch import nn
 
 from repq.errors import RepqError
@@ -188,6 +189,44 @@ def _conv_or_gemm(g: _GraphBuilder, layer: nn.Module, inputs: list[str], base: s
     return g.node("Conv", inputs, base, **_conv_attrs(layer))
 
 
+def _pair(v: Any) -> tuple[int, int]:
+    return tuple(v) if isinstance(v, (tuple, list)) else (v, v)
+
+
+def _pool_attrs(kernel: Any, stride: Any, padding: Any, ceil_mode: bool) -> dict[str, Any]:
+    k, p = _pair(kernel), _pair(padding)
+    return dict(kernel_shape=list(k), strides=list(_pair(stride if stride else kernel)), pads=[p[0], p[1]] * 2,
+                ceil_mode=int(bool(ceil_mode)))
+
+
+def _emit_silu(g: _GraphBuilder, x: str, base: str) -> str:
+    return g.node("Mul", [x, g.node("Sigmoid", [x], base)], base)
+
+
+def _emit_gelu(g: _GraphBuilder, x: str, base: str) -> str:
+    """x * 0.5 * (1 + erf(x / sqrt(2))) (opset 19 has no Gelu)."""
+    root2 = g.const(base + "_sqrt2", np.array(np.sqrt(2.0), dtype=np.float32))
+    one, half = (g.const(base + n, np.array(v, dtype=np.float32)) for n, v in (("_one", 1.0), ("_half", 0.5)))
+    erf = g.node("Erf", [g.node("Div", [x, root2], base)], base)
+    return g.node("Mul", [g.node("Mul", [x, half], base), g.node("Add", [erf, one], base)], base)
+
+
+def _emit_clip(g: _GraphBuilder, x: str, base: str, low: float, high: float) -> str:
+    lo, hi = (g.const(base + n, np.array(v, dtype=np.float32)) for n, v in (("_lo", low), ("_hi", high)))
+    return g.node("Clip", [x, lo, hi], base)
+
+
+def _emit_resize(g: _GraphBuilder, x: str, base: str, scale: Any, mode: str) -> str:
+    """Nearest-neighbour upsampling by an integer factor (PyTorch's 'nearest' = ONNX asymmetric + floor)."""
+    factors = _pair(scale) if scale is not None else None
+    if mode != "nearest" or factors is None or any(float(f) != int(f) for f in factors):
+        raise RepqError(f"ONNX export supports nearest upsampling by an integer scale factor; '{base}' uses "
+                        f"mode={mode}, scale_factor={scale}")
+    scales = g.const(base + "_scales", np.array([1, 1, *factors], dtype=np.float32))
+    return g.node("Resize", [x, "", scales], base, mode="nearest", coordinate_transformation_mode="asymmetric",
+                  nearest_mode="floor")
+
+
 def _emit_module(g: _GraphBuilder, module: nn.Module, x: str, base: str, fusable: bool = False) -> str:
     if isinstance(module, QUANT_LAYERS):
         return _emit_quant_layer(g, module, x, base, fusable)
@@ -196,19 +235,45 @@ def _emit_module(g: _GraphBuilder, module: nn.Module, x: str, base: str, fusable
         return g.node("GlobalAveragePool", [g.node("DequantizeLinear", [codes, s, z], base)], base)
     if isinstance(module, (nn.Conv2d, nn.Linear)):
         return _emit_float_layer(g, module, x, base)
+    if isinstance(module, nn.ConvTranspose2d) and module.padding_mode == "zeros":   # kept in float (skip_layers)
+        w = g.const(base + "_w", module.weight.detach().cpu().numpy().astype(np.float32))
+        p = _pair(module.padding)
+        return g.node("ConvTranspose", [x, w] + _float_bias(g, module, base), base,
+                      kernel_shape=list(module.kernel_size), strides=list(module.stride), pads=[p[0], p[1]] * 2,
+                      output_padding=list(module.output_padding), group=module.groups,
+                      dilations=list(module.dilation))
     if isinstance(module, nn.ReLU):
         return g.node("Relu", [x], base)
+    if isinstance(module, nn.ReLU6):
+        return _emit_clip(g, x, base, 0.0, 6.0)
+    if isinstance(module, nn.SiLU):
+        return _emit_silu(g, x, base)
+    if isinstance(module, nn.Sigmoid):
+        return g.node("Sigmoid", [x], base)
+    if isinstance(module, nn.Tanh):
+        return g.node("Tanh", [x], base)
+    if isinstance(module, nn.Hardswish):
+        return g.node("HardSwish", [x], base)
+    if isinstance(module, nn.Hardsigmoid):
+        return g.node("HardSigmoid", [x], base, alpha=1 / 6, beta=0.5)
+    if isinstance(module, nn.LeakyReLU):
+        return g.node("LeakyRelu", [x], base, alpha=float(module.negative_slope))
+    if isinstance(module, nn.GELU) and module.approximate == "none":
+        return _emit_gelu(g, x, base)
     if is_global_avg_pool(module):
         return g.node("GlobalAveragePool", [x], base)
     if isinstance(module, nn.Flatten) and module.start_dim == 1 and module.end_dim == -1:
         return g.node("Flatten", [x], base, axis=1)
     if isinstance(module, (nn.Identity, nn.Dropout)):
         return x
-    if isinstance(module, nn.MaxPool2d):
-        k = module.kernel_size if isinstance(module.kernel_size, tuple) else (module.kernel_size,) * 2
-        s = module.stride if isinstance(module.stride, tuple) else (module.stride,) * 2
-        p = module.padding if isinstance(module.padding, tuple) else (module.padding,) * 2
-        return g.node("MaxPool", [x], base, kernel_shape=list(k), strides=list(s), pads=[p[0], p[1]] * 2)
+    if isinstance(module, nn.MaxPool2d) and _pair(module.dilation) == (1, 1) and not module.return_indices:
+        return g.node("MaxPool", [x], base, **_pool_attrs(module.kernel_size, module.stride, module.padding,
+                                                          module.ceil_mode))
+    if isinstance(module, nn.AvgPool2d) and module.divisor_override is None:
+        return g.node("AveragePool", [x], base, count_include_pad=int(module.count_include_pad),
+                      **_pool_attrs(module.kernel_size, module.stride, module.padding, module.ceil_mode))
+    if isinstance(module, nn.Upsample):
+        return _emit_resize(g, x, base, module.scale_factor, module.mode)
     raise RepqError(f"ONNX export does not support layer {type(module).__name__} at '{base}'")
 
 
@@ -222,23 +287,184 @@ def _requantized_outputs(graph: torch.fx.Graph, modules: dict[str, nn.Module]) -
         q = module.input_quantizer  # narrower codes put a Clip before the Q, which breaks the pattern too
         return q.bits == 8 and not (after_relu and q.signed)
 
+    def users_of(n: torch.fx.Node) -> list[torch.fx.Node]:
+        """Users, looking through nn.Identity / nn.Dropout (they emit no ONNX node)."""
+        out = []
+        for u in n.users:
+            passes = u.op == "call_module" and isinstance(modules[u.target], (nn.Identity, nn.Dropout))
+            out += users_of(u) if passes else [u]
+        return out
+
     found = set()
     for node in graph.nodes:
-        users, after_relu = list(node.users), False
+        users, after_relu = users_of(node), False
         if len(users) == 1 and users[0].op == "call_module" and isinstance(modules[users[0].target], nn.ReLU):
-            users, after_relu = list(users[0].users), True
+            users, after_relu = users_of(users[0]), True
         if users and all(quantized_input(u, after_relu) for u in users):
             found.add(node.name)
     return found
 
 
-def _is_flatten_from_dim1(node: torch.fx.Node) -> bool:
-    """torch.flatten(x, 1) / x.flatten(1), which is ONNX Flatten(axis=1); flatten() (start_dim 0) is not."""
-    is_flatten = (node.op == "call_function" and node.target is torch.flatten) or \
-        (node.op == "call_method" and node.target == "flatten")
-    start = node.args[1] if len(node.args) > 1 else node.kwargs.get("start_dim", 0)
-    end = node.args[2] if len(node.args) > 2 else node.kwargs.get("end_dim", -1)
-    return is_flatten and start == 1 and end == -1
+_BINARY = {operator.add: "Add", torch.add: "Add", operator.sub: "Sub", torch.sub: "Sub", operator.mul: "Mul",
+           torch.mul: "Mul", operator.truediv: "Div", torch.div: "Div"}
+_BINARY_METHODS = {"add": "Add", "sub": "Sub", "mul": "Mul", "div": "Div"}
+_UNARY = {torch.relu: "Relu", F.relu: "Relu", torch.sigmoid: "Sigmoid", F.sigmoid: "Sigmoid", torch.tanh: "Tanh",
+          F.hardswish: "HardSwish"}
+_UNARY_METHODS = {"relu": "Relu", "sigmoid": "Sigmoid", "tanh": "Tanh"}
+
+
+class _Values:
+    """ONNX names of the traced graph's values: tensors, 1-D int64 shape pieces (from size()/shape), lists of
+    tensors (chunk), and the Python constants fx leaves in the arguments."""
+
+    def __init__(self, g: _GraphBuilder):
+        self.g, self.names, self.shape_like = g, {}, set()
+
+    def __getitem__(self, node: torch.fx.Node) -> Any:
+        return self.names[node.name]
+
+    def set(self, node: torch.fx.Node, value: Any, shape_like: bool = False) -> None:
+        self.names[node.name] = value
+        if shape_like:
+            self.shape_like.add(node.name)
+
+    def tensor(self, arg: Any, base: str) -> str:
+        if isinstance(arg, torch.fx.Node):
+            return self.names[arg.name]
+        if isinstance(arg, (bool, int, float)):
+            return self.g.const(base + "_c", np.array(float(arg), dtype=np.float32))
+        raise RepqError(f"ONNX export does not support the argument {arg!r} in '{base}'")
+
+    def shape(self, pieces: Any, base: str) -> str:
+        """An int64 shape tensor from ints and size() values (view / reshape arguments)."""
+        parts = []
+        for p in pieces:
+            if isinstance(p, torch.fx.Node) and p.name in self.shape_like:
+                parts.append(self.names[p.name])
+            elif isinstance(p, int):
+                parts.append(self.g.const(base + "_dim", np.array([p], dtype=np.int64)))
+            else:
+                raise RepqError(f"ONNX export supports view/reshape with ints and size() values; '{base}' has {p!r}")
+        return parts[0] if len(parts) == 1 else self.g.node("Concat", parts, base, axis=0)
+
+
+def _dims(arg: Any) -> list[int]:
+    return list(arg) if isinstance(arg, (tuple, list)) else [arg]
+
+
+def _kwarg(node: torch.fx.Node, index: int, name: str, default: Any) -> Any:
+    return node.args[index] if len(node.args) > index else node.kwargs.get(name, default)
+
+
+def _emit_function(g: _GraphBuilder, node: torch.fx.Node, v: _Values) -> None:
+    """call_function and call_method nodes: arithmetic, activations, cat, shapes, pooling, means."""
+    fn, base = node.target, node.name
+    method = fn if node.op == "call_method" else None
+    x = node.args[0] if node.args else None
+    if fn in _BINARY or method in _BINARY_METHODS:
+        op = _BINARY.get(fn) or _BINARY_METHODS[method]
+        v.set(node, g.node(op, [v.tensor(node.args[0], base), v.tensor(node.args[1], base)], base))
+    elif fn in _UNARY or method in _UNARY_METHODS:
+        v.set(node, g.node(_UNARY.get(fn) or _UNARY_METHODS[method], [v[x]], base))
+    elif fn is F.silu:
+        v.set(node, _emit_silu(g, v[x], base))
+    elif fn is F.relu6:
+        v.set(node, _emit_clip(g, v[x], base, 0.0, 6.0))
+    elif fn is F.gelu and node.kwargs.get("approximate", "none") == "none":
+        v.set(node, _emit_gelu(g, v[x], base))
+    elif fn in (torch.cat, torch.concat):
+        axis = _kwarg(node, 1, "dim", 0)
+        v.set(node, g.node("Concat", [v[t] for t in node.args[0]], base, axis=axis))
+    elif fn is torch.flatten or method == "flatten":
+        start, end = _kwarg(node, 1, "start_dim", 0), _kwarg(node, 2, "end_dim", -1)
+        if start == 0 or end != -1:
+            raise RepqError(f"ONNX export does not support flatten with start_dim={start}, end_dim={end} at "
+                            f"'{base}' (supported: flatten(x, 1) and any start_dim >= 1 to the last dim)")
+        v.set(node, g.node("Flatten", [v[x]], base, axis=start))
+    elif method in ("view", "reshape") or fn is torch.reshape:
+        pieces = node.args[1:] if method else node.args[1]
+        if len(pieces) == 1 and isinstance(pieces[0], (tuple, list)):
+            pieces = pieces[0]
+        v.set(node, g.node("Reshape", [v[x], v.shape(pieces, base)], base))
+    elif method == "size" or (fn is getattr and node.args[1] == "shape"):
+        shape = g.node("Shape", [v[x]], base)
+        dim = _kwarg(node, 1, "dim", None) if method else None
+        if dim is None:
+            v.set(node, shape, shape_like=True)
+        else:
+            v.set(node, _slice(g, shape, dim, base), shape_like=True)
+    elif fn is operator.getitem and x.name in v.shape_like and isinstance(node.args[1], int):
+        v.set(node, _slice(g, v[x], node.args[1], base), shape_like=True)
+    elif fn is operator.getitem and isinstance(v[x], list) and isinstance(node.args[1], int):
+        v.set(node, v[x][node.args[1]])
+    elif method == "chunk" or fn is torch.chunk:
+        chunks, dim = _kwarg(node, 1, "chunks", None), _kwarg(node, 2, "dim", 0)
+        outs = [g.name(base + f"_chunk{i}") for i in range(chunks)]
+        g.nodes.append(g.helper.make_node("Split", [v[x]], outs, name=g.name(base + "_split"), axis=dim,
+                                          num_outputs=chunks))
+        v.set(node, outs)
+    elif method == "mean" or fn is torch.mean:
+        dims = _dims(_kwarg(node, 1, "dim", None))
+        keep = int(bool(_kwarg(node, 2, "keepdim", False)))
+        axes = g.const(base + "_axes", np.array(dims, dtype=np.int64))
+        v.set(node, g.node("ReduceMean", [v[x], axes], base, keepdims=keep))
+    elif fn is F.interpolate:
+        scale = node.kwargs.get("scale_factor", node.args[2] if len(node.args) > 2 else None)
+        if node.kwargs.get("size") is not None or (len(node.args) > 1 and node.args[1] is not None):
+            raise RepqError(f"ONNX export supports interpolate with scale_factor, not size, at '{base}'")
+        v.set(node, _emit_resize(g, v[x], base, scale, node.kwargs.get("mode", "nearest")))
+    elif fn is F.max_pool2d:
+        v.set(node, g.node("MaxPool", [v[x]], base, **_pool_attrs(
+            _kwarg(node, 1, "kernel_size", None), _kwarg(node, 2, "stride", None), _kwarg(node, 3, "padding", 0),
+            node.kwargs.get("ceil_mode", False))))
+    elif fn is F.avg_pool2d:
+        kernel = _kwarg(node, 1, "kernel_size", None)
+        if isinstance(kernel, torch.fx.Node):   # the original SE: avg_pool2d(x, kernel_size=x.size(3))
+            size = node.meta.get("tensor_meta")
+            if size is None or tuple(size.shape[2:]) != (1, 1):
+                raise RepqError(f"ONNX export supports avg_pool2d with a computed kernel only when it pools the "
+                                f"whole map; '{base}' does not")
+            v.set(node, g.node("GlobalAveragePool", [v[x]], base))
+        else:
+            v.set(node, g.node("AveragePool", [v[x]], base, count_include_pad=int(node.kwargs.get(
+                "count_include_pad", True)), **_pool_attrs(kernel, _kwarg(node, 2, "stride", None),
+                                                           _kwarg(node, 3, "padding", 0),
+                                                           node.kwargs.get("ceil_mode", False))))
+    elif fn is F.adaptive_avg_pool2d and _pair(_kwarg(node, 1, "output_size", None)) == (1, 1):
+        v.set(node, g.node("GlobalAveragePool", [v[x]], base))
+    elif method in ("contiguous", "float") or fn is torch.Tensor.contiguous:
+        v.set(node, v[x])
+    else:
+        where = _module_of(node)
+        raise RepqError(f"ONNX export does not support '{node.op} {getattr(fn, '__name__', fn)}'"
+                        + (f" in '{where}'" if where else "") + "; keep such code out of the exported model")
+
+
+def _slice(g: _GraphBuilder, shape: str, index: int, base: str) -> str:
+    start = g.const(base + "_start", np.array([index], dtype=np.int64))
+    end = g.const(base + "_end", np.array([index + 1 if index != -1 else np.iinfo(np.int64).max], dtype=np.int64))
+    return g.node("Slice", [shape, start, end], base)
+
+
+def _module_of(node: torch.fx.Node) -> str:
+    stack = node.meta.get("nn_module_stack") or {}
+    return next(reversed(stack.values()))[0] if stack else ""
+
+
+def _output_names(out: Any, prefix: str = "") -> list[tuple[str, Any]]:
+    """(ONNX output name, fx value) for each tensor of the model output: 'logits' for a single tensor; indices
+    or dict keys for tuples, lists and dicts; None skipped."""
+    if isinstance(out, torch.fx.Node):
+        return [(prefix or "logits", out)]
+    if isinstance(out, dict):
+        items = [(str(k), o) for k, o in out.items()]
+    elif isinstance(out, (tuple, list)):
+        items = [(str(i), o) for i, o in enumerate(out)]
+    elif out is None:
+        return []
+    else:
+        raise RepqError(f"ONNX export supports tensor, tuple, list and dict outputs, not {type(out).__name__}")
+    return [pair for key, o in items for pair in _output_names(o, f"{prefix}_{key}" if prefix else f"output_{key}")]
 
 
 def _leaf_tracer() -> torch.fx.Tracer:
@@ -252,42 +478,60 @@ def build_onnx(model: nn.Module, example_input: torch.Tensor):
     """The ONNX ModelProto of `model` (quantized: QDQ; float: plain), batch dimension dynamic."""
     from onnx import TensorProto, helper
 
+    from repq.reparam.verify import tensors_of
+
     try:
         graph = _leaf_tracer().trace(model)
     except Exception as exc:  # fx raises many types for dynamic control flow
-        raise RepqError(f"cannot trace the model for export ({type(exc).__name__}); repq exports static graphs")
+        raise RepqError(f"cannot trace the model for export ({type(exc).__name__}: "
+                        f"{str(exc).splitlines()[0] if str(exc) else ''}); repq exports static graphs")
     modules = dict(model.named_modules())
     requantized = _requantized_outputs(graph, modules)
+    try:   # static shapes of every value on the example (for pools whose kernel is computed from a size)
+        from torch.fx.passes.shape_prop import ShapeProp
+        with torch.no_grad():
+            ShapeProp(torch.fx.GraphModule(model, graph)).propagate(example_input[:1])
+    except Exception:  # noqa: BLE001 - shapes are an aid; the emitters that need them refuse without
+        pass
     g = _GraphBuilder()
-    values: dict[str, str] = {}
-    output = None
+    values = _Values(g)
+    outputs: list[tuple[str, Any]] = []
     for node in graph.nodes:
         if node.op == "placeholder":
-            values[node.name] = "input"
+            if values.names:
+                raise RepqError("ONNX export supports models with one input tensor")
+            values.set(node, "input")
         elif node.op == "call_module":
-            values[node.name] = _emit_module(g, modules[node.target], values[node.args[0].name], node.target,
-                                             fusable=node.name in requantized)
-        elif _is_flatten_from_dim1(node):
-            values[node.name] = g.node("Flatten", [values[node.args[0].name]], node.name, axis=1)
-        elif node.op == "call_function" and node.target in (operator.add, torch.add):
-            a, b = (values[arg.name] for arg in node.args[:2])
-            values[node.name] = g.node("Add", [a, b], node.name)
-        elif node.op == "call_function" and node.target in (torch.relu, nn.functional.relu):
-            values[node.name] = g.node("Relu", [values[node.args[0].name]], node.name)
+            values.set(node, _emit_module(g, modules[node.target], values[node.args[0]], node.target,
+                                          fusable=node.name in requantized))
+        elif node.op == "get_attr":
+            attr = _get_attr(model, node.target)
+            values.set(node, g.const(node.target, attr.detach().cpu().numpy().astype(np.float32)))
+        elif node.op in ("call_function", "call_method"):
+            _emit_function(g, node, values)
         elif node.op == "output":
-            output = values[node.args[0].name]
-        else:
-            raise RepqError(f"ONNX export does not support '{node.op} {node.target}' in the traced graph")
-    g.nodes.append(helper.make_node("Identity", [output], ["logits"], name="logits_identity"))
-    shape = ["batch", *example_input.shape[1:]]
-    inputs = [helper.make_tensor_value_info("input", TensorProto.FLOAT, shape)]
+            outputs = _output_names(node.args[0])
     with torch.no_grad():
-        classes = model(example_input[:1]).shape[-1]
-    outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", classes])]
-    onnx_graph = helper.make_graph(g.nodes, "repq", inputs, outputs, g.initializers)
+        shapes = [t.shape for t in tensors_of(model(example_input[:1]))]
+    if len(shapes) != len(outputs):
+        raise RepqError("ONNX export: the model's outputs could not be matched to its traced graph")
+    infos = []
+    for (name, node), shape in zip(outputs, shapes):
+        g.nodes.append(helper.make_node("Identity", [values[node]], [name], name=name + "_identity"))
+        infos.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, ["batch", *shape[1:]]))
+    inputs = [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", *example_input.shape[1:]])]
+    onnx_graph = helper.make_graph(g.nodes, "repq", inputs, infos, g.initializers)
     proto = helper.make_model(onnx_graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="repq")
     proto.ir_version = 9
     return proto
+
+
+def _get_attr(model: nn.Module, target: str) -> torch.Tensor:
+    owner, _, name = target.rpartition(".")
+    value = getattr(model.get_submodule(owner) if owner else model, name)
+    if not isinstance(value, torch.Tensor):
+        raise RepqError(f"ONNX export supports tensor attributes only; '{target}' is {type(value).__name__}")
+    return value
 
 
 def export_onnx(model: nn.Module, path: str | os.PathLike, example_input: torch.Tensor,

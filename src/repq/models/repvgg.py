@@ -17,6 +17,7 @@ class RepVGGSpec:
     width_a: float
     width_b: float
     group_every_other: int = 1  # g2/g4 variants: groups on blocks 2, 4, ..., 26 (counted from 1 in stage 1)
+    use_se: bool = False        # D2se: an SE block in every block, after the branch sum
 
 
 class RepVGG(nn.Module):
@@ -32,8 +33,8 @@ class RepVGG(nn.Module):
 
         def block(cin: int, cout: int, stride: int, groups: int = 1) -> nn.Module:
             if deploy:
-                return FusedConvAct(cin, cout, stride, groups)
-            return RepVGGBlock(cin, cout, stride, groups, oabn=oabn_config)
+                return FusedConvAct(cin, cout, stride, groups, use_se=spec.use_se)
+            return RepVGGBlock(cin, cout, stride, groups, oabn=oabn_config, use_se=spec.use_se)
 
         self.stage0 = block(in_chans, stem_width, 1 if small_input else 2)
         cin, layer_idx = stem_width, 1
@@ -53,14 +54,16 @@ class RepVGG(nn.Module):
         return self.linear(self.gap(x).flatten(1))
 
 
-_A, _B = (2, 4, 14, 1), (4, 6, 16, 1)
+_A, _B, _D = (2, 4, 14, 1), (4, 6, 16, 1), (8, 14, 24, 1)
 SPECS: dict[str, RepVGGSpec] = {
     "repvgg_a0": RepVGGSpec(_A, 0.75, 2.5), "repvgg_a1": RepVGGSpec(_A, 1.0, 2.5),
     "repvgg_a2": RepVGGSpec(_A, 1.5, 2.75), "repvgg_b0": RepVGGSpec(_B, 1.0, 2.5),
     "repvgg_b1": RepVGGSpec(_B, 2.0, 4.0), "repvgg_b1g2": RepVGGSpec(_B, 2.0, 4.0, 2),
     "repvgg_b1g4": RepVGGSpec(_B, 2.0, 4.0, 4), "repvgg_b2": RepVGGSpec(_B, 2.5, 5.0),
-    "repvgg_b2g4": RepVGGSpec(_B, 2.5, 5.0, 4), "repvgg_b3": RepVGGSpec(_B, 3.0, 5.0),
+    "repvgg_b2g2": RepVGGSpec(_B, 2.5, 5.0, 2), "repvgg_b2g4": RepVGGSpec(_B, 2.5, 5.0, 4),
+    "repvgg_b3": RepVGGSpec(_B, 3.0, 5.0), "repvgg_b3g2": RepVGGSpec(_B, 3.0, 5.0, 2),
     "repvgg_b3g4": RepVGGSpec(_B, 3.0, 5.0, 4),
+    "repvgg_d2se": RepVGGSpec(_D, 2.5, 5.0, use_se=True),
 }
 
 

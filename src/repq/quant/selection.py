@@ -17,6 +17,7 @@ from torch import Tensor, nn
 
 from repq.errors import RepqError
 from repq.quant.calibrators import CalibrationConfig, HistogramObserver
+from repq.reparam.verify import tensors_of
 from repq.quant.modules import QUANT_LAYERS, ActQuantizer
 
 # Candidate label -> (method, percentile). Every single-tensor calibrator of methods.md section 3.
@@ -193,11 +194,10 @@ def pick(choice: Choice) -> str:
 
 
 def _flat_outputs(out) -> Tensor:
-    if isinstance(out, Tensor):
-        return out.flatten(1) if out.dim() > 1 else out.reshape(len(out), -1)
-    if isinstance(out, dict):
-        out = list(out.values())
-    return torch.cat([_flat_outputs(o) for o in out], dim=1)
+    """The network's per-image outputs side by side (tensors of a tuple / list / dict output; per-batch scalars
+    such as a training loss are left out)."""
+    parts = [t.flatten(1) if t.dim() > 1 else t.reshape(len(t), -1) for t in tensors_of(out) if t.dim() >= 1]
+    return torch.cat(parts, dim=1)
 
 
 @torch.no_grad()

@@ -1,8 +1,10 @@
 """Block adapters: fuse the re-parameterizable blocks users already have, whatever their attribute names.
 
 A layout says which attributes of a block hold its k x k conv+BN branches, its 1x1 branches, its identity
-branch, an optional BN after the sum (QARepVGG) and the modules that follow (SE/attention, activation). Every
-layout is fused by the same code: fold each branch, merge, fold the post-sum BN.
+branch, an optional average-pool branch (YOLOv6 QARepVGGBlockV2), an optional BN after the sum (QARepVGG) and the
+modules that follow (SE/attention, activation). Every layout is fused by the same code: fold each branch, merge,
+fold the post-sum BN. A layout is used only when it accounts for every sub-module of the block that holds state
+(`unaccounted`); the fused block is then verified against the original (reparam/verify.py).
 """
 from __future__ import annotations
 
@@ -24,12 +26,18 @@ class BlockLayout:
     post: tuple[str, ...]           # modules after the sum, kept as they are (absent ones are skipped)
     post_norm: str | None = None    # BN after the branch sum (QARepVGG)
     kxk_is_list: bool = False
+    avg: str | None = None          # k x k average-pool branch (QARepVGGBlockV2), may be None on the block
+
+    def attributes(self) -> set[str]:
+        return {self.kxk, self.one_by_one, self.identity, *self.post,
+                *(a for a in (self.post_norm, self.avg) if a is not None)}
 
 
 LAYOUTS: tuple[BlockLayout, ...] = (
-    BlockLayout("yolov6_qarepvgg", "rbr_dense", "rbr_1x1", "rbr_identity", ("se", "nonlinearity"), post_norm="bn"),
+    BlockLayout("yolov6_qarepvgg", "rbr_dense", "rbr_1x1", "rbr_identity", ("se", "nonlinearity"), post_norm="bn",
+                avg="rbr_avg"),
     BlockLayout("original_repvgg", "rbr_dense", "rbr_1x1", "rbr_identity", ("se", "nonlinearity")),
-    BlockLayout("timm_mobileone", "conv_kxk", "conv_scale", "identity", ("se", "act"), kxk_is_list=True),
+    BlockLayout("timm_mobileone", "conv_kxk", "conv_scale", "identity", ("se", "attn", "act"), kxk_is_list=True),
     BlockLayout("timm_repvgg", "conv_kxk", "conv_1x1", "identity", ("attn", "act")),
     BlockLayout("mobileone", "rbr_conv", "rbr_scale", "rbr_skip", ("se", "activation"), kxk_is_list=True),
     BlockLayout("mmpretrain_repvgg", "branch_3x3", "branch_1x1", "branch_norm", ("se_layer", "act")),
@@ -58,6 +66,23 @@ def _kxk_branches(module: nn.Module, layout: BlockLayout) -> list[nn.Module]:
     return list(kxk) if layout.kxk_is_list else [kxk]
 
 
+def _has_state(m: nn.Module) -> bool:
+    return any(True for _ in m.parameters()) or any(True for _ in m.buffers())
+
+
+def unaccounted(module: nn.Module, layout: BlockLayout) -> tuple[list[str], list[str]]:
+    """Sub-modules of `module` that `layout` does not name: (those holding parameters or buffers, which repq
+    would drop, so the layout must not be used; stateless ones, e.g. drop_path, which verification judges)."""
+    known = layout.attributes()
+    extra = [(name, child) for name, child in module.named_children() if name not in known]
+    return ([n for n, c in extra if _has_state(c)],
+            [n for n, c in extra if not _has_state(c) and not isinstance(c, (nn.Identity, nn.Dropout))])
+
+
+def _avg_branch(module: nn.Module, layout: BlockLayout) -> nn.AvgPool2d | None:
+    return getattr(module, layout.avg, None) if layout.avg else None
+
+
 def match_layout(module: nn.Module) -> BlockLayout | None:
     """The first layout whose branches this module has (in training form: no fused conv yet)."""
     for layout in LAYOUTS:
@@ -74,8 +99,21 @@ def match_layout(module: nn.Module) -> BlockLayout | None:
             continue  # a bare 1x1 conv without a post-sum BN is not a layout we know
         if not hasattr(module, layout.identity) and not hasattr(module, layout.one_by_one):
             continue
+        avg = _avg_branch(module, layout)
+        if avg is not None and not _foldable_avg(avg, branches[0].conv):
+            continue
         return layout
     return None
+
+
+def _foldable_avg(avg: nn.Module, geometry: nn.Conv2d) -> bool:
+    """An average pool equal to a k x k conv on the kxk branch's grid: zero padding counted, no divisor override."""
+    k = geometry.kernel_size[0]
+    as_pair = lambda v: tuple(v) if isinstance(v, (tuple, list)) else (v, v)  # noqa: E731
+    return isinstance(avg, nn.AvgPool2d) and as_pair(avg.kernel_size) == (k, k) and \
+        as_pair(avg.stride) == tuple(geometry.stride) and as_pair(avg.padding) == tuple(geometry.padding) and \
+        avg.count_include_pad and avg.divisor_override is None and not avg.ceil_mode and \
+        geometry.in_channels == geometry.out_channels and tuple(geometry.dilation) == (1, 1)
 
 
 def _fold_with_bias(weight: Tensor, bias: Tensor | None, bn: nn.BatchNorm2d) -> tuple[Tensor, Tensor]:
@@ -108,6 +146,9 @@ def merge_block(block: nn.Module, layout: BlockLayout) -> tuple[Tensor, Tensor]:
             branches.append(fold_bn(eye, ident))
         else:
             branches.append((eye, torch.zeros(geometry.out_channels, device=eye.device)))
+    if _avg_branch(block, layout) is not None:   # mean over the k x k window of the same channel
+        avg = identity_kernel(geometry.in_channels, geometry.groups, k, like=geometry.weight).sum((2, 3), keepdim=True)
+        branches.append((avg.expand(-1, -1, k, k) / (k * k), torch.zeros(geometry.out_channels, device=avg.device)))
     weight, bias = merge_branches(branches, k)
     if layout.post_norm is not None:
         weight, bias = _fold_with_bias(weight, bias, getattr(block, layout.post_norm))
