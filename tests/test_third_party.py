@@ -236,3 +236,29 @@ def test_a_layer_repq_cannot_quantize_is_kept_in_float_when_asked(tmp_path):
     for sim, out in zip(q(images), _session(path).run(None, {"input": images.numpy()})):
         close = np.abs(out - sim.numpy()) <= 1e-3 + 0.02 * np.abs(sim.numpy()).max()
         assert close.mean() > 0.99
+
+
+def test_yolov6_training_checkpoint_is_read_without_running_code(tmp_path):
+    """YOLOv6 saves {"model": deepcopy(model).half(), "ema": ...}: a pickled module. repq reads its tensors with
+    every class resolved to an inert stand-in; a file whose pickle would call os.system runs nothing."""
+    import os
+
+    torch.manual_seed(5)
+    net = randomize_bn(YOLOv6Like(), seed=3)
+    torch.save({"model": YOLOv6Like().half(), "ema": __import__("copy").deepcopy(net).half(), "epoch": 3},
+               tmp_path / "yolov6.pt")
+    state = repq.read_state_dict(tmp_path / "yolov6.pt")
+    fresh = YOLOv6Like()
+    fresh.load_state_dict(state)   # every key and shape, from the EMA model
+    assert torch.equal(fresh.state_dict()["backbone.stem.rbr_dense.bn.running_var"],
+                       net.half().float().state_dict()["backbone.stem.rbr_dense.bn.running_var"])
+
+    marker = tmp_path / "pwned"
+
+    class Evil:
+        def __reduce__(self):
+            return os.system, (f"touch {marker}",)
+    torch.save({"model": Evil()}, tmp_path / "evil.pt")
+    with pytest.raises(repq.RepqError, match="holds no model object"):
+        repq.read_state_dict(tmp_path / "evil.pt")
+    assert not marker.exists()

@@ -12,6 +12,7 @@ from repq.data import ImageDataset, load_dataset
 from repq.errors import RepqError
 from repq.evaluation import evaluate
 from repq.export import export_onnx
+from repq.foreign import load_foreign_weights, read_state_dict
 from repq.models import create_model, list_models, register_model
 from repq.ptq import PTQConfig, quantize
 from repq.qat import QATConfig, convert_qat, prepare_qat
@@ -23,4 +24,5 @@ __version__ = "0.1.0"
 
 __all__ = ["ImageDataset", "PTQConfig", "QATConfig", "RepqError", "TrainConfig", "analyze", "cfws_split",
            "convert_qat", "create_model", "evaluate", "export_onnx", "list_models", "load_checkpoint", "load_dataset",
-           "load_into", "prepare_qat", "quantize", "register_model", "reparameterize", "save_checkpoint", "train"]
+           "load_foreign_weights", "load_into", "prepare_qat", "quantize", "read_state_dict", "register_model",
+           "reparameterize", "save_checkpoint", "train"]

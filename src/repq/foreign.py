@@ -3,12 +3,18 @@
 Layouts: "original" (DingXiaoH/RepVGG and YOLOv6-style keys, which are repq's own, optionally under `module.`)
 and "mmpretrain" (OpenMMLab: backbone.stem, backbone.stage_N.i.branch_3x3.conv/norm, branch_1x1, branch_norm,
 head.fc, as mmpretrain's own RepVGG converter names them).
-Files are read with torch.load(weights_only=True): loading never runs code from them.
+Files are read with torch.load(weights_only=True): loading never runs code from them. Checkpoints that pickle a
+whole model object (YOLOv6 saves `{"model": model.half(), ...}`) are read with `read_pickled_modules`, an
+unpickler that resolves every class to an inert stand-in, so nothing from the file is imported or called; only
+the tensors of the modules' `_parameters` and `_buffers` are kept.
 """
 from __future__ import annotations
 
 import os
+import pickle
 import re
+from types import SimpleNamespace
+from typing import Any
 
 import torch
 from torch import nn
@@ -28,9 +34,73 @@ _MMPRETRAIN_RULES = [
 ]
 
 
+# what a pickled nn.Module needs from torch to rebuild its tensors: nothing else from the file is resolved
+_TORCH_REBUILDERS = {("torch._utils", "_rebuild_tensor_v2"), ("torch._utils", "_rebuild_parameter"),
+                     ("torch._utils", "_rebuild_parameter_with_state"), ("collections", "OrderedDict"),
+                     ("torch", "Size"), ("torch._tensor", "_rebuild_from_type_v2")}
+
+
+class _Inert:
+    """Stands in for any class or function named in the file: records its arguments and state, runs nothing."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self.__dict__["_args"] = args
+
+    def __setstate__(self, state: Any) -> None:
+        if isinstance(state, tuple) and len(state) == 2 and isinstance(state[1], dict):
+            state = {**(state[0] or {}), **state[1]}
+        if isinstance(state, dict):
+            self.__dict__.update(state)
+
+
+class _InertUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) in _TORCH_REBUILDERS:
+            return super().find_class(module, name)
+        return type(name, (_Inert,), {"__module__": "repq.inert." + module})
+
+
+# torch.load's wrapper subclasses `pickle_module.Unpickler`; storages it resolves itself
+_INERT_PICKLE = SimpleNamespace(Unpickler=_InertUnpickler, load=pickle.load, __name__="repq_inert_pickle")
+
+
+def _module_state(obj: Any, prefix: str = "") -> dict[str, torch.Tensor]:
+    """The state dict of an inert stand-in of an nn.Module: its `_parameters` and `_buffers`, recursively."""
+    state: dict[str, torch.Tensor] = {}
+    for kind in ("_parameters", "_buffers"):
+        for name, value in (getattr(obj, "__dict__", {}).get(kind) or {}).items():
+            if isinstance(value, torch.Tensor):
+                state[prefix + name] = value.detach().float() if value.is_floating_point() else value
+    for name, child in (getattr(obj, "__dict__", {}).get("_modules") or {}).items():
+        if child is not None:
+            state.update(_module_state(child, f"{prefix}{name}."))
+    return state
+
+
+def read_pickled_modules(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """The state dict (float32) of the model object pickled in a training checkpoint (YOLOv6: `ckpt["ema"]` if
+    present, else `ckpt["model"]`), without importing or running anything named in the file."""
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=False, pickle_module=_INERT_PICKLE)
+    except Exception as exc:  # noqa: BLE001 - any failure of this reader is "not a file we can read"
+        raise RepqError(f"{path} is not a readable checkpoint ({type(exc).__name__})") from None
+    candidates = [payload.get(k) for k in ("ema", "model")] if isinstance(payload, dict) else [payload]
+    for obj in candidates:
+        state = _module_state(obj) if isinstance(obj, _Inert) else {}
+        if state:
+            return state
+    raise RepqError(f"{path} holds no model object or state dict of tensors")
+
+
 def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """The tensor state dict inside a foreign checkpoint (a bare state dict, or under state_dict / model)."""
-    payload = safe_torch_load(path, "pass the checkpoint file you downloaded")
+    """The tensor state dict inside a foreign checkpoint (a bare state dict, or under state_dict / model; a
+    pickled model object, as YOLOv6 saves it, is read by `read_pickled_modules`)."""
+    try:
+        payload = safe_torch_load(path, "pass the checkpoint file you downloaded")
+    except RepqError as err:
+        if "could run code" not in str(err):
+            raise
+        return read_pickled_modules(path)
     for key in ("state_dict", "model", "net"):
         if isinstance(payload, dict) and isinstance(payload.get(key), dict):
             payload = payload[key]
