@@ -18,7 +18,7 @@ from torch import nn
 import repq
 from repq.reparam import fuse_blocks, fused_blocks
 from tests.conftest import randomize_bn
-from tests.third_party_layouts import (ExtraBranchBlock, OriginalRepVGG, QARepVGGBlockV2, RepVGGBlock, RepVGGplus,
+from tests.third_party_layouts import (BepC3, ExtraBranchBlock, OriginalRepVGG, QARepVGGBlockV2, RepVGGBlock, RepVGGplus,
                                        RepVGGplusBlock, SEBlock, SEModule, SimConv, Transpose, YOLOv6Like,
                                        qarepvgg_v2_net, timm_mobileone, yolov6_fuse_model)
 
@@ -236,6 +236,30 @@ def test_a_layer_repq_cannot_quantize_is_kept_in_float_when_asked(tmp_path):
     for sim, out in zip(q(images), _session(path).run(None, {"input": images.numpy()})):
         close = np.abs(out - sim.numpy()) <= 1e-3 + 0.02 * np.abs(sim.numpy()).max()
         assert close.mean() > 0.99
+
+
+@torch.no_grad()
+def test_bepc3_stage_with_learned_alpha(tmp_path):
+    """YOLOv6 v3's BepC3: ConvModules, cat, BottleRep pairs of RepVGG blocks with a learned residual alpha (a
+    parameter on a container, applied in float)."""
+    torch.manual_seed(6)
+    net = nn.Sequential(RepVGGBlock(1, 8, 2), BepC3(8, 16, n=4), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                        nn.Linear(16, 4))
+    with torch.no_grad():
+        for m in net.modules():
+            if hasattr(m, "alpha") and isinstance(m.alpha, nn.Parameter):
+                m.alpha.fill_(0.7)
+    net = randomize_bn(net, seed=2)
+    x = torch.randn(2, 1, 16, 16)
+    fused, report = _assert_exact(net, x)
+    assert len(fused_blocks(report)) == 5 and sum("bn" in r for r in report) == 3
+    calib = torch.randn(16, 1, 16, 16)
+    q = repq.quantize(net, calib, repq.PTQConfig(num_samples=16))
+    path = export_onnx(q, tmp_path / "bepc3.onnx", calib[:1])
+    images = torch.randn(64, 1, 16, 16)
+    out = _session(path).run(None, {"input": images.numpy()})[0]
+    sim = q(images).numpy()
+    assert np.abs(out - sim).max() <= 0.02 * np.abs(sim).max()
 
 
 def test_yolov6_training_checkpoint_is_read_without_running_code(tmp_path):

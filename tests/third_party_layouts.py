@@ -251,6 +251,29 @@ class RepBlock(nn.Module):
         return self.block(x) if self.block is not None else x
 
 
+class BottleRep(nn.Module):
+    def __init__(self, cin, cout, basic_block=RepVGGBlock, weight=False):
+        super().__init__()
+        self.conv1, self.conv2 = basic_block(cin, cout), basic_block(cout, cout)
+        self.shortcut = cin == cout
+        self.alpha = nn.Parameter(torch.ones(1)) if weight else 1.0
+
+    def forward(self, x):
+        outputs = self.conv2(self.conv1(x))
+        return outputs + self.alpha * x if self.shortcut else outputs
+
+
+class BepC3(nn.Module):   # YOLOv6 v3's CSP stage: ConvModules around a RepBlock of BottleReps (learned alpha)
+    def __init__(self, cin, cout, n=2, e=0.5, block=RepVGGBlock):
+        super().__init__()
+        c_ = int(cout * e)
+        self.cv1, self.cv2, self.cv3 = SimConv(cin, c_, 1, 1), SimConv(cin, c_, 1, 1), SimConv(2 * c_, cout, 1, 1)
+        self.m = nn.Sequential(*(BottleRep(c_, c_, block, weight=True) for _ in range(n // 2)))
+
+    def forward(self, x):
+        return self.cv3(torch.cat((self.m(self.cv1(x)), self.cv2(x)), dim=1))
+
+
 class SimSPPF(nn.Module):
     def __init__(self, cin, cout, kernel_size=5):
         super().__init__()
