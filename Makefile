@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)  ## train a small RepVGG on the bundled digits, fuse, quantize with every PTQ recipe
-	$(VENV)/bin/repq demo --out runs/demo
+	$(VENV)/bin/repq demo --out runs/demo --overwrite
 
 test: $(STAMP)  ## the whole test suite
 	$(PY) -m pytest -q

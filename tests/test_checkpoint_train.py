@@ -103,7 +103,7 @@ def test_resume_into_another_architecture_is_one_line(digits, tmp_path, capsys):
     train_ds, _ = digits
     _short_run(train_ds, out=str(tmp_path / "run.pt"), epochs=1)
     code = main(["train", "--data", "digits", "--model", "repvgg_a1", "--resume", str(tmp_path / "run.pt"),
-                 "--out", str(tmp_path / "new.pt"), "--epochs", "1", "--max-steps", "1"])
+                 "--out", str(tmp_path / "new.pt"), "--epochs", "2", "--max-steps", "1"])
     err = capsys.readouterr().err
     assert code == 2 and "repvgg_a0" in err and "repvgg_a1" in err and len(err.strip().splitlines()) == 1
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -48,11 +49,17 @@ def save_checkpoint(path: str | os.PathLike, model: nn.Module, **extra: Any) -> 
 def safe_torch_load(path: str | os.PathLike, missing_hint: str) -> Any:
     """torch.load(weights_only=True): tensors and plain containers only; one-line errors for missing files,
     files that would need to run code, and files that are not torch files at all."""
+    if not str(path).strip():
+        raise RepqError(f"the checkpoint path is empty; {missing_hint}")
     path = Path(path)
+    if path.is_dir():
+        raise RepqError(f"{path} is a directory, not a checkpoint file; {missing_hint}")
     if not path.is_file():
         raise RepqError(f"{path} not found; {missing_hint}")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():   # torch's own pickle warnings would precede repq's one-line refusal
+            warnings.simplefilter("ignore")
+            return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError:
         with open(path, "rb") as fh:
             head = fh.read(2)
@@ -81,14 +88,56 @@ def _load_state(model: nn.Module, state: dict[str, Any], where: str, expected: s
         raise RepqError(f"checkpoint {where} does not fit {expected}: parameter names or shapes differ") from None
 
 
+def _build(payload: dict[str, Any], path: str) -> nn.Module:
+    """The model the checkpoint's config describes (quantized structure included); one-line errors for configs
+    that cannot be built (hand-edited, corrupt)."""
+    config = payload.get("model")
+    if not isinstance(config, dict) or not isinstance(config.get("name"), str):
+        raise RepqError(f"{path} has no valid model config (the 'model' entry); the file is damaged")
+    config = dict(config)
+    try:
+        model = create_model(config.pop("name"), **config)
+        if payload.get("quant"):
+            from repq.ptq import restore_quantized
+            model = restore_quantized(model, payload["quant"])
+    except RepqError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - any failure here comes from the file's config
+        raise RepqError(f"{path}: its model config or quantization metadata cannot be used ({type(exc).__name__}: "
+                        f"{str(exc).splitlines()[0] if str(exc) else ''}); the file is damaged or edited") from None
+    return model
+
+
+def _check_values(payload: dict[str, Any], path: str) -> None:
+    """Refuse NaN / Inf in the weights and in the quantization scales before anything runs on them."""
+    state = payload.get("state_dict")
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise RepqError(f"{path} has no state dict of tensors; the file is damaged")
+    for name, tensor in state.items():
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            raise RepqError(f"{path} has NaN/Inf values in '{name}'; the checkpoint is corrupt")
+    quant = payload.get("quant") or {}
+    for name, spec in {**(quant.get("layers") or {}), **(quant.get("pools") or {})}.items():
+        scale = spec.get("input_scale") if isinstance(spec, dict) else None
+        if scale is not None and not (isinstance(scale, (int, float)) and 0 < scale < float("inf")):
+            raise RepqError(f"{path} has an invalid input scale ({scale}) for '{name}'; the checkpoint is corrupt")
+
+
 def load_checkpoint(path: str | os.PathLike) -> tuple[nn.Module, dict[str, Any]]:
-    """Rebuild the model a checkpoint describes (train-time, fused or quantized) in eval mode."""
+    """Rebuild the model a checkpoint describes (train-time, fused or quantized) in eval mode. The config is first
+    built on the meta device (no memory) and compared with the state dict, so a config that claims a huge model
+    is refused before anything is allocated."""
     payload = read_checkpoint(path)
-    config = dict(payload["model"])
-    model = create_model(config.pop("name"), **config)
-    if payload.get("quant"):
-        from repq.ptq import restore_quantized
-        model = restore_quantized(model, payload["quant"])
+    _check_values(payload, str(path))
+    with torch.device("meta"):
+        skeleton = _build(payload, str(path))
+    expected = {k: tuple(v.shape) for k, v in skeleton.state_dict().items()}
+    held = {k: tuple(v.shape) for k, v in payload["state_dict"].items()}
+    if expected != held:
+        wrong = sorted(set(expected) ^ set(held)) or [k for k in expected if expected[k] != held[k]]
+        raise RepqError(f"checkpoint {path} does not fit {_describe(payload['model'])}: parameter names or shapes "
+                        f"differ (e.g. '{wrong[0]}'); the file is damaged or edited")
+    model = _build(payload, str(path))
     _load_state(model, payload["state_dict"], str(path), _describe(payload["model"]))
     return model.eval(), payload
 

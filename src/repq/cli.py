@@ -12,29 +12,34 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+from repq.cli_checks import (CheckFailed, OneLineParser, bit_width, check_data_matches, check_input_file,
+                             check_output_file, check_output_folder, data_meta, fraction, image_size,
+                             nonnegative_float, nonnegative_int, positive_float, positive_int)
 from repq.errors import RepqError
 from repq.tables import format_table
 
 
 # ---------------------------------------------------------------- output helpers
+def _finite(value: Any) -> Any:
+    """NaN / Infinity become null: JSON has no such numbers."""
+    if isinstance(value, float) and not (value == value and abs(value) != float("inf")):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
+
+
 def _emit(args: argparse.Namespace, result: dict[str, Any], human: str) -> None:
     if args.json:
-        print(json.dumps(result, default=str))
+        print(json.dumps(_finite(result), default=str, allow_nan=False))
     else:
         print(human)
 
 
 def _norm_method(name: str) -> str:
     return name.strip().replace("-", "_")
-
-
-def _check_output(out: str | None, *inputs: str | None) -> None:
-    """An output path must never be one of the inputs (inputs are never overwritten)."""
-    if not out:
-        return
-    for inp in inputs:
-        if inp and Path(out).resolve() == Path(inp).resolve():
-            raise RepqError(f"--out {out} is the input checkpoint; write to a new file (inputs are never overwritten)")
 
 
 def _check_data_fits(model_config: dict[str, Any], data) -> None:
@@ -53,27 +58,56 @@ def _limit(data, limit: int | None):
 
 
 # ---------------------------------------------------------------- commands
+_OABN_OPTIONS = ("oabn_branches", "oabn_rule", "oabn_tau", "oabn_k")
+
+
+def _build_model(name: str, **kwargs: Any):
+    """create_model with one-line errors for arguments the model cannot take (e.g. a width that leaves no channel)."""
+    import repq
+    try:
+        return repq.create_model(name, **kwargs)
+    except (ValueError, TypeError) as exc:
+        raise RepqError(f"--model {name} cannot be built with these options: {exc}") from None
+
+
 def cmd_train(args: argparse.Namespace) -> None:
     import torch
 
     import repq
+    from repq.checkpoint import read_checkpoint
 
-    _check_output(args.out, args.resume)
+    check_input_file(args.resume, "--resume")
+    check_output_file(args.out, "--out", (args.resume,), args.overwrite)
+    given = [f"--{o.replace('_', '-')}" for o in _OABN_OPTIONS if getattr(args, o) is not None]
+    if given and not args.oabn:
+        raise RepqError(f"{', '.join(given)} {'configure' if len(given) > 1 else 'configures'} OABN; add --oabn, "
+                        "or drop the option")
+    extra = {}
+    if args.oabn:
+        defaults = {"oabn_branches": "identity", "oabn_rule": "fixed", "oabn_tau": 1.0, "oabn_k": 1.0}
+        opts = {o: getattr(args, o) if getattr(args, o) is not None else defaults[o] for o in _OABN_OPTIONS}
+        extra["oabn"] = {"branches": opts["oabn_branches"], "rule": opts["oabn_rule"], "tau": opts["oabn_tau"],
+                         "k": opts["oabn_k"]}
+    with torch.device("meta"):   # the options are checked on a model that allocates nothing
+        _build_model(args.model, num_classes=2, in_chans=1, small_input=args.small_input,
+                     width_scale=args.width_scale, **extra)
+    if args.resume:
+        done = (read_checkpoint(args.resume).get("train_state") or {}).get("epoch")
+        if done is not None and done >= args.epochs:
+            raise RepqError(f"--resume {args.resume} already has {done} epochs; give --epochs above {done} to "
+                            "train further")
     train_ds = repq.load_dataset(args.data, "train", args.image_size)
     test_ds = _limit(repq.load_dataset(args.data, "test", args.image_size), args.eval_limit)
     torch.manual_seed(args.seed)  # the initialization is part of the seeded run
-    extra = {}
-    if args.oabn:
-        extra["oabn"] = {"branches": args.oabn_branches, "rule": args.oabn_rule, "tau": args.oabn_tau,
-                         "k": args.oabn_k}
-    model = repq.create_model(args.model, num_classes=train_ds.num_classes, in_chans=train_ds.in_chans,
-                              small_input=args.small_input, width_scale=args.width_scale, **extra)
+    model = _build_model(args.model, num_classes=train_ds.num_classes, in_chans=train_ds.in_chans,
+                         small_input=args.small_input, width_scale=args.width_scale, **extra)
     config = repq.TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                               weight_decay=args.weight_decay, label_smoothing=args.label_smoothing,
                               warmup_epochs=args.warmup_epochs, augment=not args.no_augment, seed=args.seed,
                               max_steps_per_epoch=args.max_steps)
     history = repq.train(model, train_ds, config, eval_data=test_ds, out=args.out, resume=args.resume,
-                         progress=not args.json)
+                         progress=not args.json,
+                         checkpoint_extra={"data": args.data, "data_meta": data_meta(train_ds)})
     from repq.training import distributed_context
     if distributed_context()[0] != 0:
         return
@@ -82,6 +116,7 @@ def cmd_train(args: argparse.Namespace) -> None:
             for e in history["epochs"]]
     human = format_table(["epoch", "train top-1", "test top-1", "images/s"], rows)
     human += f"\n\nfused model test top-1: {fused['top1']:.2f}   checkpoint: {args.out}"
+    human += f"\nnext: repq ptq --checkpoint {args.out} --data {args.data} --out <int8.pt>"
     _emit(args, {"command": "train", "checkpoint": args.out, "epochs": history["epochs"],
                  "loss": history["loss"][-1] if history["loss"] else None, "fused": fused,
                  "seconds": history["seconds"]}, human)
@@ -160,54 +195,71 @@ def _format_layer_report(result: dict[str, Any]) -> str:
 def cmd_ptq(args: argparse.Namespace) -> None:
     import repq
 
-    _check_output(args.out, args.checkpoint)
+    check_input_file(args.checkpoint, "--checkpoint")
+    check_output_file(args.out, "--out", (args.checkpoint,), args.overwrite)
     grid = _ptq_grid(args)                   # every option checked before any data is loaded
     configs = [_ptq_config(args, options) for options in grid]
     if args.out and len(grid) > 1:
         raise RepqError("--out saves one quantized model; drop --compare or give one method per option")
     if args.timm and args.out:
         raise RepqError("--out saves repq models only; for a timm model use the Python API or drop --out")
+    payload: dict[str, Any] = {}
+    if not args.timm:
+        model, payload = repq.load_checkpoint(args.checkpoint)
+        if payload.get("quant"):
+            raise RepqError(f"{args.checkpoint} is already quantized; pass the float checkpoint from `repq train`")
     train_ds = repq.load_dataset(args.data, "train", args.image_size)
     test_ds = _limit(repq.load_dataset(args.data, "test", args.image_size), args.eval_limit)
     if args.timm:
         model = _timm_model(args.timm, args.checkpoint, train_ds)
     else:
-        model, payload = repq.load_checkpoint(args.checkpoint)
-        if payload.get("quant"):
-            raise RepqError(f"{args.checkpoint} is already quantized; pass the float checkpoint from `repq train`")
         _check_data_fits(payload["model"], train_ds)
+        check_data_matches(payload, train_ds, args.allow_data_mismatch)
+    if args.calib > len(train_ds):
+        print(f"note: --calib {args.calib}: the train split has {len(train_ds)} images; calibrating on all of them",
+              file=sys.stderr)
     if configs[0].skip_layers:   # names refer to the fused model: check them before the evaluation and the grid
         from repq.ptq import resolve_skip_layers
         try:
             resolve_skip_layers(repq.reparameterize(model, train_ds.calibration_images(2)), configs[0].skip_layers)
         except RepqError as err:
             raise RepqError(f"--skip-layers: {str(err).removeprefix('skip_layers: ')}") from None
-    fp = repq.evaluate(model, test_ds)
+    fp = repq.evaluate(model, test_ds, batch_size=args.batch_size)
     results, last = [], None
-    for options, config in zip(grid, configs):
-        calib = train_ds.calibration_images(config.num_samples, config.seed)
-        start = time.perf_counter()
-        qmodel = repq.quantize(model, calib, config)
-        seconds = time.perf_counter() - start
-        metrics = repq.evaluate(qmodel, test_ds)
-        results.append({**options, "top1": metrics["top1"], "top5": metrics["top5"],
-                        "drop": fp["top1"] - metrics["top1"], "ptq_seconds": seconds,
-                        "calibration": {"images": qmodel.repq_quant["calibration_images"], "seed": config.seed,
-                                        "mode": _calibration_mode(config)},
-                        "layers": _layer_report(qmodel.repq_quant),
-                        "float_layers": qmodel.repq_quant["float_layers"],
-                        "fusion": qmodel.repq_quant["fusion"],
-                        "guard": (qmodel.repq_quant.get("auto") or {}).get("guard")})
-        last = qmodel
+    runs = zip(grid, configs)
+    if len(grid) > 1 and not args.json:
+        from tqdm import tqdm
+        runs = tqdm(list(runs), desc="ptq grid", unit="run", leave=False, disable=None)
+    try:
+        for options, config in runs:
+            calib = train_ds.calibration_images(config.num_samples, config.seed)
+            start = time.perf_counter()
+            with warnings.catch_warnings():   # the count actually used is reported below
+                warnings.filterwarnings("ignore", message="calibration data has")
+                qmodel = repq.quantize(model, calib, config)
+            seconds = time.perf_counter() - start
+            metrics = repq.evaluate(qmodel, test_ds, batch_size=args.batch_size)
+            results.append({**options, "top1": metrics["top1"], "top5": metrics["top5"],
+                            "drop": fp["top1"] - metrics["top1"], "ptq_seconds": seconds,
+                            "calibration": {"images": qmodel.repq_quant["calibration_images"], "seed": config.seed,
+                                            "mode": _calibration_mode(config)},
+                            "layers": _layer_report(qmodel.repq_quant),
+                            "float_layers": qmodel.repq_quant["float_layers"],
+                            "fusion": qmodel.repq_quant["fusion"],
+                            "guard": (qmodel.repq_quant.get("auto") or {}).get("guard")})
+            last = qmodel
+    except KeyboardInterrupt:
+        if not results:
+            raise
+        print(f"interrupted after {len(results)} of {len(grid)} runs; the finished ones:", file=sys.stderr)
+        args.out = None   # a partial grid saves no model
+        _emit(args, {"command": "ptq", "fp": fp, "results": results, "interrupted": True},
+              _ptq_table(fp, results))
+        raise
     if args.out:
         repq.save_checkpoint(args.out, last, source=str(args.checkpoint), data=args.data,
-                             metrics={"fp": fp, "quantized": results[0]})
-    rows = [[r["weight"], r["weight_granularity"], r["activation"], f"W{r['w_bits']}A{r['a_bits']}", r["top1"],
-             r["drop"], f"{r['ptq_seconds']:.1f}"] for r in results]
-    used = results[0]["calibration"]["images"]
-    human = (f"FP top-1 {fp['top1']:.2f} ({fp['n']} test images, {used} calibration images, seed {args.seed}, "
-             f"{results[0]['calibration']['mode']})\n"
-             + format_table(["weight", "granularity", "activation", "bits", "top-1", "drop", "PTQ s"], rows))
+                             data_meta=data_meta(train_ds), metrics={"fp": fp, "quantized": results[0]})
+    human = _ptq_table(fp, results)
     if len(results) == 1:
         human += "\n\nper-layer activation calibrator:\n" + _format_layer_report(results[0])
     fusion = results[0]["fusion"]
@@ -218,24 +270,46 @@ def cmd_ptq(args: argparse.Namespace) -> None:
                  else ""))
     human += "\nkept in float: " + (", ".join(results[0]["float_layers"]) or "nothing")
     if args.out:
-        human += f"\nquantized checkpoint: {args.out}"
+        human += (f"\nquantized checkpoint: {args.out}\nnext: repq export --checkpoint {args.out} --onnx "
+                  f"<model.onnx> --data {args.data} --verify")
     _emit(args, {"command": "ptq", "fp": fp, "results": results, "checkpoint": args.out}, human)
+
+
+def _ptq_table(fp: dict[str, Any], results: list[dict[str, Any]]) -> str:
+    rows = [[r["weight"], r["weight_granularity"], r["activation"], f"W{r['w_bits']}A{r['a_bits']}", r["top1"],
+             r["drop"], f"{r['ptq_seconds']:.1f}"] for r in results]
+    calibration = results[0]["calibration"]
+    return (f"FP top-1 {fp['top1']:.2f} ({fp['n']} test images, {calibration['images']} calibration images, seed "
+            f"{calibration['seed']}, {calibration['mode']})\n"
+            + format_table(["weight", "granularity", "activation", "bits", "top-1", "drop", "PTQ s"], rows))
 
 
 def cmd_qat(args: argparse.Namespace) -> None:
     import repq
     from repq.training import distributed_context
 
-    _check_output(args.out, args.checkpoint)
-    train_ds = repq.load_dataset(args.data, "train", args.image_size)
-    test_ds = _limit(repq.load_dataset(args.data, "test", args.image_size), args.eval_limit)
+    check_input_file(args.checkpoint, "--checkpoint")
+    check_output_file(args.out, "--out", (args.checkpoint,), args.overwrite)
+    cluster_only = [f"--{o.replace('_', '-')}" for o in ("codebook", "refit_every", "lloyd_iters")
+                    if getattr(args, o) is not None]
+    if args.method != "cluster" and cluster_only:
+        raise RepqError(f"{', '.join(cluster_only)} {'apply' if len(cluster_only) > 1 else 'applies'} to --method "
+                        f"cluster only; drop it for --method {args.method}")
+    cluster_defaults = {"codebook": "refit", "refit_every": 100, "lloyd_iters": 3}
+    options = {o: getattr(args, o) if getattr(args, o) is not None else d for o, d in cluster_defaults.items()}
+    config = repq.QATConfig(method=args.method, w_bits=args.w_bits, a_bits=args.a_bits,
+                            edge_bits=args.edge_bits or None, num_samples=args.calib, seed=args.seed, **options)
+    try:
+        config.validate()
+    except RepqError as err:
+        raise RepqError(f"{err} (check --w-bits, --a-bits, --edge-bits)") from None
     model, payload = repq.load_checkpoint(args.checkpoint)
     if payload.get("quant"):
         raise RepqError(f"{args.checkpoint} is already quantized; pass the float checkpoint from `repq train`")
+    train_ds = repq.load_dataset(args.data, "train", args.image_size)
+    test_ds = _limit(repq.load_dataset(args.data, "test", args.image_size), args.eval_limit)
     _check_data_fits(payload["model"], train_ds)
-    config = repq.QATConfig(method=args.method, w_bits=args.w_bits, a_bits=args.a_bits, codebook=args.codebook,
-                            refit_every=args.refit_every, lloyd_iters=args.lloyd_iters,
-                            edge_bits=args.edge_bits or None, num_samples=args.calib, seed=args.seed)
+    check_data_matches(payload, train_ds, args.allow_data_mismatch)
     rank = distributed_context()[0]
     qat_model = repq.prepare_qat(model, config, train_ds.calibration_images(config.num_samples, config.seed))
     rows = []
@@ -252,7 +326,7 @@ def cmd_qat(args: argparse.Namespace) -> None:
     rows.append([f"QAT {args.method} W{args.w_bits}A{args.a_bits}", repq.evaluate(qmodel, test_ds)])
     metrics = {"fp": rows[0][1], "start": rows[1][1], "qat": rows[2][1]}
     repq.save_checkpoint(args.out, qmodel, source=str(args.checkpoint), data=args.data, metrics=metrics,
-                         history=history)
+                         history=history, data_meta=data_meta(train_ds))
     human = format_table(["model", "top-1", "top-5"], [[name, m["top1"], m["top5"]] for name, m in rows])
     human += (f"\n\n{len(history['epochs'])} epochs, {history['seconds'] / 60:.1f} min; "
               f"quantized checkpoint: {args.out}")
@@ -282,15 +356,20 @@ def _timm_model(name: str, weights: str, data):
 def cmd_eval(args: argparse.Namespace) -> None:
     import repq
 
+    check_input_file(args.checkpoint, "--checkpoint")
     model, payload = repq.load_checkpoint(args.checkpoint)
     test_ds = _limit(repq.load_dataset(args.data, "test", args.image_size), args.eval_limit)
     _check_data_fits(payload["model"], test_ds)
-    rows = {payload["kind"]: repq.evaluate(model, test_ds, progress=not args.json)}
+    check_data_matches(payload, test_ds, args.allow_data_mismatch)
+    rows = {payload["kind"]: repq.evaluate(model, test_ds, batch_size=args.batch_size, progress=not args.json)}
     if payload["kind"] == "train":
-        rows["fused"] = repq.evaluate(repq.reparameterize(model), test_ds)
+        rows["fused"] = repq.evaluate(repq.reparameterize(model), test_ds, batch_size=args.batch_size)
     human = format_table(["model", "top-1", "top-5", "images"],
                          [[k, v["top1"], v["top5"], v["n"]] for k, v in rows.items()])
     _emit(args, {"command": "eval", "checkpoint": args.checkpoint, "results": rows}, human)
+    top1 = rows[payload["kind"]]["top1"]
+    if args.min_top1 is not None and not top1 >= args.min_top1:
+        raise CheckFailed(f"--min-top1: top-1 {top1:.2f} is below {args.min_top1:.2f}")
 
 
 def cmd_export(args: argparse.Namespace) -> None:
@@ -298,11 +377,18 @@ def cmd_export(args: argparse.Namespace) -> None:
 
     import repq
     from repq.export import export_onnx, integer_kernels, verify_against_simulation
+    from repq.export.onnx_qdq import codebook_path
 
-    _check_output(args.onnx, args.checkpoint)
+    check_input_file(args.checkpoint, "--checkpoint")
+    check_output_file(args.onnx, "--onnx", (args.checkpoint,), args.overwrite)
     model, payload = repq.load_checkpoint(args.checkpoint)
     quant = payload.get("quant") or {}
     data_spec = args.data or payload.get("data")
+    if args.verify and not data_spec:
+        raise RepqError("--verify needs --data (the evaluation images; the checkpoint records none)")
+    if args.fp and quant:
+        raise RepqError(f"--fp exports a float model but {args.checkpoint} is quantized; pass the float checkpoint "
+                        "(from `repq train`), or drop --fp")
     if args.fp:
         model = repq.reparameterize(model)
     elif not quant:
@@ -311,42 +397,78 @@ def cmd_export(args: argparse.Namespace) -> None:
     if data_spec:
         test_ds = _limit(repq.load_dataset(data_spec, "test", args.image_size), args.eval_limit)
         _check_data_fits(payload["model"], test_ds)
+        check_data_matches(payload, test_ds, args.allow_data_mismatch)
         example = test_ds.normalize(test_ds.images[:1])
     elif quant.get("input_shape"):
         example = torch.zeros(1, *quant["input_shape"])
     else:
         raise RepqError("give --data so that repq knows the input size of the model")
-    path = export_onnx(model, args.onnx, example, allow_float=args.fp)
-    result: dict[str, Any] = {"command": "export", "onnx": str(path), "bytes": path.stat().st_size,
-                              "kernels": integer_kernels(path)}
-    human = f"wrote {path} ({path.stat().st_size / 1e6:.2f} MB)\nONNX Runtime kernels: {result['kernels']}"
-    if result["kernels"].get("ConvInteger"):
-        human += ("\nnote: ConvInteger convs (CFWS layers, or outputs that are not requantized) are exact but slower "
-                  "than QLinearConv in ONNX Runtime; `repq ptq --quantize-pool` with a "
-                  "non-CFWS weight method fuses every conv")
-    if args.verify:
-        if test_ds is None:
-            raise RepqError("--verify needs --data (the evaluation images)")
-        v = result["verify"] = verify_against_simulation(model, path, test_ds.normalize(test_ds.images).numpy(),
-                                                         test_ds.labels.numpy())
-        human += ("\n" + format_table(["runtime", "top-1"], [["repq simulation", v["top1_repq"]],
-                                                             ["ONNX Runtime", v["top1_onnxruntime"]]])
-                  + f"\nmax |logit difference| {v['max_logit_diff']:.4g} (logits up to {v['logit_scale']:.3g}), "
-                  f"same prediction on {v['argmax_agreement']:.2f}% of {v['n']} images")
+    target = Path(args.onnx)
+    staging = target.with_name(f".{target.stem}.partial{target.suffix or '.onnx'}")  # moved in place when done
+    try:
+        path = export_onnx(model, staging, example, allow_float=args.fp)
+        result: dict[str, Any] = {"command": "export", "onnx": str(target), "bytes": path.stat().st_size,
+                                  "kernels": integer_kernels(path)}
+        human = f"wrote {target} ({path.stat().st_size / 1e6:.2f} MB)\nONNX Runtime kernels: {result['kernels']}"
+        if codebook_path(staging).exists():
+            human += (f"\nClusterQAT indices + codebooks: {codebook_path(target)} (ONNX Runtime runs these layers "
+                      "as float convs on the looked-up weights)")
+        if result["kernels"].get("ConvInteger"):
+            human += ("\nnote: ConvInteger convs (CFWS layers, or outputs that are not requantized) run the "
+                      "simulation's integer arithmetic but slower than QLinearConv in ONNX Runtime; `repq ptq "
+                      "--quantize-pool` with a non-CFWS weight method fuses every conv")
+        failure = None
+        if args.verify:
+            images = test_ds.normalize(test_ds.images).numpy()
+            v = result["verify"] = verify_against_simulation(model, path, images, test_ds.labels.numpy(),
+                                                             batch_size=args.batch_size)
+            human += ("\n" + format_table(["runtime", "top-1"], [["repq simulation", v["top1_repq"]],
+                                                                 ["ONNX Runtime", v["top1_onnxruntime"]]])
+                      + f"\nmax |logit difference| {v['max_logit_diff']:.4g} (logits up to {v['logit_scale']:.3g}), "
+                      f"same prediction on {v['argmax_agreement']:.2f}% of {v['n']} images")
+            failure = _verify_failure(v, args.min_agreement)
+        if failure:
+            result["verify"]["passed"] = False
+            if not args.json:
+                _emit(args, result, human)
+            raise CheckFailed(f"--verify failed: {failure}; {target} was not written")
+        if args.verify:
+            result["verify"]["passed"] = True
+        os.replace(path, target)
+        if codebook_path(staging).exists():
+            os.replace(codebook_path(staging), codebook_path(target))
+    finally:
+        staging.unlink(missing_ok=True)
+        codebook_path(staging).unlink(missing_ok=True)
+    human += (f"\nnext: run it with onnxruntime.InferenceSession('{target}') (input 'input', NCHW float32, "
+              "normalized as the training data)")
     _emit(args, result, human)
+
+
+def _verify_failure(v: dict[str, Any], min_agreement: float) -> str | None:
+    """Why ONNX Runtime and the simulation disagree too much, or None when they agree."""
+    numbers = [v["max_logit_diff"], v["logit_scale"], v["top1_repq"], v["top1_onnxruntime"]]
+    if not all(x == x and abs(x) != float("inf") for x in numbers):
+        return "the logits are NaN or infinite (a corrupt scale in the checkpoint?)"
+    if v["argmax_agreement"] < min_agreement:
+        return (f"ONNX Runtime and repq's simulation agree on {v['argmax_agreement']:.2f}% of images "
+                f"(--min-agreement {min_agreement:g})")
+    return None
 
 
 def cmd_analyze(args: argparse.Namespace) -> None:
     import repq
     from repq.analysis import analyze
 
-    _check_output(args.out, args.checkpoint)
+    check_input_file(args.checkpoint, "--checkpoint")
+    check_output_folder(args.out, "--out", args.overwrite)
     model, payload = repq.load_checkpoint(args.checkpoint)
     data_spec = args.data or payload.get("data")
     if not data_spec:
         raise RepqError("give --data: the analysis runs the model on calibration images")
     train_ds = repq.load_dataset(data_spec, "train", args.image_size)
     _check_data_fits(payload["model"], train_ds)
+    check_data_matches(payload, train_ds, args.allow_data_mismatch)
     images = train_ds.calibration_images(args.calib, args.seed)
     eval_data = None
     if not args.no_clipping:
@@ -361,9 +483,10 @@ def cmd_import(args: argparse.Namespace) -> None:
     import repq
     from repq.foreign import load_foreign_weights
 
-    _check_output(args.out, args.weights)
-    model = repq.create_model(args.model, num_classes=args.num_classes, in_chans=args.in_chans,
-                              small_input=args.small_input, deploy=args.deploy)
+    check_input_file(args.weights, "--weights")
+    check_output_file(args.out, "--out", (args.weights,), args.overwrite)
+    model = _build_model(args.model, num_classes=args.num_classes, in_chans=args.in_chans,
+                         small_input=args.small_input, deploy=args.deploy)
     load_foreign_weights(model, args.weights, args.layout)
     repq.save_checkpoint(args.out, model, source=str(args.weights))
     _emit(args, {"command": "import", "checkpoint": args.out, "model": model.repq_config},
@@ -373,76 +496,105 @@ def cmd_import(args: argparse.Namespace) -> None:
 def cmd_demo(args: argparse.Namespace) -> None:
     from repq.demo import run_demo
 
+    check_output_folder(args.out, "--out", args.overwrite)
     result, human = run_demo(args.out, data=args.data, epochs=args.epochs, progress=not args.json)
     _emit(args, result, human)
 
 
 # ---------------------------------------------------------------- parser
-def _common(p: argparse.ArgumentParser) -> None:
+def _common(p: argparse.ArgumentParser, writes: bool = True) -> None:
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout instead of tables")
+    if writes:
+        p.add_argument("--overwrite", action="store_true", help="replace an existing output file or folder")
 
 
-def _data_args(p: argparse.ArgumentParser, required: bool = True) -> None:
+def _data_args(p: argparse.ArgumentParser, required: bool = True, eval_batch: bool = True) -> None:
     p.add_argument("--data", required=required,
                    help="fashion-mnist[:FOLDER] | digits | cifar10:PATH | imagefolder:PATH")
-    p.add_argument("--image-size", type=int, default=32, help="imagefolder images are resized to this (default 32)")
-    p.add_argument("--eval-limit", type=int, default=None, help="evaluate on the first N test images only")
+    p.add_argument("--image-size", type=image_size, default=32, help="imagefolder images are resized to this")
+    p.add_argument("--eval-limit", type=positive_int, default=None,
+                   help="evaluate on the first N test images only (default: all)")
+    p.add_argument("--allow-data-mismatch", action="store_true",
+                   help="use data other than what the checkpoint records (name, input size, normalization, classes)")
+    if eval_batch:
+        p.add_argument("--batch-size", type=positive_int, default=256, help="evaluation batch size")
+
+
+def _edge_bits(text: str) -> int:
+    value = nonnegative_int(text)
+    if value and not 2 <= value <= 16:
+        raise argparse.ArgumentTypeError(f"must be 0 (same as the rest) or 2 to 16, got {text}")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="repq", description="Quantize structurally re-parameterized CNNs (RepVGG).")
+    from repq import __version__
+
+    fmt = argparse.ArgumentDefaultsHelpFormatter
+    parser = OneLineParser(prog="repq", description="Quantize structurally re-parameterized CNNs (RepVGG).",
+                           formatter_class=fmt)
+    parser.add_argument("--version", action="version", version=f"repq {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("train", help="train the multi-branch net (torchrun-ready)")
-    p.add_argument("--model", default="repvgg_a0")
-    _data_args(p)
-    p.add_argument("--epochs", type=int, default=5)
-    p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--lr", type=float, default=0.1)
-    p.add_argument("--weight-decay", type=float, default=1e-4)
-    p.add_argument("--label-smoothing", type=float, default=0.0)
-    p.add_argument("--warmup-epochs", type=float, default=0.0)
+    def command(name: str, help: str) -> argparse.ArgumentParser:
+        return sub.add_parser(name, help=help, description=help, formatter_class=fmt)
+
+    p = command("train", "train the multi-branch net (torchrun-ready)")
+    p.add_argument("--model", default="repvgg_a0", help="a name from `repq models`")
+    _data_args(p, eval_batch=False)
+    p.add_argument("--epochs", type=positive_int, default=5)
+    p.add_argument("--batch-size", type=positive_int, default=128)
+    p.add_argument("--lr", type=positive_float, default=0.1)
+    p.add_argument("--weight-decay", type=nonnegative_float, default=1e-4)
+    p.add_argument("--label-smoothing", type=fraction, default=0.0)
+    p.add_argument("--warmup-epochs", type=nonnegative_float, default=0.0)
     p.add_argument("--no-augment", action="store_true", help="no random crop / flip")
     p.add_argument("--small-input", action="store_true", help="stride-1 stem for 28x28 / 32x32 images")
-    p.add_argument("--width-scale", type=float, default=1.0, help="thinner model for small data (e.g. 0.5)")
+    p.add_argument("--width-scale", type=positive_float, default=1.0, help="thinner model for small data (e.g. 0.5)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--max-steps", type=int, default=None, help="cap steps per epoch (smoke runs)")
+    p.add_argument("--max-steps", type=positive_int, default=None, help="cap steps per epoch (smoke runs)")
     p.add_argument("--resume", default=None, help="continue from a checkpoint written by `repq train`")
     p.add_argument("--oabn", action="store_true", help="outlier-aware BN in the blocks (bounds the folded scales)")
-    p.add_argument("--oabn-branches", default="identity", choices=["identity", "identity+1x1", "all"])
-    p.add_argument("--oabn-rule", default="fixed", choices=["fixed", "relative", "variance_floor"],
-                   help="fixed: |t| <= tau; relative: tau = k * max |t3 K3| per channel; variance_floor: the fixed "
-                        "bound reached by flooring the variance (gamma keeps its gradient)")
-    p.add_argument("--oabn-tau", type=float, default=1.0, help="bound of the fixed / variance_floor rules")
-    p.add_argument("--oabn-k", type=float, default=1.0, help="factor of the relative rule")
+    p.add_argument("--oabn-branches", default=None, choices=["identity", "identity+1x1", "all"],
+                   help="with --oabn (default identity)")
+    p.add_argument("--oabn-rule", default=None, choices=["fixed", "relative", "variance_floor"],
+                   help="with --oabn (default fixed). fixed: |t| <= tau; relative: tau = k * max |t3 K3| per "
+                        "channel; variance_floor: the fixed bound reached by flooring the variance")
+    p.add_argument("--oabn-tau", type=positive_float, default=None, help="with --oabn: bound of the fixed / "
+                   "variance_floor rules (default 1.0)")
+    p.add_argument("--oabn-k", type=positive_float, default=None, help="with --oabn: factor of the relative rule "
+                   "(default 1.0)")
     p.add_argument("--out", required=True, help="checkpoint to write (after every epoch, atomically)")
     _common(p)
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("qat", help="quantization-aware training: ClusterQAT or LSQ (torchrun-ready)")
+    p = command("qat", "quantization-aware training: ClusterQAT or LSQ (torchrun-ready)")
     p.add_argument("--checkpoint", required=True, help="a float checkpoint from `repq train` (plain BN or OABN)")
-    _data_args(p)
+    _data_args(p, eval_batch=False)
     p.add_argument("--method", default="cluster", choices=["cluster", "lsq"])
-    p.add_argument("--w-bits", type=int, default=4)
-    p.add_argument("--a-bits", type=int, default=4)
-    p.add_argument("--codebook", default="refit", choices=["refit", "learned"],
-                   help="cluster: re-fit the centroids by Lloyd steps, or learn them by gradient")
-    p.add_argument("--refit-every", type=int, default=100, help="cluster/refit: steps between re-fits (0: never)")
-    p.add_argument("--lloyd-iters", type=int, default=3, help="cluster/refit: Lloyd iterations per re-fit")
-    p.add_argument("--edge-bits", type=int, default=8, help="bits of the first conv and last linear (0: as the rest)")
-    p.add_argument("--epochs", type=int, default=2)
-    p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--lr", type=float, default=0.01)
-    p.add_argument("--weight-decay", type=float, default=0.0)
+    p.add_argument("--w-bits", type=bit_width, default=4)
+    p.add_argument("--a-bits", type=bit_width, default=4)
+    p.add_argument("--codebook", default=None, choices=["refit", "learned"],
+                   help="cluster: re-fit the centroids by Lloyd steps, or learn them by gradient (default refit)")
+    p.add_argument("--refit-every", type=nonnegative_int, default=None,
+                   help="cluster/refit: steps between re-fits, 0: never (default 100)")
+    p.add_argument("--lloyd-iters", type=positive_int, default=None,
+                   help="cluster/refit: Lloyd iterations per re-fit (default 3)")
+    p.add_argument("--edge-bits", type=_edge_bits, default=8, help="bits of the first conv and last linear (0: as "
+                   "the rest)")
+    p.add_argument("--epochs", type=positive_int, default=2)
+    p.add_argument("--batch-size", type=positive_int, default=128)
+    p.add_argument("--lr", type=positive_float, default=0.01)
+    p.add_argument("--weight-decay", type=nonnegative_float, default=0.0)
     p.add_argument("--no-augment", action="store_true")
-    p.add_argument("--calib", type=int, default=32, help="images that initialize the activation steps")
+    p.add_argument("--calib", type=positive_int, default=32, help="images that initialize the activation steps")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--max-steps", type=int, default=None, help="cap steps per epoch (smoke runs)")
+    p.add_argument("--max-steps", type=positive_int, default=None, help="cap steps per epoch (smoke runs)")
     p.add_argument("--out", required=True, help="quantized checkpoint to write")
     _common(p)
     p.set_defaults(func=cmd_qat)
 
-    p = sub.add_parser("ptq", help="fuse, calibrate and quantize; compare FP vs quantized")
+    p = command("ptq", "fuse, calibrate and quantize; compare FP vs quantized")
     p.add_argument("--checkpoint", required=True, help="a repq checkpoint, or with --timm the timm weights file")
     p.add_argument("--timm", default=None, help="build this timm model (needs timm) and load --checkpoint into it")
     _data_args(p)
@@ -453,7 +605,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "(comma list with --compare)")
     p.add_argument("--w-bits", default="8", help="weight bits (comma list with --compare)")
     p.add_argument("--a-bits", default="8", help="activation bits (comma list with --compare)")
-    p.add_argument("--calib", type=int, default=32, help="number of calibration images from the train split")
+    p.add_argument("--calib", type=positive_int, default=32, help="number of calibration images from the train split")
     p.add_argument("--seed", type=int, default=0, help="seed of the calibration subset")
     p.add_argument("--sequential", action="store_true",
                    help="single methods: calibrate each layer on the quantized output of the layers before it "
@@ -479,62 +631,96 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     p.set_defaults(func=cmd_ptq)
 
-    p = sub.add_parser("eval", help="top-1/top-5 of any checkpoint repq wrote")
+    p = command("eval", "top-1/top-5 of any checkpoint repq wrote")
     p.add_argument("--checkpoint", required=True)
     _data_args(p)
-    _common(p)
+    p.add_argument("--min-top1", type=float, default=None, help="exit with code 1 if top-1 is below this (CI gate)")
+    _common(p, writes=False)
     p.set_defaults(func=cmd_eval)
 
-    p = sub.add_parser("export", help="write a QDQ ONNX model; --verify runs it in ONNX Runtime")
+    p = command("export", "write a QDQ ONNX model; --verify runs it in ONNX Runtime")
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--onnx", required=True, help="ONNX file to write")
     p.add_argument("--fp", action="store_true", help="export the fused float model (the FP32 reference)")
-    p.add_argument("--verify", action="store_true", help="compare ONNX Runtime with repq's simulation on --data")
+    p.add_argument("--verify", action="store_true",
+                   help="compare ONNX Runtime with repq's simulation on --data; exit 1 (and write nothing) if they "
+                        "disagree")
+    p.add_argument("--min-agreement", type=float, default=99.0,
+                   help="--verify: the share of images (%%) on which both must predict the same class")
     _data_args(p, required=False)
     _common(p)
     p.set_defaults(func=cmd_export)
 
-    p = sub.add_parser("analyze", help="per-layer outlier and quantization-error report with plots")
+    p = command("analyze", "per-layer outlier and quantization-error report with plots")
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--out", required=True, help="folder for report.md and the PNG plots")
-    p.add_argument("--calib", type=int, default=32, help="calibration images for the SQNR of layer outputs")
+    p.add_argument("--calib", type=positive_int, default=32, help="calibration images for the SQNR of layer outputs")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--bits", type=int, default=8, help="weight bit-width of the SQNR comparison")
+    p.add_argument("--bits", type=bit_width, default=8, help="weight bit-width of the SQNR comparison")
     p.add_argument("--no-clipping", action="store_true", help="skip the clipping sensitivity (needs test data)")
-    _data_args(p, required=False)
+    _data_args(p, required=False, eval_batch=False)
     _common(p)
     p.set_defaults(func=cmd_analyze)
 
-    p = sub.add_parser("import", help="turn an original RepVGG or mmpretrain checkpoint into a repq checkpoint")
+    p = command("import", "turn an original RepVGG or mmpretrain checkpoint into a repq checkpoint")
     p.add_argument("--weights", required=True, help="the .pth file (read without running code)")
-    p.add_argument("--model", required=True, help="repq model name, e.g. repvgg_a0")
-    p.add_argument("--num-classes", type=int, default=1000)
-    p.add_argument("--in-chans", type=int, default=3)
+    p.add_argument("--model", required=True, help="repq model name, e.g. repvgg_a0 (see `repq models`)")
+    p.add_argument("--num-classes", type=positive_int, default=1000)
+    p.add_argument("--in-chans", type=positive_int, default=3)
     p.add_argument("--small-input", action="store_true")
     p.add_argument("--deploy", action="store_true", help="the file holds fused (rbr_reparam) weights")
-    p.add_argument("--layout", default="auto", help="auto | original | mmpretrain")
+    p.add_argument("--layout", default="auto", choices=["auto", "original", "mmpretrain"])
     p.add_argument("--out", required=True)
     _common(p)
     p.set_defaults(func=cmd_import)
 
-    p = sub.add_parser("demo", help="train a small RepVGG, fuse it, quantize it with every PTQ method")
-    p.add_argument("--data", default="digits", help="digits (bundled, default) or fashion-mnist")
-    p.add_argument("--epochs", type=int, default=None, help="training epochs (default depends on the data)")
+    p = command("demo", "train a small RepVGG, fuse it, quantize it with every PTQ method")
+    p.add_argument("--data", default="digits", choices=["digits", "fashion-mnist"])
+    p.add_argument("--epochs", type=positive_int, default=None, help="training epochs (default depends on the data)")
     p.add_argument("--out", default="runs/demo", help="folder for the checkpoints, table and plots")
     _common(p)
     p.set_defaults(func=cmd_demo)
+
+    p = command("models", "list the models repq can build, with their arguments")
+    _common(p, writes=False)
+    p.set_defaults(func=cmd_models)
     return parser
 
 
+def cmd_models(args: argparse.Namespace) -> None:
+    import inspect
+
+    import repq
+    from repq.models.registry import _REGISTRY
+
+    rows = []
+    for name in repq.list_models():
+        params = inspect.signature(_REGISTRY[name]).parameters.values()
+        rows.append({"name": name, "arguments": {p.name: p.default for p in params
+                                                 if p.default is not inspect.Parameter.empty}})
+    human = format_table(["model", "arguments (defaults)"],
+                         [[r["name"], ", ".join(f"{k}={v}" for k, v in r["arguments"].items())] for r in rows])
+    _emit(args, {"command": "models", "models": rows}, human)
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as exc:   # argparse: --help / --version (0) or a one-line usage error (2)
+        return exc.code if isinstance(exc.code, int) else 2
     try:
         with warnings.catch_warnings():
             if args.json:
                 warnings.simplefilter("ignore")
             args.func(args)
     except RepqError as exc:
-        print(f"repq {args.command}: error: {exc}", file=sys.stderr)
+        message = " ".join(str(exc).split())   # one line, whatever the message holds
+        if args.json:
+            print(json.dumps({"command": args.command, "error": message}))
+        if isinstance(exc, CheckFailed):
+            print(f"repq {args.command}: check failed: {message}", file=sys.stderr)
+            return 1
+        print(f"repq {args.command}: error: {message}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
