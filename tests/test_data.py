@@ -112,3 +112,34 @@ def test_random_crop_is_a_shift_and_sharding():
     shards = [torch.cat([lbl for _, lbl in ds.batches(50, shuffle=True, seed=3, rank=r, world_size=2)])
               for r in range(2)]
     assert len(shards[0]) == len(shards[1]) == len(ds) // 2
+
+
+def test_damaged_data_is_one_line(tmp_path, fake_fashion, monkeypatch):
+    """Labels out of range, counts that differ, 2-D idx images, val/ classes train/ lacks, a decompression bomb."""
+    write_idx(fake_fashion / "t10k-labels-idx1-ubyte.gz", np.arange(10) % 10 + 3)   # labels up to 12
+    with pytest.raises(repq.RepqError, match="labels range over 3..12"):
+        repq.load_dataset(f"fashion-mnist:{fake_fashion}", "test")
+    write_idx(fake_fashion / "t10k-images-idx3-ubyte.gz", np.zeros((10, 784)))
+    with pytest.raises(repq.RepqError, match="dimensions"):
+        repq.load_dataset(f"fashion-mnist:{fake_fashion}", "test")
+
+    cifar = tmp_path / "cifar"
+    cifar.mkdir()
+    batch = {b"data": np.zeros((6, 3072), dtype=np.uint8), b"labels": [0, 1, 2, 3, 4]}
+    (cifar / "data_batch_1").write_bytes(pickle.dumps(batch))
+    with pytest.raises(repq.RepqError, match="6 images but 5 labels"):
+        repq.load_dataset(f"cifar10:{cifar}", "train")
+    (cifar / "data_batch_1").write_bytes(pickle.dumps({**batch, b"labels": [0, 1, 2, 3, 4, 10]}))
+    with pytest.raises(repq.RepqError, match="labels range"):
+        repq.load_dataset(f"cifar10:{cifar}", "train")
+
+    from PIL import Image
+    for split, classes in (("train", ("cat",)), ("val", ("cat", "owl"))):
+        for cls in classes:
+            (tmp_path / "folder" / split / cls).mkdir(parents=True)
+            Image.new("RGB", (40, 40)).save(tmp_path / "folder" / split / cls / "0.png")
+    with pytest.raises(repq.RepqError, match="owl"):
+        repq.load_dataset(f"imagefolder:{tmp_path / 'folder'}", "test")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)   # 40x40 = 1600 > 2 x 100: Pillow's bomb error
+    with pytest.raises(repq.RepqError, match="DecompressionBombError"):
+        repq.load_dataset(f"imagefolder:{tmp_path / 'folder'}", "train")

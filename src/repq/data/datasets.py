@@ -128,10 +128,20 @@ def load_fashion_mnist(split: str, path: str | None = None) -> ImageDataset:
     prefix = "train" if split == "train" else "t10k"
     images = _read_idx(_find_idx(folder, f"{prefix}-images-idx3-ubyte"))
     labels = _read_idx(_find_idx(folder, f"{prefix}-labels-idx1-ubyte"))
+    if images.ndim != 3 or labels.ndim != 1:
+        raise RepqError(f"{folder}: the {prefix} idx files hold arrays of {images.ndim} and {labels.ndim} dimensions "
+                        "(expected N x H x W images and N labels); re-install the dataset")
     if len(images) != len(labels):
         raise RepqError(f"{folder}: {len(images)} images but {len(labels)} labels; re-install the dataset")
+    _check_labels(labels, len(FASHION_MNIST_CLASSES), folder)
     return ImageDataset(torch.from_numpy(images.copy()).unsqueeze(1), torch.from_numpy(labels.astype(np.int64)),
                         FASHION_MNIST_CLASSES, (0.286,), (0.353,), "fashion-mnist")
+
+
+def _check_labels(labels: np.ndarray, classes: int, where: Path) -> None:
+    if len(labels) and (labels.min() < 0 or labels.max() >= classes):
+        raise RepqError(f"{where}: labels range over {labels.min()}..{labels.max()} but there are {classes} "
+                        "classes; the label file is damaged")
 
 
 # ---------------------------------------------------------------- scikit-learn digits (8x8, bundled)
@@ -186,9 +196,14 @@ def load_cifar10(split: str, path: str) -> ImageDataset:
     else:
         names = ["test_batch"]
     parts = [_load_cifar_batch(folder / n) for n in names]
+    classes = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+    for name, (batch_images, batch_labels) in zip(names, parts):
+        if len(batch_images) != len(batch_labels):
+            raise RepqError(f"{folder / name}: {len(batch_images)} images but {len(batch_labels)} labels; the batch "
+                            "file is damaged")
+        _check_labels(batch_labels, len(classes), folder / name)
     images = torch.from_numpy(np.concatenate([p[0] for p in parts]))
     labels = torch.from_numpy(np.concatenate([p[1] for p in parts]))
-    classes = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
     return ImageDataset(images, labels, classes, (0.4914, 0.4822, 0.4465), (0.247, 0.2435, 0.2616), "cifar10")
 
 
@@ -208,6 +223,10 @@ def load_image_folder(split: str, path: str, image_size: int = 32) -> ImageDatas
     classes = sorted(d.name for d in train_root.iterdir() if d.is_dir())
     if not classes:
         raise RepqError(f"{train_root} has no class folders")
+    unknown = sorted(d.name for d in root.iterdir() if d.is_dir() and d.name not in classes)
+    if unknown:
+        raise RepqError(f"{root} has class folders that train/ lacks ({', '.join(unknown[:3])}); the model cannot "
+                        "predict them: add them to train/ or remove them from val/")
     images, labels = [], []
     for label, cls in enumerate(classes):
         for file in sorted((root / cls).iterdir()) if (root / cls).is_dir() else []:
@@ -217,7 +236,7 @@ def load_image_folder(split: str, path: str, image_size: int = 32) -> ImageDatas
                 with Image.open(file) as img:
                     img = img.convert("RGB").resize((image_size, image_size), Image.BILINEAR)
                     images.append(np.asarray(img, dtype=np.uint8).transpose(2, 0, 1))
-            except (UnidentifiedImageError, OSError) as exc:
+            except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as exc:
                 raise RepqError(f"cannot read image {file} ({exc.__class__.__name__}); remove or replace it") from None
             labels.append(label)
     if not images:
