@@ -329,7 +329,8 @@ def cmd_qat(args: argparse.Namespace) -> None:
                          history=history, data_meta=data_meta(train_ds))
     human = format_table(["model", "top-1", "top-5"], [[name, m["top1"], m["top5"]] for name, m in rows])
     human += (f"\n\n{len(history['epochs'])} epochs, {history['seconds'] / 60:.1f} min; "
-              f"quantized checkpoint: {args.out}")
+              f"quantized checkpoint: {args.out}\nnext: repq export --checkpoint {args.out} --onnx <model.onnx> "
+              f"--data {args.data} --verify")
     _emit(args, {"command": "qat", "checkpoint": args.out, "config": vars(config), **metrics,
                  "epochs": history["epochs"], "seconds": history["seconds"]}, human)
 
@@ -475,7 +476,7 @@ def cmd_analyze(args: argparse.Namespace) -> None:
         eval_data = _limit(repq.load_dataset(data_spec, "test", args.image_size), args.eval_limit or 1000)
     result = analyze(model, images, args.out, eval_data=eval_data, bits=args.bits)
     human = "\n".join(result["findings"]) or "no layer has center taps over 10x its surround"
-    human += f"\n\nreport: {Path(args.out) / 'report.md'} ({len(result['files'])} files)"
+    human += f"\n\nreport: {Path(args.out) / 'report.md'} ({len(result['files'])} files); open it for the plots"
     _emit(args, {"command": "analyze", **result}, human)
 
 
@@ -490,7 +491,8 @@ def cmd_import(args: argparse.Namespace) -> None:
     load_foreign_weights(model, args.weights, args.layout)
     repq.save_checkpoint(args.out, model, source=str(args.weights))
     _emit(args, {"command": "import", "checkpoint": args.out, "model": model.repq_config},
-          f"wrote {args.out}: {args.model} (num_classes={args.num_classes}) from {args.weights}")
+          f"wrote {args.out}: {args.model} (num_classes={args.num_classes}) from {args.weights}\n"
+          f"next: repq ptq --checkpoint {args.out} --data <your data> --out <int8.pt>")
 
 
 def cmd_demo(args: argparse.Namespace) -> None:

@@ -38,15 +38,16 @@ def plot_accuracy_bars(labels: list[str], values: list[float], reference: float,
                        title: str) -> Path:
     """Horizontal bars of top-1 per recipe with the float model as a vertical line."""
     fig, ax = plt.subplots(figsize=(7, max(3, 0.28 * len(labels))))
-    ax.barh(range(len(labels)), values, color="tab:blue")
+    bars = ax.barh(range(len(labels)), values, color="tab:blue")
+    ax.bar_label(bars, labels=[f"{v:.2f}" for v in values], fontsize=7, padding=2)
     ax.axvline(reference, color="black", linestyle="--", label=f"float {reference:.2f}")
     ax.set_yticks(range(len(labels)), labels, fontsize=7)
     low = min(values + [reference])
-    ax.set_xlim(max(0.0, low - 5), min(100.0, max(values + [reference]) + 1))
+    ax.set_xlim(max(0.0, low - 5), min(100.0, max(values + [reference]) + 3))   # room for the value labels
     ax.invert_yaxis()
     ax.set_xlabel("top-1 (%)")
     ax.set_title(title)
-    ax.legend(loc="lower right")
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=7)   # outside the bars
     return _save(fig, path)
 
 
@@ -67,21 +68,27 @@ def plot_sqnr(sqnr: dict[str, dict[str, dict[str, float]]], key: str, path: str 
     ax.set_xticks(range(len(layers)), [_short(n) for n in layers], rotation=70, fontsize=7)
     ax.set_ylabel("SQNR (dB)")
     ax.set_title(f"{'Weight' if key == 'weight_db' else 'Layer output'} SQNR at {bits} bits")
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     return _save(fig, path)
 
 
-def plot_clipping(clipping: dict[str, dict[float, float]], path: str | os.PathLike) -> Path:
-    """Top-1 vs clipping ratio alpha, one line per layer."""
-    fig, ax = plt.subplots(figsize=(6.5, 4))
+def plot_clipping(clipping: dict[str, dict[float, float]], path: str | os.PathLike, highlight: int = 5) -> Path:
+    """Top-1 vs clipping ratio alpha, one line per layer: the `highlight` most sensitive layers (lowest top-1 at
+    the tightest clip) in colour and named in a legend outside the plot, the others in light grey."""
+    fig, ax = plt.subplots(figsize=(8, 4))
+    tightest = {layer: curve[min(curve)] for layer, curve in clipping.items() if curve}
+    worst = sorted(tightest, key=tightest.get)[:highlight]
     for layer, curve in clipping.items():
         alphas = sorted(curve)
-        ax.plot(alphas, [curve[a] for a in alphas], marker="o", linewidth=1, label=_short(layer))
+        if layer in worst:
+            ax.plot(alphas, [curve[a] for a in alphas], marker="o", linewidth=1.5, label=_short(layer), zorder=3)
+        else:
+            ax.plot(alphas, [curve[a] for a in alphas], color="0.8", linewidth=0.8, zorder=1)
+    ax.plot([], [], color="0.8", label=f"the other {max(0, len(clipping) - len(worst))} layers")
     ax.set_xlabel("clip at alpha x max of the layer output")
     ax.set_ylabel("top-1 (%)")
     ax.set_title("Activation clipping sensitivity (one layer at a time)")
-    if len(clipping) <= 12:
-        ax.legend(fontsize=6)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), title="most sensitive")
     return _save(fig, path)
 
 
@@ -103,7 +110,7 @@ def plot_weight_histogram(fused, layer: str, path: str | os.PathLike, before: to
                 label="3x3 branch before the merge", log=True)
     ax.set_xlabel("weight value")
     ax.set_title(f"Fused kernel of {_short(layer)}")
-    ax.legend()
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))   # outside: the tails are the data
     return _save(fig, path)
 
 
