@@ -23,7 +23,8 @@ def cache(tmp_path_factory):
                                            ("export_benchmark.py", "ORT quantize_static MinMax"),
                                            ("peer_benchmark.py", "PyTorch FX PTQ"),
                                            ("qat_benchmark.py", "| OABN relative | cluster | W4A4 |"),
-                                           ("fusion_benchmark.py", "| same, ConvTranspose2d upsampling kept in float |")])
+                                           ("fusion_benchmark.py", "| same, ConvTranspose2d upsampling kept in float |"),
+                                           ("calibration_coverage.py", "| calibration seed | outlier images")])
 def test_quick_mode(script, needle, cache):
     env = {**os.environ, "REPQ_CACHE": str(cache)}
     results = BENCH.parent / "docs" / "results"
