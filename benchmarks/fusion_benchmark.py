@@ -26,6 +26,7 @@ from common import machine, repq, write_result
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from tests import third_party_layouts as tp  # noqa: E402
+from tests.conftest import randomize_bn as randomize  # noqa: E402
 
 from repq.export import export_onnx  # noqa: E402
 from repq.export.verify import _session  # noqa: E402
@@ -51,19 +52,6 @@ DETECTORS = {
     "same, ConvTranspose2d upsampling kept in float": ("meituan/YOLOv6 yolov6/layers/common.py Transpose",
                                                        lambda: with_transpose(), ("neck.upsample0.*",)),
 }
-
-
-def randomize(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, torch.nn.BatchNorm2d):
-                n = m.num_features
-                m.weight.copy_(torch.rand(n, generator=gen) * 3 - 1.5)
-                m.bias.copy_(torch.randn(n, generator=gen))
-                m.running_mean.copy_(torch.randn(n, generator=gen) * 2)
-                m.running_var.copy_(torch.rand(n, generator=gen) * 4 + 0.05)
-    return model.eval()
 
 
 def with_transpose() -> torch.nn.Module:

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from repq.errors import RepqError
-from repq.io import atomic_write
+from repq.io import atomic_write, input_file_problem
 from repq.models.registry import create_model
 
 FORMAT = "repq-checkpoint"
@@ -49,13 +49,11 @@ def save_checkpoint(path: str | os.PathLike, model: nn.Module, **extra: Any) -> 
 def safe_torch_load(path: str | os.PathLike, missing_hint: str) -> Any:
     """torch.load(weights_only=True): tensors and plain containers only; one-line errors for missing files,
     files that would need to run code, and files that are not torch files at all."""
-    if not str(path).strip():
-        raise RepqError(f"the checkpoint path is empty; {missing_hint}")
+    problem = input_file_problem(path)
+    if problem:
+        raise RepqError(f"the checkpoint path {problem}; {missing_hint}" if problem == "is empty"
+                        else f"{path} {problem}; {missing_hint}")
     path = Path(path)
-    if path.is_dir():
-        raise RepqError(f"{path} is a directory, not a checkpoint file; {missing_hint}")
-    if not path.is_file():
-        raise RepqError(f"{path} not found; {missing_hint}")
     try:
         with warnings.catch_warnings():   # torch's own pickle warnings would precede repq's one-line refusal
             warnings.simplefilter("ignore")

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from repq.errors import RepqError
+from repq.io import input_file_problem
 
 
 class CheckFailed(RepqError):
@@ -55,13 +56,12 @@ image_size = _number(int, "an image size (8 to 4096 pixels)", 8, 4096)
 def check_input_file(path: str | None, flag: str) -> None:
     if path is None:
         return
-    if not str(path).strip():
+    problem = input_file_problem(path)
+    if problem == "is empty":
         raise RepqError(f"{flag} is empty; give the path of a file")
-    p = Path(path)
-    if p.is_dir():
-        raise RepqError(f"{flag} {path} is a directory; give the path of a checkpoint file")
-    if not p.exists():
-        raise RepqError(f"{flag} {path} not found; check the path")
+    if problem:
+        raise RepqError(f"{flag} {path} {problem}; " + ("give the path of a file" if problem == "is a directory"
+                                                         else "check the path"))
 
 
 def _writable_folder(folder: Path, flag: str, path: str) -> None:

@@ -8,6 +8,17 @@ from pathlib import Path
 from typing import IO, Callable
 
 
+def input_file_problem(path: str | os.PathLike) -> str | None:
+    """Why `path` cannot be read as an input file ("is empty", "is a directory", "not found"), or None."""
+    if not str(path).strip():
+        return "is empty"
+    if Path(path).is_dir():
+        return "is a directory"
+    if not Path(path).is_file():
+        return "not found"
+    return None
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[IO], None], binary: bool = True) -> Path:
     """Call `write(file)` on a temp file in the target folder, then rename it to `path`."""
     path = Path(path)
