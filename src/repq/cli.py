@@ -111,7 +111,7 @@ def cmd_train(args: argparse.Namespace) -> None:
     from repq.training import distributed_context
     if distributed_context()[0] != 0:
         return
-    fused = repq.evaluate(repq.reparameterize(model), test_ds)
+    fused = repq.evaluate(repq.reparameterize(model, test_ds.normalize(test_ds.images[:2])), test_ds)
     rows = [[e["epoch"], e["train_top1"], e.get("eval_top1", float("nan")), f"{e['images_per_s']:.0f}"]
             for e in history["epochs"]]
     human = format_table(["epoch", "train top-1", "test top-1", "images/s"], rows)
@@ -314,7 +314,8 @@ def cmd_qat(args: argparse.Namespace) -> None:
     qat_model = repq.prepare_qat(model, config, train_ds.calibration_images(config.num_samples, config.seed))
     rows = []
     if rank == 0:
-        rows.append(["FP (fused)", repq.evaluate(repq.reparameterize(model), test_ds)])
+        fused = repq.reparameterize(model, test_ds.normalize(test_ds.images[:2]))
+        rows.append(["FP (fused)", repq.evaluate(fused, test_ds)])
         rows.append(["PTQ start (QAT initialization)", repq.evaluate(qat_model, test_ds)])
     train_config = repq.TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                                     weight_decay=args.weight_decay, augment=not args.no_augment, seed=args.seed,
@@ -364,7 +365,8 @@ def cmd_eval(args: argparse.Namespace) -> None:
     check_data_matches(payload, test_ds, args.allow_data_mismatch)
     rows = {payload["kind"]: repq.evaluate(model, test_ds, batch_size=args.batch_size, progress=not args.json)}
     if payload["kind"] == "train":
-        rows["fused"] = repq.evaluate(repq.reparameterize(model), test_ds, batch_size=args.batch_size)
+        fused = repq.reparameterize(model, test_ds.normalize(test_ds.images[:2]))
+        rows["fused"] = repq.evaluate(fused, test_ds, batch_size=args.batch_size)
     human = format_table(["model", "top-1", "top-5", "images"],
                          [[k, v["top1"], v["top5"], v["n"]] for k, v in rows.items()])
     _emit(args, {"command": "eval", "checkpoint": args.checkpoint, "results": rows}, human)
@@ -390,9 +392,7 @@ def cmd_export(args: argparse.Namespace) -> None:
     if args.fp and quant:
         raise RepqError(f"--fp exports a float model but {args.checkpoint} is quantized; pass the float checkpoint "
                         "(from `repq train`), or drop --fp")
-    if args.fp:
-        model = repq.reparameterize(model)
-    elif not quant:
+    if not args.fp and not quant:
         raise RepqError(f"{args.checkpoint} is not quantized; run `repq ptq ... --out` first, or add --fp")
     test_ds = None
     if data_spec:
@@ -404,6 +404,8 @@ def cmd_export(args: argparse.Namespace) -> None:
         example = torch.zeros(1, *quant["input_shape"])
     else:
         raise RepqError("give --data so that repq knows the input size of the model")
+    if args.fp:
+        model = repq.reparameterize(model, example.expand(2, *example.shape[1:]))
     target = Path(args.onnx)
     staging = target.with_name(f".{target.stem}.partial{target.suffix or '.onnx'}")  # moved in place when done
     try:

@@ -43,7 +43,7 @@ def run_demo(out: str = "runs/demo", data: str = "digits", epochs: int | None = 
     model = repq.create_model("repvgg_a0", num_classes=train_ds.num_classes, in_chans=train_ds.in_chans,
                               **setup["model_kwargs"])
     history = repq.train(model, train_ds, train_cfg, out=str(out_dir / "fp.pt"), progress=progress)
-    fused = repq.reparameterize(model)
+    fused = repq.reparameterize(model, test_ds.normalize(test_ds.images[:2]))
     fp, fz = repq.evaluate(model, test_ds), repq.evaluate(fused, test_ds)
     calib = train_ds.calibration_images(32, seed=0)
     rows: list[dict[str, Any]] = []

@@ -110,7 +110,7 @@ def analyze(model: nn.Module, images: torch.Tensor, out_dir: str | Path | None =
     """Diagnose `model` (training-time or fused) on calibration `images`; write report.md + plots to `out_dir`."""
     model = model.eval()
     contributions = branch_contributions(model)
-    fused = reparameterize(model)
+    fused = reparameterize(model, images[:2])
     stats = center_surround_stats(fused)
     sqnr = quantizer_sqnr(fused, images, bits)
     clipping = clipping_sensitivity(fused, images, eval_data, alphas) if eval_data is not None else {}
