@@ -9,6 +9,8 @@ activation feeds (repq.quant.selection).
 """
 from __future__ import annotations
 
+import functools
+
 from dataclasses import dataclass
 
 import numpy as np
@@ -180,6 +182,24 @@ def kl_bins(num_values: int, cfg: CalibrationConfig) -> int:
     return max(bins, min(cfg.levels, cfg.bins))
 
 
+def _bounds(levels: int, sizes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """First and one-past-last bin of group g for each candidate size i: ceil(g i / L), ceil((g+1) i / L)."""
+    i, g = sizes[:, None], np.arange(levels)[None, :]
+    return (g * i + levels - 1) // levels, ((g + 1) * i + levels - 1) // levels
+
+
+@functools.lru_cache(maxsize=16)
+def _group_bounds(levels: int, first: int, last: int) -> tuple[np.ndarray, np.ndarray]:
+    """`_bounds` for sizes first..last, computed once per layout (every search of a run scans the same sizes)."""
+    lo, hi = _bounds(levels, np.arange(first, last + 1))
+    lo.flags.writeable = hi.flags.writeable = False
+    return lo, hi
+
+
+def _is_range(sizes: np.ndarray) -> bool:
+    return sizes.size > 1 and int(sizes[-1] - sizes[0]) == sizes.size - 1 and bool((np.diff(sizes) == 1).all())
+
+
 def _group_terms(counts: np.ndarray, levels: int, sizes: np.ndarray) -> dict[str, np.ndarray]:
     """Per candidate size i (rows) and group g (columns) of the threshold search, from prefix sums: Q's mass of
     each group (the raw counts[:i]; group g holds bins ceil(g i / L) .. ceil((g+1) i / L) - 1), P's mass (the same,
@@ -188,9 +208,7 @@ def _group_terms(counts: np.ndarray, levels: int, sizes: np.ndarray) -> dict[str
     holds the clipped mass keeps a share of Q and clipping is always paid for)."""
     cs = np.concatenate([[0.0], np.cumsum(counts)])
     cnz = np.concatenate([[0], np.cumsum(counts > 0)])
-    i = sizes[:, None]
-    g = np.arange(levels)[None, :]
-    lo, hi = (g * i + levels - 1) // levels, ((g + 1) * i + levels - 1) // levels
+    lo, hi = _group_bounds(levels, int(sizes[0]), int(sizes[-1])) if _is_range(sizes) else _bounds(levels, sizes)
     mass = cs[hi] - cs[lo]
     occupied = (cnz[hi] - cnz[lo]).astype(np.float64)
     tail = cs[-1] - cs[sizes]
