@@ -424,7 +424,7 @@ def cmd_export(args: argparse.Namespace) -> None:
         if args.verify:
             images = test_ds.normalize(test_ds.images).numpy()
             v = result["verify"] = verify_against_simulation(model, path, images, test_ds.labels.numpy(),
-                                                             batch_size=args.batch_size)
+                                                             batch_size=args.batch_size, progress=not args.json)
             human += ("\n" + format_table(["runtime", "top-1"], [["repq simulation", v["top1_repq"]],
                                                                  ["ONNX Runtime", v["top1_onnxruntime"]]])
                       + f"\nmax |logit difference| {v['max_logit_diff']:.4g} (logits up to {v['logit_scale']:.3g}), "
@@ -476,7 +476,7 @@ def cmd_analyze(args: argparse.Namespace) -> None:
     eval_data = None
     if not args.no_clipping:
         eval_data = _limit(repq.load_dataset(data_spec, "test", args.image_size), args.eval_limit or 1000)
-    result = analyze(model, images, args.out, eval_data=eval_data, bits=args.bits)
+    result = analyze(model, images, args.out, eval_data=eval_data, bits=args.bits, progress=not args.json)
     human = "\n".join(result["findings"]) or "no layer has center taps over 10x its surround"
     human += f"\n\nreport: {Path(args.out) / 'report.md'} ({len(result['files'])} files); open it for the plots"
     _emit(args, {"command": "analyze", **result}, human)

@@ -66,7 +66,8 @@ def quantizer_sqnr(fused: nn.Module, images: torch.Tensor, bits: int = 8) -> dic
 
 @torch.no_grad()
 def clipping_sensitivity(fused: nn.Module, images: torch.Tensor, eval_data: Any,
-                         alphas: tuple[float, ...] = (0.25, 0.5, 0.75)) -> dict[str, dict[float, float]]:
+                         alphas: tuple[float, ...] = (0.25, 0.5, 0.75), progress: bool = False
+                         ) -> dict[str, dict[float, float]]:
     """Top-1 when one conv's output is clipped at alpha x (its max on `images`), all else float."""
     maxima = {}
     hooks = [m.register_forward_hook(lambda mod, a, out, n=name: maxima.__setitem__(n, float(out.max())))
@@ -75,9 +76,11 @@ def clipping_sensitivity(fused: nn.Module, images: torch.Tensor, eval_data: Any,
     for h in hooks:
         h.remove()
     curves: dict[str, dict[float, float]] = {}
-    for name, conv in fused.named_modules():
-        if not isinstance(conv, nn.Conv2d):
-            continue
+    convs = [(n, m) for n, m in fused.named_modules() if isinstance(m, nn.Conv2d)]
+    if progress:
+        from tqdm import tqdm
+        convs = tqdm(convs, desc="clipping sensitivity", unit="layer", leave=False, disable=None)
+    for name, conv in convs:
         curves[name] = {}
         for alpha in alphas:
             limit = alpha * maxima[name]
@@ -106,14 +109,14 @@ def diagnose(stats, contributions: list[BranchContribution]) -> list[str]:
 
 
 def analyze(model: nn.Module, images: torch.Tensor, out_dir: str | Path | None = None, eval_data: Any = None,
-            bits: int = 8, alphas: tuple[float, ...] = (0.25, 0.5, 0.75)) -> dict[str, Any]:
+            bits: int = 8, alphas: tuple[float, ...] = (0.25, 0.5, 0.75), progress: bool = False) -> dict[str, Any]:
     """Diagnose `model` (training-time or fused) on calibration `images`; write report.md + plots to `out_dir`."""
     model = model.eval()
     contributions = branch_contributions(model)
     fused = reparameterize(model, images[:2])
     stats = center_surround_stats(fused)
     sqnr = quantizer_sqnr(fused, images, bits)
-    clipping = clipping_sensitivity(fused, images, eval_data, alphas) if eval_data is not None else {}
+    clipping = clipping_sensitivity(fused, images, eval_data, alphas, progress) if eval_data is not None else {}
     result = {"layers": [s.as_dict() for s in stats],
               "branches": [{**c.__dict__, "dominant": c.dominant} for c in contributions],
               "sqnr": sqnr, "clipping": {k: {str(a): v for a, v in d.items()} for k, d in clipping.items()},

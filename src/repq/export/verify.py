@@ -39,13 +39,16 @@ def top1(logits: np.ndarray, labels: np.ndarray) -> float:
 
 
 def verify_against_simulation(model, path: str | os.PathLike, images: np.ndarray, labels: np.ndarray,
-                              batch_size: int = 500) -> dict[str, float]:
+                              batch_size: int = 500, progress: bool = False) -> dict[str, float]:
     """Top-1 of repq's simulation and of ONNX Runtime on the same images, and how far their logits differ."""
     import torch
 
+    starts = range(0, len(images), batch_size)
+    if progress:
+        from tqdm import tqdm
+        starts = tqdm(starts, desc="simulation", unit="batch", leave=False, disable=None)
     with torch.no_grad():
-        sim = torch.cat([model(torch.from_numpy(images[i:i + batch_size]))
-                         for i in range(0, len(images), batch_size)]).numpy()
+        sim = torch.cat([model(torch.from_numpy(images[i:i + batch_size])) for i in starts]).numpy()
     ort = run_onnx(path, images)
     return {"n": len(labels), "top1_repq": top1(sim, labels), "top1_onnxruntime": top1(ort, labels),
             "max_logit_diff": float(np.abs(ort - sim).max()), "logit_scale": float(np.abs(sim).max()),
