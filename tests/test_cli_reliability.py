@@ -227,3 +227,20 @@ def test_loader_refuses_a_huge_config_without_allocating(files):
 def test_tiny_model_helper_still_saves(tmp_path):
     repq.save_checkpoint(tmp_path / "t.pt", tiny())
     assert repq.load_checkpoint(tmp_path / "t.pt")[1]["kind"] == "train"
+
+
+def test_ctrl_c_during_compare_keeps_the_finished_rows(files, capsys, monkeypatch):
+    real, calls = repq.quantize, []
+
+    def interrupted_on_second(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+    monkeypatch.setattr(repq, "quantize", interrupted_on_second)
+    code = main(["ptq", "--checkpoint", str(files["CKPT"]), "--data", "digits", "--calib", "8", "--compare",
+                 "--weight", "minmax,cfws", "--activation", "minmax", "--json"])
+    out, err = capsys.readouterr()
+    result = json.loads(out.strip().splitlines()[0])
+    assert code == 130 and "interrupted after 1 of 2 runs" in err
+    assert result["interrupted"] and [r["weight"] for r in result["results"]] == ["minmax"]
