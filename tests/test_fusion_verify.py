@@ -90,3 +90,20 @@ def test_verification_needs_a_runnable_input():
         fuse_blocks(net)   # the guessed 32x32 input does not fit the Linear
     fused, report = fuse_blocks(net, example_input=torch.randn(2, 3, 8, 8))
     assert report[-1]["relative_diff"] < 1e-5
+
+
+def test_a_reparameterize_that_takes_arguments_is_not_a_deploy_method():
+    class VAEHead(nn.Module):   # the VAE meaning of the name: called with tensors, never a deploy switch
+        def __init__(self):
+            super().__init__()
+            self.conv, self.bn = nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2)
+
+        def forward(self, x):
+            return self.bn(self.conv(x))
+
+        def reparameterize(self, mu, logvar):
+            return mu + logvar
+
+    net = randomize_bn(nn.Sequential(VAEHead(), nn.ReLU()))
+    fused, report = fuse_blocks(net, example_input=torch.randn(2, 1, 6, 6))
+    assert [r["bn"] for r in report if "bn" in r] == ["0.bn"] and report[-1]["relative_diff"] < 1e-5

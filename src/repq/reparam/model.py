@@ -14,6 +14,7 @@ modified.
 from __future__ import annotations
 
 import copy
+import inspect
 import time
 from typing import Any
 
@@ -29,7 +30,18 @@ OWN_METHODS = ("reparameterize", "switch_to_deploy")   # in place, as timm / YOL
 
 
 def _own_method(module: nn.Module) -> str | None:
-    return next((m for m in OWN_METHODS if callable(getattr(module, m, None))), None)
+    """The block's in-place deploy method: one of OWN_METHODS callable without arguments (a VAE's
+    `reparameterize(mu, logvar)` is not one)."""
+    for name in OWN_METHODS:
+        method = getattr(module, name, None)
+        if callable(method):
+            try:
+                params = inspect.signature(method).parameters.values()
+            except (TypeError, ValueError):
+                continue
+            if all(p.default is not p.empty or p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) for p in params):
+                return name
+    return None
 
 
 def _replace_fusable(module: nn.Module, prefix: str = "") -> list[dict[str, Any]]:
@@ -51,7 +63,11 @@ def _replace_fusable(module: nn.Module, prefix: str = "") -> list[dict[str, Any]
             replaced.append({**record, "layout": layout.name, "unaccounted": stateless})
         elif own is not None and (layout is not None or not _is_deploy_form(child)):
             before = set(child.state_dict())
-            getattr(child, own)()
+            try:
+                getattr(child, own)()
+            except Exception as exc:  # noqa: BLE001 - third-party code: report which block failed
+                raise RepqError(f"block '{path}' ({type(child).__name__}): its own {own}() failed "
+                                f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})") from None
             if set(child.state_dict()) != before:
                 replaced.append({**record, "layout": f"{own}()", "unaccounted": stateful + stateless})
         elif layout is not None:
