@@ -71,9 +71,7 @@ def _quantize_input(g: _GraphBuilder, layer: nn.Module, x: str, base: str,
     else:
         zero = g.const(base + "_x_zero", np.array(128 if q.signed else 0, dtype=np.uint8))
     if q.bits < 8:
-        low = g.const(base + "_x_min", np.array(float(q.qmin) * scale_value, dtype=np.float32))
-        high = g.const(base + "_x_max", np.array(float(q.qmax) * scale_value, dtype=np.float32))
-        x = g.node("Clip", [x, low, high], base)
+        x = _emit_clip(g, x, base, float(q.qmin) * scale_value, float(q.qmax) * scale_value)
     return g.node("QuantizeLinear", [x, scale, zero], base), scale, zero
 
 
@@ -144,10 +142,9 @@ def _emit_codebook_layer(g: _GraphBuilder, layer: nn.Module, x: str, base: str) 
     if q.bits > 8:
         raise RepqError(f"ONNX export supports activations up to 8 bits; '{base}' has {q.bits}")
     scale = float(q.scale)
-    low = g.const(base + "_x_min", np.array(float(q.qmin) * scale, dtype=np.float32))
-    high = g.const(base + "_x_max", np.array(float(q.qmax) * scale, dtype=np.float32))
     s = g.const(base + "_x_scale", np.array(scale, dtype=np.float32))
-    codes = g.node("Round", [g.node("Div", [g.node("Clip", [x, low, high], base), s], base)], base)
+    clipped = _emit_clip(g, x, base, float(q.qmin) * scale, float(q.qmax) * scale)
+    codes = g.node("Round", [g.node("Div", [clipped, s], base)], base)
     xq = g.node("Mul", [codes, s], base)
     indices = g.const(base + "_w_indices", layer.weight_indices.cpu().numpy().astype(np.uint8))
     codebook = g.const(base + "_codebook", layer.codebook.detach().cpu().numpy().astype(np.float32))
