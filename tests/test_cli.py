@@ -132,6 +132,7 @@ def test_demo_runs_end_to_end(tmp_path, capsys):
     code, out, _ = run(capsys, "demo", "--out", str(tmp_path / "demo"), "--epochs", "3", "--json")
     result = json.loads(out)
     assert code == 0 and len(result["results"]) >= 25
+    assert 0 <= result["naive_int8"] <= 100 and 0 <= result["repq_default_int8"] <= 100
     pngs = [f for f in result["files"] if f.endswith(".png")]
     assert len(pngs) >= 6 and any(f.endswith("analysis/report.md") for f in result["files"])
     for png in pngs:

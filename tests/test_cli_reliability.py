@@ -244,3 +244,14 @@ def test_ctrl_c_during_compare_keeps_the_finished_rows(files, capsys, monkeypatc
     result = json.loads(out.strip().splitlines()[0])
     assert code == 130 and "interrupted after 1 of 2 runs" in err
     assert result["interrupted"] and [r["weight"] for r in result["results"]] == ["minmax"]
+
+
+def test_eval_in_onnx_runtime_beside_the_simulation(files, capsys):
+    code = main(["eval", "--checkpoint", str(files["QCKPT"]), "--data", "digits", "--runtime", "ort", "--json"])
+    rows = json.loads(capsys.readouterr().out)["results"]
+    assert code == 0 and set(rows) == {"quantized", "quantized in ONNX Runtime"}
+    assert abs(rows["quantized"]["top1"] - rows["quantized in ONNX Runtime"]["top1"]) <= 0.6   # <= 2 of 359 images
+    assert all(r["images_per_s"] > 0 and r["n"] == 359 for r in rows.values())
+    code = main(["eval", "--checkpoint", str(files["CKPT"]), "--data", "digits", "--runtime", "ort", "--json"])
+    rows = json.loads(capsys.readouterr().out)["results"]
+    assert code == 0 and rows["fused"]["top1"] == pytest.approx(rows["fused in ONNX Runtime"]["top1"], abs=0.3)

@@ -355,6 +355,37 @@ def _timm_model(name: str, weights: str, data):
     return model.eval()
 
 
+def _timed_eval(model, data, batch_size: int, progress: bool) -> dict[str, Any]:
+    import repq
+    start = time.perf_counter()
+    metrics = repq.evaluate(model, data, batch_size=batch_size, progress=progress)
+    return {**metrics, "images_per_s": metrics["n"] / max(time.perf_counter() - start, 1e-9)}
+
+
+def _ort_eval(model, test_ds, allow_float: bool, batch_size: int) -> dict[str, Any]:
+    """Top-1/top-5 and images/s of the model exported to ONNX and run by ONNX Runtime (integer kernels)."""
+    import tempfile
+
+    import numpy as np
+
+    from repq.export import export_onnx
+    from repq.export.verify import _session
+    images = test_ds.normalize(test_ds.images).numpy()
+    labels = test_ds.labels.numpy()
+    with tempfile.TemporaryDirectory(prefix="repq-eval-") as tmp:
+        path = export_onnx(model, Path(tmp) / "model.onnx", test_ds.normalize(test_ds.images[:1]),
+                           allow_float=allow_float)
+        session = _session(path)
+        start = time.perf_counter()
+        logits = np.concatenate([session.run(["logits"], {"input": images[i:i + batch_size]})[0]
+                                 for i in range(0, len(images), batch_size)])
+        seconds = time.perf_counter() - start
+    top5 = np.argsort(-logits, axis=1)[:, :5]
+    return {"top1": float((logits.argmax(1) == labels).mean() * 100),
+            "top5": float((top5 == labels[:, None]).any(1).mean() * 100), "n": len(labels),
+            "images_per_s": len(labels) / max(seconds, 1e-9)}
+
+
 def cmd_eval(args: argparse.Namespace) -> None:
     import repq
 
@@ -363,16 +394,21 @@ def cmd_eval(args: argparse.Namespace) -> None:
     test_ds = _limit(repq.load_dataset(args.data, "test", args.image_size), args.eval_limit)
     _check_data_fits(payload["model"], test_ds)
     check_data_matches(payload, test_ds, args.allow_data_mismatch)
-    rows = {payload["kind"]: repq.evaluate(model, test_ds, batch_size=args.batch_size, progress=not args.json)}
+    progress = not args.json
+    rows = {payload["kind"]: _timed_eval(model, test_ds, args.batch_size, progress)}
+    deploy = model
     if payload["kind"] == "train":
-        fused = repq.reparameterize(model, test_ds.normalize(test_ds.images[:2]))
-        rows["fused"] = repq.evaluate(fused, test_ds, batch_size=args.batch_size)
-    human = format_table(["model", "top-1", "top-5", "images"],
-                         [[k, v["top1"], v["top5"], v["n"]] for k, v in rows.items()])
+        deploy = repq.reparameterize(model, test_ds.normalize(test_ds.images[:2]))
+        rows["fused"] = _timed_eval(deploy, test_ds, args.batch_size, progress)
+    if args.runtime == "ort":   # the deployed form, run by ONNX Runtime beside repq's own forward
+        rows[f"{'fused' if payload['kind'] == 'train' else payload['kind']} in ONNX Runtime"] = _ort_eval(
+            deploy, test_ds, allow_float=not payload.get("quant"), batch_size=args.batch_size)
+    human = format_table(["model", "top-1", "top-5", "images", "images/s"],
+                         [[k, v["top1"], v["top5"], v["n"], f"{v['images_per_s']:.0f}"] for k, v in rows.items()])
     _emit(args, {"command": "eval", "checkpoint": args.checkpoint, "results": rows}, human)
-    top1 = rows[payload["kind"]]["top1"]
-    if args.min_top1 is not None and not top1 >= args.min_top1:
-        raise CheckFailed(f"--min-top1: top-1 {top1:.2f} is below {args.min_top1:.2f}")
+    gate = rows[next(k for k in rows if "ONNX" in k)] if args.runtime == "ort" else rows[payload["kind"]]
+    if args.min_top1 is not None and not gate["top1"] >= args.min_top1:
+        raise CheckFailed(f"--min-top1: top-1 {gate['top1']:.2f} is below {args.min_top1:.2f}")
 
 
 def cmd_export(args: argparse.Namespace) -> None:
@@ -638,7 +674,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("eval", "top-1/top-5 of any checkpoint repq wrote")
     p.add_argument("--checkpoint", required=True)
     _data_args(p)
-    p.add_argument("--min-top1", type=float, default=None, help="exit with code 1 if top-1 is below this (CI gate)")
+    p.add_argument("--min-top1", type=float, default=None, help="exit with code 1 if top-1 is below this (CI gate; "
+                   "with --runtime ort, the ONNX Runtime top-1)")
+    p.add_argument("--runtime", default="sim", choices=["sim", "ort"],
+                   help="sim: repq's own forward (the integer simulation); ort: also export to ONNX and evaluate "
+                        "in ONNX Runtime (integer kernels), with images/s")
     _common(p, writes=False)
     p.set_defaults(func=cmd_eval)
 
