@@ -90,6 +90,13 @@ CASES = [
     (["qat", "--checkpoint", "CKPT", "--data", "digits", "--w-bits", "1", "--out", "NEW"], "--w-bits", ">="),
     (["ptq", "--checkpoint", "CKPT", "--data", "digits", "--skip-layers", "nothing.*"], "--skip-layers",
      "matches no layer"),
+    # devices
+    (["train", "--data", "digits", "--device", "tpu", "--out", "NEW"], "--device", "expected auto, cpu"),
+    (["train", "--data", "digits", "--device", "meta", "--out", "NEW"], "--device", "cpu or cuda"),
+    (["train", "--data", "digits", "--device", "cpu", "--amp", "bf16", "--out", "NEW"], "--amp", "CUDA"),
+    *([] if torch.cuda.is_available() else [
+        (["eval", "--checkpoint", "CKPT", "--data", "digits", "--device", "cuda"], "--device", "no CUDA device"),
+        (["ptq", "--checkpoint", "CKPT", "--data", "digits", "--device", "cuda:1"], "--device", "no CUDA device")]),
     # wrong combinations and checkpoints
     (["export", "--checkpoint", "QCKPT", "--onnx", "NEW", "--fp"], "--fp", "is quantized"),
     (["train", "--data", "digits", "--resume", "CKPT", "--epochs", "2", "--out", "NEW"], "--resume",
@@ -255,3 +262,8 @@ def test_eval_in_onnx_runtime_beside_the_simulation(files, capsys):
     code = main(["eval", "--checkpoint", str(files["CKPT"]), "--data", "digits", "--runtime", "ort", "--json"])
     rows = json.loads(capsys.readouterr().out)["results"]
     assert code == 0 and rows["fused"]["top1"] == pytest.approx(rows["fused in ONNX Runtime"]["top1"], abs=0.3)
+
+
+def test_explicit_cpu_device_runs(files, capsys):
+    assert main(["eval", "--checkpoint", str(files["QCKPT"]), "--data", "digits", "--device", "cpu",
+                 "--eval-limit", "20"]) == 0

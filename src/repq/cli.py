@@ -14,7 +14,7 @@ from typing import Any
 
 from repq.cli_checks import (CheckFailed, OneLineParser, bit_width, check_data_matches, check_input_file,
                              check_output_file, check_output_folder, data_meta, fraction, image_size,
-                             nonnegative_float, nonnegative_int, positive_float, positive_int)
+                             nonnegative_float, nonnegative_int, positive_float, positive_int, resolve_device)
 from repq.errors import RepqError
 from repq.tables import format_table
 
@@ -78,6 +78,9 @@ def cmd_train(args: argparse.Namespace) -> None:
 
     check_input_file(args.resume, "--resume")
     check_output_file(args.out, "--out", (args.resume,), args.overwrite)
+    device = resolve_device(args.device)
+    if args.amp and device.type != "cuda":
+        raise RepqError(f"--amp {args.amp} needs a CUDA device (--device cuda); on CPU repq trains in float32")
     given = [f"--{o.replace('_', '-')}" for o in _OABN_OPTIONS if getattr(args, o) is not None]
     if given and not args.oabn:
         raise RepqError(f"{', '.join(given)} {'configure' if len(given) > 1 else 'configures'} OABN; add --oabn, "
@@ -100,18 +103,19 @@ def cmd_train(args: argparse.Namespace) -> None:
     test_ds = _limit(repq.load_dataset(args.data, "test", args.image_size), args.eval_limit)
     torch.manual_seed(args.seed)  # the initialization is part of the seeded run
     model = _build_model(args.model, num_classes=train_ds.num_classes, in_chans=train_ds.in_chans,
-                         small_input=args.small_input, width_scale=args.width_scale, **extra)
+                         small_input=args.small_input, width_scale=args.width_scale, **extra).to(device)
     config = repq.TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                               weight_decay=args.weight_decay, label_smoothing=args.label_smoothing,
                               warmup_epochs=args.warmup_epochs, augment=not args.no_augment, seed=args.seed,
-                              max_steps_per_epoch=args.max_steps)
+                              max_steps_per_epoch=args.max_steps, amp=args.amp)
     history = repq.train(model, train_ds, config, eval_data=test_ds, out=args.out, resume=args.resume,
                          progress=not args.json,
                          checkpoint_extra={"data": args.data, "data_meta": data_meta(train_ds)})
     from repq.training import distributed_context
     if distributed_context()[0] != 0:
         return
-    fused = repq.evaluate(repq.reparameterize(model, test_ds.normalize(test_ds.images[:2])), test_ds)
+    example = test_ds.normalize(test_ds.images[:2]).to(device)
+    fused = repq.evaluate(repq.reparameterize(model, example), test_ds)
     rows = [[e["epoch"], e["train_top1"], e.get("eval_top1", float("nan")), f"{e['images_per_s']:.0f}"]
             for e in history["epochs"]]
     human = format_table(["epoch", "train top-1", "test top-1", "images/s"], rows)
@@ -203,15 +207,17 @@ def cmd_ptq(args: argparse.Namespace) -> None:
         raise RepqError("--out saves one quantized model; drop --compare or give one method per option")
     if args.timm and args.out:
         raise RepqError("--out saves repq models only; for a timm model use the Python API or drop --out")
+    device = resolve_device(args.device)
     payload: dict[str, Any] = {}
     if not args.timm:
         model, payload = repq.load_checkpoint(args.checkpoint)
+        model = model.to(device)
         if payload.get("quant"):
             raise RepqError(f"{args.checkpoint} is already quantized; pass the float checkpoint from `repq train`")
     train_ds = repq.load_dataset(args.data, "train", args.image_size)
     test_ds = _limit(repq.load_dataset(args.data, "test", args.image_size), args.eval_limit)
     if args.timm:
-        model = _timm_model(args.timm, args.checkpoint, train_ds)
+        model = _timm_model(args.timm, args.checkpoint, train_ds).to(device)
     else:
         _check_data_fits(payload["model"], train_ds)
         check_data_matches(payload, train_ds, args.allow_data_mismatch)
@@ -221,7 +227,8 @@ def cmd_ptq(args: argparse.Namespace) -> None:
     if configs[0].skip_layers:   # names refer to the fused model: check them before the evaluation and the grid
         from repq.ptq import resolve_skip_layers
         try:
-            resolve_skip_layers(repq.reparameterize(model, train_ds.calibration_images(2)), configs[0].skip_layers)
+            resolve_skip_layers(repq.reparameterize(model, train_ds.calibration_images(2).to(device)),
+                                configs[0].skip_layers)
         except RepqError as err:
             raise RepqError(f"--skip-layers: {str(err).removeprefix('skip_layers: ')}") from None
     fp = repq.evaluate(model, test_ds, batch_size=args.batch_size)
@@ -303,23 +310,28 @@ def cmd_qat(args: argparse.Namespace) -> None:
         config.validate()
     except RepqError as err:
         raise RepqError(f"{err} (check --w-bits, --a-bits, --edge-bits)") from None
+    device = resolve_device(args.device)
+    if args.amp and device.type != "cuda":
+        raise RepqError(f"--amp {args.amp} needs a CUDA device (--device cuda); on CPU repq trains in float32")
     model, payload = repq.load_checkpoint(args.checkpoint)
     if payload.get("quant"):
         raise RepqError(f"{args.checkpoint} is already quantized; pass the float checkpoint from `repq train`")
+    model = model.to(device)
     train_ds = repq.load_dataset(args.data, "train", args.image_size)
     test_ds = _limit(repq.load_dataset(args.data, "test", args.image_size), args.eval_limit)
     _check_data_fits(payload["model"], train_ds)
     check_data_matches(payload, train_ds, args.allow_data_mismatch)
     rank = distributed_context()[0]
-    qat_model = repq.prepare_qat(model, config, train_ds.calibration_images(config.num_samples, config.seed))
+    qat_model = repq.prepare_qat(model, config,
+                                 train_ds.calibration_images(config.num_samples, config.seed).to(device))
     rows = []
     if rank == 0:
-        fused = repq.reparameterize(model, test_ds.normalize(test_ds.images[:2]))
+        fused = repq.reparameterize(model, test_ds.normalize(test_ds.images[:2]).to(device))
         rows.append(["FP (fused)", repq.evaluate(fused, test_ds)])
         rows.append(["PTQ start (QAT initialization)", repq.evaluate(qat_model, test_ds)])
     train_config = repq.TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                                     weight_decay=args.weight_decay, augment=not args.no_augment, seed=args.seed,
-                                    max_steps_per_epoch=args.max_steps)
+                                    max_steps_per_epoch=args.max_steps, amp=args.amp)
     history = repq.train(qat_model, train_ds, train_config, eval_data=test_ds, progress=not args.json)
     qmodel = repq.convert_qat(qat_model)
     if rank != 0:
@@ -390,7 +402,9 @@ def cmd_eval(args: argparse.Namespace) -> None:
     import repq
 
     check_input_file(args.checkpoint, "--checkpoint")
+    device = resolve_device(args.device)
     model, payload = repq.load_checkpoint(args.checkpoint)
+    model = model.to(device)
     test_ds = _limit(repq.load_dataset(args.data, "test", args.image_size), args.eval_limit)
     _check_data_fits(payload["model"], test_ds)
     check_data_matches(payload, test_ds, args.allow_data_mismatch)
@@ -398,11 +412,11 @@ def cmd_eval(args: argparse.Namespace) -> None:
     rows = {payload["kind"]: _timed_eval(model, test_ds, args.batch_size, progress)}
     deploy = model
     if payload["kind"] == "train":
-        deploy = repq.reparameterize(model, test_ds.normalize(test_ds.images[:2]))
+        deploy = repq.reparameterize(model, test_ds.normalize(test_ds.images[:2]).to(device))
         rows["fused"] = _timed_eval(deploy, test_ds, args.batch_size, progress)
     if args.runtime == "ort":   # the deployed form, run by ONNX Runtime beside repq's own forward
         rows[f"{'fused' if payload['kind'] == 'train' else payload['kind']} in ONNX Runtime"] = _ort_eval(
-            deploy, test_ds, allow_float=not payload.get("quant"), batch_size=args.batch_size)
+            deploy.cpu(), test_ds, allow_float=not payload.get("quant"), batch_size=args.batch_size)
     human = format_table(["model", "top-1", "top-5", "images", "images/s"],
                          [[k, v["top1"], v["top5"], v["n"], f"{v['images_per_s']:.0f}"] for k, v in rows.items()])
     _emit(args, {"command": "eval", "checkpoint": args.checkpoint, "results": rows}, human)
@@ -501,14 +515,16 @@ def cmd_analyze(args: argparse.Namespace) -> None:
 
     check_input_file(args.checkpoint, "--checkpoint")
     check_output_folder(args.out, "--out", args.overwrite)
+    device = resolve_device(args.device)
     model, payload = repq.load_checkpoint(args.checkpoint)
+    model = model.to(device)
     data_spec = args.data or payload.get("data")
     if not data_spec:
         raise RepqError("give --data: the analysis runs the model on calibration images")
     train_ds = repq.load_dataset(data_spec, "train", args.image_size)
     _check_data_fits(payload["model"], train_ds)
     check_data_matches(payload, train_ds, args.allow_data_mismatch)
-    images = train_ds.calibration_images(args.calib, args.seed)
+    images = train_ds.calibration_images(args.calib, args.seed).to(device)
     eval_data = None
     if not args.no_clipping:
         eval_data = _limit(repq.load_dataset(data_spec, "test", args.image_size), args.eval_limit or 1000)
@@ -560,6 +576,13 @@ def _data_args(p: argparse.ArgumentParser, required: bool = True, eval_batch: bo
         p.add_argument("--batch-size", type=positive_int, default=256, help="evaluation batch size")
 
 
+def _device_args(p: argparse.ArgumentParser, amp: bool = False) -> None:
+    p.add_argument("--device", default="auto", help="auto (CUDA when present) | cpu | cuda | cuda:N")
+    if amp:
+        p.add_argument("--amp", default=None, choices=["bf16", "fp16"],
+                       help="mixed precision on CUDA (default: float32)")
+
+
 def _edge_bits(text: str) -> int:
     value = nonnegative_int(text)
     if value and not 2 <= value <= 16:
@@ -605,6 +628,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--oabn-k", type=positive_float, default=None, help="with --oabn: factor of the relative rule "
                    "(default 1.0)")
     p.add_argument("--out", required=True, help="checkpoint to write (after every epoch, atomically)")
+    _device_args(p, amp=True)
     _common(p)
     p.set_defaults(func=cmd_train)
 
@@ -631,6 +655,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-steps", type=positive_int, default=None, help="cap steps per epoch (smoke runs)")
     p.add_argument("--out", required=True, help="quantized checkpoint to write")
+    _device_args(p, amp=True)
     _common(p)
     p.set_defaults(func=cmd_qat)
 
@@ -668,6 +693,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "'linear' or 'stage4.*')")
     p.add_argument("--compare", action="store_true", help="run the grid of the listed options, print one table")
     p.add_argument("--out", default=None, help="quantized checkpoint to write")
+    _device_args(p)
     _common(p)
     p.set_defaults(func=cmd_ptq)
 
@@ -679,6 +705,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--runtime", default="sim", choices=["sim", "ort"],
                    help="sim: repq's own forward (the integer simulation); ort: also export to ONNX and evaluate "
                         "in ONNX Runtime (integer kernels), with images/s")
+    _device_args(p)
     _common(p, writes=False)
     p.set_defaults(func=cmd_eval)
 
@@ -703,6 +730,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bits", type=bit_width, default=8, help="weight bit-width of the SQNR comparison")
     p.add_argument("--no-clipping", action="store_true", help="skip the clipping sensitivity (needs test data)")
     _data_args(p, required=False, eval_batch=False)
+    _device_args(p)
     _common(p)
     p.set_defaults(func=cmd_analyze)
 

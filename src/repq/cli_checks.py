@@ -133,3 +133,26 @@ def check_data_matches(payload: dict[str, Any], data: Any, allow_mismatch: bool)
                          if k in ("name", "input_size") else k for k in differ)
         raise RepqError(f"--data does not match the data the checkpoint was made with ({what}); pass that data, "
                         "or add --allow-data-mismatch")
+
+
+# ---------------------------------------------------------------- devices
+def resolve_device(text: str, flag: str = "--device"):
+    """auto (CUDA when present, else CPU) | cpu | cuda | cuda:N, checked against what this machine has; under
+    torchrun a bare `cuda` means this rank's GPU (LOCAL_RANK)."""
+    import torch
+    if text == "auto":
+        text = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(text)
+    except RuntimeError:
+        raise RepqError(f"{flag} {text}: expected auto, cpu, cuda or cuda:N") from None
+    if device.type == "cpu":
+        return device
+    if device.type != "cuda":
+        raise RepqError(f"{flag} {text}: repq runs on cpu or cuda")
+    if not torch.cuda.is_available():
+        raise RepqError(f"{flag} {text}: no CUDA device is available on this machine; use --device cpu (or auto)")
+    index = device.index if device.index is not None else int(os.environ.get("LOCAL_RANK", "0"))
+    if index >= torch.cuda.device_count():
+        raise RepqError(f"{flag} {text}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return torch.device("cuda", index)

@@ -33,6 +33,7 @@ class TrainConfig:
     augment: bool = True
     seed: int = 0
     max_steps_per_epoch: int | None = None   # cut epochs short (smoke tests, quick benchmarks)
+    amp: str | None = None                    # None | "bf16" | "fp16": autocast on CUDA (fp16 with a grad scaler)
 
 
 def _param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
@@ -49,9 +50,12 @@ def _lr_factor(step: int, total: int, warmup: int) -> float:
 
 
 def distributed_context() -> tuple[int, int]:
-    """(rank, world size); starts the process group when launched by torchrun."""
+    """(rank, world size); starts the process group when launched by torchrun (nccl with each rank on its own
+    GPU, LOCAL_RANK, when CUDA exists; gloo on CPU)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1 and not dist.is_initialized():
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     if dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
@@ -90,7 +94,16 @@ def train(model: nn.Module, data: ImageDataset, config: TrainConfig | None = Non
         optimizer.load_state_dict(state["train_state"]["optimizer"])
         history = state["train_state"]["history"]
         start_epoch = state["train_state"]["epoch"]
-    net = nn.parallel.DistributedDataParallel(model) if world > 1 else model
+    device = next(model.parameters()).device          # batches follow the model (repq train --device)
+    if config.amp not in (None, "bf16", "fp16"):
+        raise RepqError(f"amp must be None, 'bf16' or 'fp16', not {config.amp!r}")
+    use_amp = config.amp is not None and device.type == "cuda"
+    amp_dtype = torch.bfloat16 if config.amp == "bf16" else torch.float16
+    scaler = torch.amp.GradScaler("cuda", enabled=use_amp and config.amp == "fp16")
+    if world > 1:
+        net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    else:
+        net = model
     criterion = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
     for epoch in range(start_epoch, config.epochs):
         net.train()
@@ -108,14 +121,17 @@ def train(model: nn.Module, data: ImageDataset, config: TrainConfig | None = Non
                 break
             for group in optimizer.param_groups:
                 group["lr"] = config.lr * _lr_factor(epoch * steps_per_epoch + step, total_steps, warmup)
-            logits = net(images)
-            loss = criterion(logits, labels)
+            images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+            with torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
+                logits = net(images)
+                loss = criterion(logits, labels)
             loss_value = loss.detach()
             if not torch.isfinite(loss_value):
                 raise RepqError(f"training diverged (loss {float(loss_value)}) at epoch {epoch + 1}; lower --lr")
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
             history["loss"].append(float(loss_value))
             seen += len(labels)
             correct += int((logits.argmax(1) == labels).sum())
