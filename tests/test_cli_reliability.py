@@ -205,6 +205,9 @@ def test_overwrite_replaces_and_models_lists(files, tmp_path, capsys):
     assert main(args) == 0 and target.exists()
     assert main(args) == 2 and "--overwrite" in capsys.readouterr().err
     assert main(args + ["--overwrite"]) == 0
+    import onnx
+    props = {p.key: json.loads(p.value) for p in onnx.load(str(target)).metadata_props}
+    assert props["repq_data"]["name"] == "digits" and props["repq_data"]["input_size"] == [1, 8, 8]
     assert main(["models", "--json"]) == 0
     models = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["models"]
     assert {"repvgg_b2g2", "repvgg_d2se", "mobileone_s0"} <= {m["name"] for m in models}

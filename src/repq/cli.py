@@ -459,7 +459,8 @@ def cmd_export(args: argparse.Namespace) -> None:
     target = Path(args.onnx)
     staging = target.with_name(f".{target.stem}.partial{target.suffix or '.onnx'}")  # moved in place when done
     try:
-        path = export_onnx(model, staging, example, allow_float=args.fp)
+        metadata = {"repq_data": payload["data_meta"]} if payload.get("data_meta") else None
+        path = export_onnx(model, staging, example, allow_float=args.fp, metadata=metadata)
         result: dict[str, Any] = {"command": "export", "onnx": str(target), "bytes": path.stat().st_size,
                                   "kernels": integer_kernels(path)}
         human = f"wrote {target} ({path.stat().st_size / 1e6:.2f} MB)\nONNX Runtime kernels: {result['kernels']}"

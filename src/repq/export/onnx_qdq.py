@@ -12,6 +12,7 @@ A quantized global pool (PTQConfig.quantize_pool) is Q -> DQ -> GlobalAveragePoo
 """
 from __future__ import annotations
 
+import json
 import operator
 import os
 from pathlib import Path
@@ -532,9 +533,11 @@ def _get_attr(model: nn.Module, target: str) -> torch.Tensor:
 
 
 def export_onnx(model: nn.Module, path: str | os.PathLike, example_input: torch.Tensor,
-                allow_float: bool = False) -> Path:
+                allow_float: bool = False, metadata: dict[str, Any] | None = None) -> Path:
     """Write `model` as ONNX (checked with onnx.checker, written atomically). A model from `repq.quantize` becomes
-    a QDQ graph; a float model needs `allow_float=True` (the FP reference)."""
+    a QDQ graph; a float model needs `allow_float=True` (the FP reference). `metadata` (e.g. the data a checkpoint
+    was made with: name, input size, normalization, classes) is stored as the model's metadata_props, JSON
+    values under their keys, so a runtime can read how to feed the model."""
     try:
         import onnx
     except ImportError:
@@ -544,6 +547,9 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, example_input: torch.
         raise RepqError("the model is not quantized; run repq.quantize first, or export the float model with --fp")
     model = model.eval()
     proto = build_onnx(model, example_input)
+    for key, value in (metadata or {}).items():
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = str(key), json.dumps(value)
     onnx.checker.check_model(proto, full_check=True)
     tables = codebook_tables(model)
     if tables:
