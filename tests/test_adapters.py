@@ -9,6 +9,7 @@ from torch import nn
 import repq
 from repq.reparam import fuse_blocks, fused_blocks, match_layout
 from tests.conftest import randomize_bn
+from tests.third_party_layouts import ConvNormAct
 
 
 def conv_bn(cin, cout, k, stride, groups=1):
@@ -51,16 +52,6 @@ class QARepVGGBlock(nn.Module):  # YOLOv6 v3: BN after the sum (and after se), n
     def forward(self, x):
         ident = 0 if self.rbr_identity is None else self.rbr_identity(x)
         return self.nonlinearity(self.bn(self.se(self.rbr_dense(x) + self.rbr_1x1(x) + ident)))
-
-
-class ConvNormAct(nn.Module):  # timm.layers.ConvNormAct without activation
-    def __init__(self, cin, cout, k, stride, groups=1):
-        super().__init__()
-        self.conv = nn.Conv2d(cin, cout, k, stride, k // 2, groups=groups, bias=False)
-        self.bn = nn.BatchNorm2d(cout)
-
-    def forward(self, x):
-        return self.bn(self.conv(x))
 
 
 class TimmRepVggBlock(nn.Module):

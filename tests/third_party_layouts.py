@@ -31,6 +31,17 @@ def _eye(channels, groups, k=3):
     return kernel
 
 
+def _three_branches(dense, one, identity, channels):
+    """The original RepVGG merge (its get_equivalent_kernel_bias), written independently of repq's."""
+    k3, b3 = _fold(dense.conv.weight, dense.bn)
+    k1, b1 = _fold(one.conv.weight, one.bn)
+    kernel, bias = k3 + F.pad(k1, [1, 1, 1, 1]), b3 + b1
+    if identity is not None:
+        ki, bi = _fold(_eye(channels, 1), identity)
+        kernel, bias = kernel + ki, bias + bi
+    return kernel, bias
+
+
 # --- DingXiaoH/RepVGG: se_block.py, repvgg.py, repvggplus.py ---------------------------------------------------
 
 class SEBlock(nn.Module):
@@ -64,18 +75,17 @@ class RepVGGplusBlock(nn.Module):
             return self.post_se(self.nonlinearity(self.rbr_reparam(x))), None
         id_out = 0 if self.rbr_identity is None else self.rbr_identity(x)
         out = self.post_se(self.nonlinearity(self.rbr_dense(x) + self.rbr_1x1(x) + id_out))
-        t3 = (self.rbr_dense.bn.weight / (self.rbr_dense.bn.running_var + self.rbr_dense.bn.eps).sqrt()).detach()
-        K3 = self.rbr_dense.conv.weight
-        return out, L2 + (K3 ** 2).sum() - (K3[:, :, 1:2, 1:2] ** 2).sum() + (t3 ** 2).sum() * 0
+        # the custom L2 of RepVGGplus: it reads the BN parameters outside their modules
+        t3 = (self.rbr_dense.bn.weight / (self.rbr_dense.bn.running_var + self.rbr_dense.bn.eps).sqrt())
+        t1 = (self.rbr_1x1.bn.weight / (self.rbr_1x1.bn.running_var + self.rbr_1x1.bn.eps).sqrt())
+        t3, t1 = t3.reshape(-1, 1, 1, 1).detach(), t1.reshape(-1, 1, 1, 1).detach()
+        K3, K1 = self.rbr_dense.conv.weight, self.rbr_1x1.conv.weight
+        eq_kernel = K3[:, :, 1:2, 1:2] * t3 + K1 * t1
+        l2 = (K3 ** 2).sum() - (K3[:, :, 1:2, 1:2] ** 2).sum() + (eq_kernel ** 2 / (t3 ** 2 + t1 ** 2)).sum()
+        return out, L2 + l2
 
     def get_equivalent_kernel_bias(self):
-        k3, b3 = _fold(self.rbr_dense.conv.weight, self.rbr_dense.bn)
-        k1, b1 = _fold(self.rbr_1x1.conv.weight, self.rbr_1x1.bn)
-        kernel, bias = k3 + F.pad(k1, [1, 1, 1, 1]), b3 + b1
-        if self.rbr_identity is not None:
-            ki, bi = _fold(_eye(self.in_channels, 1), self.rbr_identity)
-            kernel, bias = kernel + ki, bias + bi
-        return kernel, bias
+        return _three_branches(self.rbr_dense, self.rbr_1x1, self.rbr_identity, self.in_channels)
 
     def switch_to_deploy(self):
         kernel, bias = self.get_equivalent_kernel_bias()
@@ -214,12 +224,7 @@ class RepVGGBlock(OriginalRepVGGBlock):   # YOLOv6's RepVGGBlock is the original
         return super().forward(inputs)
 
     def switch_to_deploy(self):
-        k3, b3 = _fold(self.rbr_dense.conv.weight, self.rbr_dense.bn)
-        k1, b1 = _fold(self.rbr_1x1.conv.weight, self.rbr_1x1.bn)
-        kernel, bias = k3 + F.pad(k1, [1, 1, 1, 1]), b3 + b1
-        if self.rbr_identity is not None:
-            ki, bi = _fold(_eye(self.in_channels, 1), self.rbr_identity)
-            kernel, bias = kernel + ki, bias + bi
+        kernel, bias = _three_branches(self.rbr_dense, self.rbr_1x1, self.rbr_identity, self.in_channels)
         conv = self.rbr_dense.conv
         self.rbr_reparam = nn.Conv2d(conv.in_channels, conv.out_channels, 3, conv.stride, 1, bias=True)
         self.rbr_reparam.weight.data, self.rbr_reparam.bias.data = kernel.detach(), bias.detach()
@@ -393,7 +398,7 @@ class SEModule(nn.Module):   # timm.layers.SEModule
         return x * self.gate(x_se)
 
 
-class ConvNormAct(nn.Module):
+class ConvNormAct(nn.Module):   # timm.layers.ConvNormAct without activation
     def __init__(self, cin, cout, k, stride, groups=1):
         super().__init__()
         self.conv = nn.Conv2d(cin, cout, k, stride, k // 2, groups=groups, bias=False)
