@@ -42,12 +42,15 @@ def _norm_method(name: str) -> str:
     return name.strip().replace("-", "_")
 
 
-def _check_data_fits(model_config: dict[str, Any], data) -> None:
+def _check_data(payload: dict[str, Any], data, allow_mismatch: bool) -> None:
+    """The data must fit the checkpoint's model (classes, channels) and match the data it recorded."""
+    model_config = payload["model"]
     classes, chans = model_config.get("num_classes", 1000), model_config.get("in_chans", 3)
     if data.num_classes != classes or data.in_chans != chans:
         raise RepqError(f"the checkpoint's model takes {chans}-channel images and {classes} classes but "
                         f"{data.name or 'the data'} has {data.in_chans} channels and {data.num_classes} classes; "
                         "use the data it was trained on")
+    check_data_matches(payload, data, allow_mismatch)
 
 
 def _limit(data, limit: int | None):
@@ -78,9 +81,7 @@ def cmd_train(args: argparse.Namespace) -> None:
 
     check_input_file(args.resume, "--resume")
     check_output_file(args.out, "--out", (args.resume,), args.overwrite)
-    device = resolve_device(args.device)
-    if args.amp and device.type != "cuda":
-        raise RepqError(f"--amp {args.amp} needs a CUDA device (--device cuda); on CPU repq trains in float32")
+    device = resolve_device(args.device, amp=args.amp)
     given = [f"--{o.replace('_', '-')}" for o in _OABN_OPTIONS if getattr(args, o) is not None]
     if given and not args.oabn:
         raise RepqError(f"{', '.join(given)} {'configure' if len(given) > 1 else 'configures'} OABN; add --oabn, "
@@ -219,8 +220,7 @@ def cmd_ptq(args: argparse.Namespace) -> None:
     if args.timm:
         model = _timm_model(args.timm, args.checkpoint, train_ds).to(device)
     else:
-        _check_data_fits(payload["model"], train_ds)
-        check_data_matches(payload, train_ds, args.allow_data_mismatch)
+        _check_data(payload, train_ds, args.allow_data_mismatch)
     if args.calib > len(train_ds):
         print(f"note: --calib {args.calib}: the train split has {len(train_ds)} images; calibrating on all of them",
               file=sys.stderr)
@@ -310,17 +310,14 @@ def cmd_qat(args: argparse.Namespace) -> None:
         config.validate()
     except RepqError as err:
         raise RepqError(f"{err} (check --w-bits, --a-bits, --edge-bits)") from None
-    device = resolve_device(args.device)
-    if args.amp and device.type != "cuda":
-        raise RepqError(f"--amp {args.amp} needs a CUDA device (--device cuda); on CPU repq trains in float32")
+    device = resolve_device(args.device, amp=args.amp)
     model, payload = repq.load_checkpoint(args.checkpoint)
     if payload.get("quant"):
         raise RepqError(f"{args.checkpoint} is already quantized; pass the float checkpoint from `repq train`")
     model = model.to(device)
     train_ds = repq.load_dataset(args.data, "train", args.image_size)
     test_ds = _limit(repq.load_dataset(args.data, "test", args.image_size), args.eval_limit)
-    _check_data_fits(payload["model"], train_ds)
-    check_data_matches(payload, train_ds, args.allow_data_mismatch)
+    _check_data(payload, train_ds, args.allow_data_mismatch)
     rank = distributed_context()[0]
     qat_model = repq.prepare_qat(model, config,
                                  train_ds.calibration_images(config.num_samples, config.seed).to(device))
@@ -406,8 +403,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
     model, payload = repq.load_checkpoint(args.checkpoint)
     model = model.to(device)
     test_ds = _limit(repq.load_dataset(args.data, "test", args.image_size), args.eval_limit)
-    _check_data_fits(payload["model"], test_ds)
-    check_data_matches(payload, test_ds, args.allow_data_mismatch)
+    _check_data(payload, test_ds, args.allow_data_mismatch)
     progress = not args.json
     rows = {payload["kind"]: _timed_eval(model, test_ds, args.batch_size, progress)}
     deploy = model
@@ -447,8 +443,7 @@ def cmd_export(args: argparse.Namespace) -> None:
     test_ds = None
     if data_spec:
         test_ds = _limit(repq.load_dataset(data_spec, "test", args.image_size), args.eval_limit)
-        _check_data_fits(payload["model"], test_ds)
-        check_data_matches(payload, test_ds, args.allow_data_mismatch)
+        _check_data(payload, test_ds, args.allow_data_mismatch)
         example = test_ds.normalize(test_ds.images[:1])
     elif quant.get("input_shape"):
         example = torch.zeros(1, *quant["input_shape"])
@@ -523,8 +518,7 @@ def cmd_analyze(args: argparse.Namespace) -> None:
     if not data_spec:
         raise RepqError("give --data: the analysis runs the model on calibration images")
     train_ds = repq.load_dataset(data_spec, "train", args.image_size)
-    _check_data_fits(payload["model"], train_ds)
-    check_data_matches(payload, train_ds, args.allow_data_mismatch)
+    _check_data(payload, train_ds, args.allow_data_mismatch)
     images = train_ds.calibration_images(args.calib, args.seed).to(device)
     eval_data = None
     if not args.no_clipping:

@@ -136,9 +136,16 @@ def check_data_matches(payload: dict[str, Any], data: Any, allow_mismatch: bool)
 
 
 # ---------------------------------------------------------------- devices
-def resolve_device(text: str, flag: str = "--device"):
+def resolve_device(text: str, flag: str = "--device", amp: str | None = None):
     """auto (CUDA when present, else CPU) | cpu | cuda | cuda:N, checked against what this machine has; under
-    torchrun a bare `cuda` means this rank's GPU (LOCAL_RANK)."""
+    torchrun a bare `cuda` means this rank's GPU (LOCAL_RANK). `amp` (--amp) needs CUDA."""
+    device = _device(text, flag)
+    if amp and device.type != "cuda":
+        raise RepqError(f"--amp {amp} needs a CUDA device (--device cuda); on CPU repq trains in float32")
+    return device
+
+
+def _device(text: str, flag: str):
     import torch
     if text == "auto":
         text = "cuda" if torch.cuda.is_available() else "cpu"
