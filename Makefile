@@ -14,7 +14,9 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[dev,export]'
 	touch $(STAMP)
 
-demo: $(STAMP)  ## train a small RepVGG on the bundled digits, fuse, quantize with every PTQ recipe
+demo: $(STAMP)  ## train a small RepVGG (Fashion-MNIST when it can be installed, else digits), fuse, quantize
+	-@[ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && $(MAKE) --no-print-directory data >/dev/null 2>&1 \
+		|| true
 	$(VENV)/bin/repq demo --out runs/demo --overwrite
 
 test: $(STAMP)  ## the whole test suite
@@ -30,12 +32,12 @@ bench-quick: $(STAMP)  ## every benchmark in --quick mode (seconds)
 	cd benchmarks && ../$(PY) train_reference.py --quick && ../$(PY) train_zoo.py --quick \
 		&& ../$(PY) ptq_benchmark.py --quick && ../$(PY) calibration_benchmark.py --quick && ../$(PY) ptq_timing.py --quick \
 		&& ../$(PY) export_benchmark.py --quick && ../$(PY) peer_benchmark.py --quick && ../$(PY) qat_benchmark.py --quick && ../$(PY) fusion_benchmark.py --quick \
-		&& ../$(PY) calibration_coverage.py --quick
+		&& ../$(PY) calibration_coverage.py --quick && ../$(PY) scale_benchmark.py --quick
 
 bench: $(STAMP) data  ## the recorded benchmarks (a few hours on 2 cores), writes docs/results/
 	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[dev,export,peers]'
 	cd benchmarks && ../$(PY) train_zoo.py && ../$(PY) ptq_benchmark.py --peers && ../$(PY) calibration_benchmark.py \
-		&& ../$(PY) fusion_benchmark.py && ../$(PY) calibration_coverage.py \
+		&& ../$(PY) fusion_benchmark.py && ../$(PY) calibration_coverage.py && ../$(PY) scale_benchmark.py \
 		&& ../$(PY) ptq_timing.py && ../$(PY) train_reference.py && ../$(PY) export_benchmark.py \
 		&& ../$(PY) peer_benchmark.py && ../$(PY) qat_benchmark.py \
 		&& ../$(PY) qat_benchmark.py --variants plain,fixed --max-steps 0 --name qat_epoch \

@@ -24,7 +24,8 @@ def cache(tmp_path_factory):
                                            ("peer_benchmark.py", "PyTorch FX PTQ"),
                                            ("qat_benchmark.py", "| OABN relative | cluster | W4A4 |"),
                                            ("fusion_benchmark.py", "| same, ConvTranspose2d upsampling kept in float |"),
-                                           ("calibration_coverage.py", "| calibration seed | outlier images")])
+                                           ("calibration_coverage.py", "| calibration seed | outlier images"),
+                                           ("scale_benchmark.py", "| DataLoader workers | images/s |")])
 def test_quick_mode(script, needle, cache):
     env = {**os.environ, "REPQ_CACHE": str(cache)}
     results = BENCH.parent / "docs" / "results"

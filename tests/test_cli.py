@@ -129,9 +129,9 @@ def test_torchrun_two_processes_write_one_checkpoint(tmp_path):
 
 @pytest.mark.slow
 def test_demo_runs_end_to_end(tmp_path, capsys):
-    code, out, _ = run(capsys, "demo", "--out", str(tmp_path / "demo"), "--epochs", "3", "--json")
+    code, out, _ = run(capsys, "demo", "--data", "digits", "--out", str(tmp_path / "demo"), "--epochs", "3", "--json")
     result = json.loads(out)
-    assert code == 0 and len(result["results"]) >= 25
+    assert code == 0 and len(result["results"]) == 6 and result["data"] == "digits"
     assert 0 <= result["naive_int8"] <= 100 and 0 <= result["repq_default_int8"] <= 100
     pngs = [f for f in result["files"] if f.endswith(".png")]
     assert len(pngs) >= 6 and any(f.endswith("analysis/report.md") for f in result["files"])

@@ -99,6 +99,10 @@ CASES = [
         (["ptq", "--checkpoint", "CKPT", "--data", "digits", "--device", "cuda:1"], "--device", "no CUDA device")]),
     # wrong combinations and checkpoints
     (["export", "--checkpoint", "QCKPT", "--onnx", "NEW", "--fp"], "--fp", "is quantized"),
+    (["export", "--checkpoint", "CKPT", "--onnx", "NEW", "--fp", "--bench"], "--bench", "drop --fp"),
+    (["eval", "--checkpoint", "CKPT", "--data", "digits", "--image-size", "64"], "--image-size",
+     "imagefolder and filelist data only"),
+    (["eval", "--checkpoint", "CKPT", "--data", "digits", "--workers", "-1"], "--workers", "must be >="),
     (["train", "--data", "digits", "--resume", "CKPT", "--epochs", "2", "--out", "NEW"], "--resume",
      "already has 2 epochs"),
     (["ptq", "--checkpoint", "QCKPT", "--data", "digits"], "already quantized", "already quantized"),

@@ -79,11 +79,13 @@ def test_image_folder_and_corrupt_image(tmp_path):
                 Image.new("RGB", (20, 16), color).save(folder / f"{i}.png")
     train = repq.load_dataset(f"imagefolder:{tmp_path}", "train", image_size=12)
     test = repq.load_dataset(f"imagefolder:{tmp_path}", "test", image_size=12)
-    assert train.images.shape == (4, 3, 12, 12) and train.classes == ["cat", "dog"] and test.classes == ["cat", "dog"]
-    assert train.images[0, 0].float().mean() == 255 and train.labels.tolist() == [0, 0, 1, 1]
+    images, labels = train.head(4)
+    assert images.shape == (4, 3, 12, 12) and train.classes == ["cat", "dog"] and test.classes == ["cat", "dog"]
+    red = (1.0 - train.mean[0]) / train.std[0]   # pure red, normalized with ImageNet's statistics
+    assert torch.allclose(images[0, 0], torch.full((12, 12), red)) and labels.tolist() == [0, 0, 1, 1]
     (tmp_path / "val" / "dog" / "broken.jpg").write_bytes(b"not a jpeg")
     with pytest.raises(repq.RepqError, match="broken.jpg"):
-        repq.load_dataset(f"imagefolder:{tmp_path}", "test")
+        list(repq.load_dataset(f"imagefolder:{tmp_path}", "test").batches(4))
 
 
 def test_digits_split_is_deterministic_and_disjoint():
@@ -142,4 +144,4 @@ def test_damaged_data_is_one_line(tmp_path, fake_fashion, monkeypatch):
         repq.load_dataset(f"imagefolder:{tmp_path / 'folder'}", "test")
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)   # 40x40 = 1600 > 2 x 100: Pillow's bomb error
     with pytest.raises(repq.RepqError, match="DecompressionBombError"):
-        repq.load_dataset(f"imagefolder:{tmp_path / 'folder'}", "train")
+        repq.load_dataset(f"imagefolder:{tmp_path / 'folder'}", "train", workers=0).calibration_images(1)

@@ -156,3 +156,25 @@ def test_qat_models_export_with_parity(setup, tmp_path, method):
     np.testing.assert_array_equal(tables["stage2.0.rbr_reparam.codebook"][indices],
                                   layer.effective_weight().detach().numpy())
     assert "LUT" in str(tables["note"])
+
+
+@pytest.mark.parametrize("weight,pool,expected", [("minmax", True, "QLinearConv"), ("cfws", False, "ConvInteger")])
+def test_bench_reports_kernels_per_layer_and_an_fp32_twin(setup, tmp_path, weight, pool, expected):
+    from repq.export.bench import bench, float_twin
+    model, calib, test_ds = setup
+    q = repq.quantize(model, calib, repq.PTQConfig(weight=weight, activation="percentile", quantize_pool=pool,
+                                                   bias_correction=False))
+    path = export_onnx(q, tmp_path / "q.onnx", calib[:1])
+    result = bench(q, path, calib[:1], batches=(8,), seconds=0.2)
+    convs = [n for n, m in q.named_modules() if isinstance(m, nn.Conv2d)]
+    assert {result["layers"][n] for n in convs} == {expected} and result["layers"]["linear"] == "QGemm"
+    assert result["images_per_s"][8]["model"] > 0 and result["images_per_s"][8]["fp32"] > 0
+    twin = float_twin(q)   # the FP32 reference: plain float layers computing with the dequantized weights
+    assert not any(hasattr(m, "input_quantizer") for m in twin.modules())
+    x = calib[:4]
+    with torch.no_grad():   # the simulation with its activation quantizers off computes the same float network
+        for m in q.modules():
+            if hasattr(m, "input_quantizer"):
+                m.input_quantizer.mode = "off"
+        reference = q(x)
+    assert torch.allclose(twin(x), reference, atol=1e-5)

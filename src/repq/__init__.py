@@ -8,7 +8,7 @@
 """
 from repq.analysis import analyze
 from repq.checkpoint import load_checkpoint, load_into, save_checkpoint
-from repq.data import ImageDataset, load_dataset
+from repq.data import ImageDataset, ImageTransform, StreamingImageDataset, load_dataset
 from repq.errors import RepqError
 from repq.evaluation import evaluate
 from repq.export import export_onnx
@@ -22,7 +22,7 @@ from repq.training import TrainConfig, train
 
 __version__ = "0.1.0"
 
-__all__ = ["ImageDataset", "PTQConfig", "QATConfig", "RepqError", "TrainConfig", "analyze", "cfws_split",
+__all__ = ["ImageDataset", "ImageTransform", "PTQConfig", "QATConfig", "RepqError", "TrainConfig", "analyze", "cfws_split",
            "convert_qat", "create_model", "evaluate", "export_onnx", "list_models", "load_checkpoint", "load_dataset",
            "load_foreign_weights", "load_into", "prepare_qat", "quantize", "read_state_dict", "register_model",
-           "reparameterize", "save_checkpoint", "train"]
+           "reparameterize", "save_checkpoint", "StreamingImageDataset", "train"]

@@ -12,9 +12,10 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from repq.cli_checks import (CheckFailed, OneLineParser, bit_width, check_data_matches, check_input_file,
-                             check_output_file, check_output_folder, data_meta, fraction, image_size,
-                             nonnegative_float, nonnegative_int, positive_float, positive_int, resolve_device)
+from repq.cli_checks import (CheckFailed, OneLineParser, bit_width, channel_values, check_data_matches,
+                             check_input_file, check_output_file, check_output_folder, crop_fraction, data_meta,
+                             fraction, image_size, nonnegative_float, nonnegative_int, positive_float, positive_int,
+                             resolve_device)
 from repq.errors import RepqError
 from repq.tables import format_table
 
@@ -53,10 +54,50 @@ def _check_data(payload: dict[str, Any], data, allow_mismatch: bool) -> None:
     check_data_matches(payload, data, allow_mismatch)
 
 
-def _limit(data, limit: int | None):
-    if limit and limit < len(data):
-        from dataclasses import replace
-        return replace(data, images=data.images[:limit], labels=data.labels[:limit])
+_STREAM_FLAGS = ("image_size", "crop_pct", "interpolation", "mean", "std", "skip_corrupt")
+_LOADED: list[Any] = []   # streamed datasets of this command, for the --skip-corrupt note
+
+
+def _load_data(args: argparse.Namespace, split: str, payload: dict[str, Any] | None = None,
+               spec: str | None = None):
+    """The dataset of --data (or `spec`); imagefolder / filelist data stream through the transform the flags give,
+    else the one the checkpoint recorded, else ImageNet's at 224. --eval-limit keeps a subset of the test split."""
+    import repq
+    from repq.data.datasets import STREAMED
+    from repq.data.transforms import ImageTransform
+
+    spec = spec or args.data
+    kind = spec.partition(":")[0]
+    given = [f"--{f.replace('_', '-')}" for f in _STREAM_FLAGS if getattr(args, f, None) not in (None, False)]
+    if kind not in STREAMED:
+        if given:
+            raise RepqError(f"{', '.join(given)} {'apply' if len(given) > 1 else 'applies'} to imagefolder and "
+                            f"filelist data only; drop {'them' if len(given) > 1 else 'it'} for --data {spec}")
+        data = repq.load_dataset(spec, split)
+    else:
+        recorded = (payload or {}).get("data_meta") or {}
+        if recorded.get("name") != kind:
+            recorded = {}
+        size = args.image_size or (recorded.get("input_size") or [224])[-1]
+        stored = recorded.get("transform") or {}
+        base = ImageTransform()
+        try:
+            transform = ImageTransform(
+                size=size, crop_pct=args.crop_pct or stored.get("crop_pct", base.crop_pct),
+                interpolation=args.interpolation or stored.get("interpolation", base.interpolation),
+                mean=tuple(args.mean or recorded.get("mean") or base.mean),
+                std=tuple(args.std or recorded.get("std") or base.std))
+        except ValueError as exc:
+            raise RepqError(f"--mean / --std / --crop-pct: {exc}") from None
+        data = repq.load_dataset(spec, split, transform=transform, workers=args.workers,
+                                 skip_corrupt=args.skip_corrupt)
+        _LOADED.append(data)
+        if getattr(args, "batch_size", 0) is None:   # evaluation batch: 224x224 activations are 49x 32x32 ones
+            args.batch_size = 64
+    if getattr(args, "batch_size", 0) is None:
+        args.batch_size = 256
+    if split == "test" and args.eval_limit:
+        data = data.subset(args.eval_limit)
     return data
 
 
@@ -100,8 +141,8 @@ def cmd_train(args: argparse.Namespace) -> None:
         if done is not None and done >= args.epochs:
             raise RepqError(f"--resume {args.resume} already has {done} epochs; give --epochs above {done} to "
                             "train further")
-    train_ds = repq.load_dataset(args.data, "train", args.image_size)
-    test_ds = _limit(repq.load_dataset(args.data, "test", args.image_size), args.eval_limit)
+    train_ds = _load_data(args, "train")
+    test_ds = _load_data(args, "test")
     torch.manual_seed(args.seed)  # the initialization is part of the seeded run
     model = _build_model(args.model, num_classes=train_ds.num_classes, in_chans=train_ds.in_chans,
                          small_input=args.small_input, width_scale=args.width_scale, **extra).to(device)
@@ -113,9 +154,9 @@ def cmd_train(args: argparse.Namespace) -> None:
                          progress=not args.json,
                          checkpoint_extra={"data": args.data, "data_meta": data_meta(train_ds)})
     from repq.training import distributed_context
-    if distributed_context()[0] != 0:
+    if distributed_context(device)[0] != 0:
         return
-    example = test_ds.normalize(test_ds.images[:2]).to(device)
+    example = test_ds.head(2)[0].to(device)
     fused = repq.evaluate(repq.reparameterize(model, example), test_ds)
     rows = [[e["epoch"], e["train_top1"], e.get("eval_top1", float("nan")), f"{e['images_per_s']:.0f}"]
             for e in history["epochs"]]
@@ -215,8 +256,8 @@ def cmd_ptq(args: argparse.Namespace) -> None:
         model = model.to(device)
         if payload.get("quant"):
             raise RepqError(f"{args.checkpoint} is already quantized; pass the float checkpoint from `repq train`")
-    train_ds = repq.load_dataset(args.data, "train", args.image_size)
-    test_ds = _limit(repq.load_dataset(args.data, "test", args.image_size), args.eval_limit)
+    train_ds = _load_data(args, "train", payload)
+    test_ds = _load_data(args, "test", payload)
     if args.timm:
         model = _timm_model(args.timm, args.checkpoint, train_ds).to(device)
     else:
@@ -315,15 +356,15 @@ def cmd_qat(args: argparse.Namespace) -> None:
     if payload.get("quant"):
         raise RepqError(f"{args.checkpoint} is already quantized; pass the float checkpoint from `repq train`")
     model = model.to(device)
-    train_ds = repq.load_dataset(args.data, "train", args.image_size)
-    test_ds = _limit(repq.load_dataset(args.data, "test", args.image_size), args.eval_limit)
+    train_ds = _load_data(args, "train", payload)
+    test_ds = _load_data(args, "test", payload)
     _check_data(payload, train_ds, args.allow_data_mismatch)
-    rank = distributed_context()[0]
+    rank = distributed_context(device)[0]
     qat_model = repq.prepare_qat(model, config,
                                  train_ds.calibration_images(config.num_samples, config.seed).to(device))
     rows = []
     if rank == 0:
-        fused = repq.reparameterize(model, test_ds.normalize(test_ds.images[:2]).to(device))
+        fused = repq.reparameterize(model, test_ds.head(2)[0].to(device))
         rows.append(["FP (fused)", repq.evaluate(fused, test_ds)])
         rows.append(["PTQ start (QAT initialization)", repq.evaluate(qat_model, test_ds)])
     train_config = repq.TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
@@ -364,35 +405,15 @@ def _timm_model(name: str, weights: str, data):
     return model.eval()
 
 
-def _timed_eval(model, data, batch_size: int, progress: bool) -> dict[str, Any]:
-    import repq
-    start = time.perf_counter()
-    metrics = repq.evaluate(model, data, batch_size=batch_size, progress=progress)
-    return {**metrics, "images_per_s": metrics["n"] / max(time.perf_counter() - start, 1e-9)}
-
-
-def _ort_eval(model, test_ds, allow_float: bool, batch_size: int) -> dict[str, Any]:
+def _ort_eval(model, test_ds, allow_float: bool, batch_size: int, progress: bool) -> dict[str, Any]:
     """Top-1/top-5 and images/s of the model exported to ONNX and run by ONNX Runtime (integer kernels)."""
     import tempfile
 
-    import numpy as np
-
-    from repq.export import export_onnx
-    from repq.export.verify import _session
-    images = test_ds.normalize(test_ds.images).numpy()
-    labels = test_ds.labels.numpy()
+    import repq
+    from repq.export import OnnxRuntimeModel, export_onnx
     with tempfile.TemporaryDirectory(prefix="repq-eval-") as tmp:
-        path = export_onnx(model, Path(tmp) / "model.onnx", test_ds.normalize(test_ds.images[:1]),
-                           allow_float=allow_float)
-        session = _session(path)
-        start = time.perf_counter()
-        logits = np.concatenate([session.run(["logits"], {"input": images[i:i + batch_size]})[0]
-                                 for i in range(0, len(images), batch_size)])
-        seconds = time.perf_counter() - start
-    top5 = np.argsort(-logits, axis=1)[:, :5]
-    return {"top1": float((logits.argmax(1) == labels).mean() * 100),
-            "top5": float((top5 == labels[:, None]).any(1).mean() * 100), "n": len(labels),
-            "images_per_s": len(labels) / max(seconds, 1e-9)}
+        path = export_onnx(model, Path(tmp) / "model.onnx", test_ds.head(1)[0], allow_float=allow_float)
+        return repq.evaluate(OnnxRuntimeModel(path), test_ds, batch_size=batch_size, progress=progress)
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
@@ -402,19 +423,23 @@ def cmd_eval(args: argparse.Namespace) -> None:
     device = resolve_device(args.device)
     model, payload = repq.load_checkpoint(args.checkpoint)
     model = model.to(device)
-    test_ds = _limit(repq.load_dataset(args.data, "test", args.image_size), args.eval_limit)
+    test_ds = _load_data(args, "test", payload)
     _check_data(payload, test_ds, args.allow_data_mismatch)
     progress = not args.json
-    rows = {payload["kind"]: _timed_eval(model, test_ds, args.batch_size, progress)}
+    rows = {payload["kind"]: repq.evaluate(model, test_ds, args.batch_size, progress)}
     deploy = model
     if payload["kind"] == "train":
-        deploy = repq.reparameterize(model, test_ds.normalize(test_ds.images[:2]).to(device))
-        rows["fused"] = _timed_eval(deploy, test_ds, args.batch_size, progress)
+        deploy = repq.reparameterize(model, test_ds.head(2)[0].to(device))
+        rows["fused"] = repq.evaluate(deploy, test_ds, args.batch_size, progress)
     if args.runtime == "ort":   # the deployed form, run by ONNX Runtime beside repq's own forward
         rows[f"{'fused' if payload['kind'] == 'train' else payload['kind']} in ONNX Runtime"] = _ort_eval(
-            deploy.cpu(), test_ds, allow_float=not payload.get("quant"), batch_size=args.batch_size)
-    human = format_table(["model", "top-1", "top-5", "images", "images/s"],
-                         [[k, v["top1"], v["top5"], v["n"], f"{v['images_per_s']:.0f}"] for k, v in rows.items()])
+            deploy.cpu(), test_ds, allow_float=not payload.get("quant"), batch_size=args.batch_size,
+            progress=progress)
+    human = format_table(["model", "top-1", "top-5", "images", "model images/s", "with data images/s"],
+                         [[k, v["top1"], v["top5"], v["n"], f"{v['images_per_s']:.1f}",
+                           f"{v['n'] / max(v['seconds'], 1e-9):.1f}"] for k, v in rows.items()])
+    human += (f"\nbatch {args.batch_size}; model images/s counts the forward passes only, with data adds waiting "
+              "for decoded images")
     _emit(args, {"command": "eval", "checkpoint": args.checkpoint, "results": rows}, human)
     gate = rows[next(k for k in rows if "ONNX" in k)] if args.runtime == "ort" else rows[payload["kind"]]
     if args.min_top1 is not None and not gate["top1"] >= args.min_top1:
@@ -440,11 +465,13 @@ def cmd_export(args: argparse.Namespace) -> None:
                         "(from `repq train`), or drop --fp")
     if not args.fp and not quant:
         raise RepqError(f"{args.checkpoint} is not quantized; run `repq ptq ... --out` first, or add --fp")
+    if args.bench and args.fp:
+        raise RepqError("--bench compares a quantized model with its FP32 twin; drop --fp (or --bench)")
     test_ds = None
     if data_spec:
-        test_ds = _limit(repq.load_dataset(data_spec, "test", args.image_size), args.eval_limit)
+        test_ds = _load_data(args, "test", payload, data_spec)
         _check_data(payload, test_ds, args.allow_data_mismatch)
-        example = test_ds.normalize(test_ds.images[:1])
+        example = test_ds.head(1)[0]
     elif quant.get("input_shape"):
         example = torch.zeros(1, *quant["input_shape"])
     else:
@@ -468,9 +495,8 @@ def cmd_export(args: argparse.Namespace) -> None:
                       "--quantize-pool` with a non-CFWS weight method fuses every conv")
         failure = None
         if args.verify:
-            images = test_ds.normalize(test_ds.images).numpy()
-            v = result["verify"] = verify_against_simulation(model, path, images, test_ds.labels.numpy(),
-                                                             batch_size=args.batch_size, progress=not args.json)
+            v = result["verify"] = verify_against_simulation(model, path, test_ds, batch_size=args.batch_size,
+                                                             progress=not args.json)
             human += ("\n" + format_table(["runtime", "top-1"], [["repq simulation", v["top1_repq"]],
                                                                  ["ONNX Runtime", v["top1_onnxruntime"]]])
                       + f"\nmax |logit difference| {v['max_logit_diff']:.4g} (logits up to {v['logit_scale']:.3g}), "
@@ -489,6 +515,16 @@ def cmd_export(args: argparse.Namespace) -> None:
     finally:
         staging.unlink(missing_ok=True)
         codebook_path(staging).unlink(missing_ok=True)
+    if args.bench:
+        from repq.export.bench import bench
+        b = result["bench"] = bench(model, target, example, seconds=args.bench_seconds)
+        human += "\n\n" + format_table(["layer", "ONNX Runtime kernel"], list(b["layers"].items()))
+        human += "\n" + format_table(
+            ["batch", "this model images/s", "FP32 twin images/s", "speed-up"],
+            [[batch, f"{v['model']:.1f}", f"{v['fp32']:.1f}", f"{v['ratio']:.2f}x"]
+             for batch, v in b["images_per_s"].items()])
+        human += (f"\nkernels: {', '.join(f'{n} {k}' for k, n in b['kernel_counts'].items())}; FP32 twin: the same "
+                  f"network with the dequantized weights, float; ONNX Runtime CPU, {os.cpu_count()} cores")
     human += (f"\nnext: run it with onnxruntime.InferenceSession('{target}') (input 'input', NCHW float32, "
               "normalized as the training data)")
     _emit(args, result, human)
@@ -517,12 +553,13 @@ def cmd_analyze(args: argparse.Namespace) -> None:
     data_spec = args.data or payload.get("data")
     if not data_spec:
         raise RepqError("give --data: the analysis runs the model on calibration images")
-    train_ds = repq.load_dataset(data_spec, "train", args.image_size)
+    train_ds = _load_data(args, "train", payload, data_spec)
     _check_data(payload, train_ds, args.allow_data_mismatch)
     images = train_ds.calibration_images(args.calib, args.seed).to(device)
     eval_data = None
     if not args.no_clipping:
-        eval_data = _limit(repq.load_dataset(data_spec, "test", args.image_size), args.eval_limit or 1000)
+        args.eval_limit = args.eval_limit or 1000
+        eval_data = _load_data(args, "test", payload, data_spec)
     result = analyze(model, images, args.out, eval_data=eval_data, bits=args.bits, progress=not args.json)
     human = "\n".join(result["findings"]) or "no layer has center taps over 10x its surround"
     human += f"\n\nreport: {Path(args.out) / 'report.md'} ({len(result['files'])} files); open it for the plots"
@@ -561,14 +598,29 @@ def _common(p: argparse.ArgumentParser, writes: bool = True) -> None:
 
 def _data_args(p: argparse.ArgumentParser, required: bool = True, eval_batch: bool = True) -> None:
     p.add_argument("--data", required=required,
-                   help="fashion-mnist[:FOLDER] | digits | cifar10:PATH | imagefolder:PATH")
-    p.add_argument("--image-size", type=image_size, default=32, help="imagefolder images are resized to this")
+                   help="fashion-mnist[:FOLDER] | digits | cifar10:PATH (in memory) | imagefolder:PATH (train/, "
+                        "val/) | filelist:PATH (train.txt, val.txt: 'path LABEL' lines) (streamed from disk)")
+    p.add_argument("--image-size", type=image_size, default=None,
+                   help="imagefolder/filelist: model input side (default: what the checkpoint recorded, else 224)")
+    p.add_argument("--crop-pct", type=crop_fraction, default=None,
+                   help="imagefolder/filelist evaluation: resize the shorter side to image-size / crop-pct, then "
+                        "center-crop (default 0.875: 256 -> 224)")
+    p.add_argument("--interpolation", default=None, choices=["bilinear", "bicubic", "nearest", "lanczos"],
+                   help="imagefolder/filelist resize filter (default bilinear)")
+    p.add_argument("--mean", type=channel_values, default=None,
+                   help="imagefolder/filelist normalization mean per channel, 0..1 scale (default ImageNet's)")
+    p.add_argument("--std", type=channel_values, default=None, help="... and std (default ImageNet's)")
+    p.add_argument("--workers", type=nonnegative_int, default=2,
+                   help="imagefolder/filelist: image decoding processes (0: decode in the main process)")
+    p.add_argument("--skip-corrupt", action="store_true",
+                   help="imagefolder/filelist: leave unreadable images out (counted) instead of stopping")
     p.add_argument("--eval-limit", type=positive_int, default=None,
                    help="evaluate on the first N test images only (default: all)")
     p.add_argument("--allow-data-mismatch", action="store_true",
                    help="use data other than what the checkpoint records (name, input size, normalization, classes)")
     if eval_batch:
-        p.add_argument("--batch-size", type=positive_int, default=256, help="evaluation batch size")
+        p.add_argument("--batch-size", type=positive_int, default=None,
+                       help="evaluation batch size (default 256; 64 for imagefolder/filelist data)")
 
 
 def _device_args(p: argparse.ArgumentParser, amp: bool = False) -> None:
@@ -711,6 +763,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--verify", action="store_true",
                    help="compare ONNX Runtime with repq's simulation on --data; exit 1 (and write nothing) if they "
                         "disagree")
+    p.add_argument("--bench", action="store_true",
+                   help="report the ONNX Runtime kernel of every quantized layer and the images/s of the model vs "
+                        "its FP32 twin at batch 64 and 1")
+    p.add_argument("--bench-seconds", type=positive_float, default=3.0, help="--bench: timing per measurement")
     p.add_argument("--min-agreement", type=float, default=99.0,
                    help="--verify: the share of images (%%) on which both must predict the same class")
     _data_args(p, required=False)
@@ -741,8 +797,9 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     p.set_defaults(func=cmd_import)
 
-    p = command("demo", "train a small RepVGG, fuse it, quantize it with every PTQ method")
-    p.add_argument("--data", default="digits", choices=["digits", "fashion-mnist"])
+    p = command("demo", "train a small RepVGG, fuse it, show naive INT8 failing and repq's recipes recovering")
+    p.add_argument("--data", default="auto", choices=["auto", "digits", "fashion-mnist"],
+                   help="auto: Fashion-MNIST when installed, else the bundled digits")
     p.add_argument("--epochs", type=positive_int, default=None, help="training epochs (default depends on the data)")
     p.add_argument("--out", default="runs/demo", help="folder for the checkpoints, table and plots")
     _common(p)
@@ -771,6 +828,7 @@ def cmd_models(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    _LOADED.clear()
     try:
         args = build_parser().parse_args(argv)
     except SystemExit as exc:   # argparse: --help / --version (0) or a one-line usage error (2)
@@ -792,6 +850,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    skipped = sorted(set().union(*(d.skipped for d in _LOADED)))
+    if skipped:   # --skip-corrupt: say what was left out
+        print(f"note: --skip-corrupt left out {len(skipped)} unreadable image(s), e.g. {skipped[0]}", file=sys.stderr)
     return 0
 
 

@@ -50,6 +50,18 @@ nonnegative_float = _number(float, "a number >= 0", 0)
 fraction = _number(float, "a number in [0, 1)", 0, 1, high_open=True)
 bit_width = _number(int, "a bit-width (2 to 16)", 2, 16)
 image_size = _number(int, "an image size (8 to 4096 pixels)", 8, 4096)
+crop_fraction = _number(float, "a crop fraction in (0, 1]", 0, 1, low_open=True)
+
+
+def channel_values(text: str) -> tuple[float, ...]:
+    """1 or 3 comma-separated finite numbers (a per-channel mean or std on the 0..1 scale)."""
+    try:
+        values = tuple(float(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected 1 or 3 comma-separated numbers, got '{text}'") from None
+    if len(values) not in (1, 3) or not all(math.isfinite(v) for v in values):
+        raise argparse.ArgumentTypeError(f"expected 1 or 3 comma-separated finite numbers, got '{text}'")
+    return values
 
 
 # ---------------------------------------------------------------- paths
@@ -115,8 +127,13 @@ def check_output_folder(path: str | None, flag: str, overwrite: bool = False) ->
 # ---------------------------------------------------------------- data
 def data_meta(data: Any) -> dict[str, Any]:
     """What a checkpoint records about the data it was trained / calibrated on."""
-    return {"name": data.name, "input_size": list(data.images.shape[1:]), "mean": [float(m) for m in data.mean],
+    meta = {"name": data.name, "input_size": list(data.input_size), "mean": [float(m) for m in data.mean],
             "std": [float(s) for s in data.std], "classes": [str(c) for c in data.classes]}
+    transform = getattr(data, "transform", None)
+    if transform is not None:   # streamed data: how images become inputs, reused by later commands
+        meta["transform"] = {"size": transform.size, "crop_pct": transform.crop_pct,
+                             "interpolation": transform.interpolation}
+    return meta
 
 
 def check_data_matches(payload: dict[str, Any], data: Any, allow_mismatch: bool) -> None:

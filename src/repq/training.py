@@ -17,6 +17,7 @@ from torch import nn
 
 from repq.checkpoint import load_into, read_checkpoint, save_checkpoint
 from repq.data.datasets import ImageDataset
+from repq.data.streaming import StreamingImageDataset
 from repq.errors import RepqError
 from repq.evaluation import evaluate
 
@@ -49,20 +50,21 @@ def _lr_factor(step: int, total: int, warmup: int) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
 
 
-def distributed_context() -> tuple[int, int]:
-    """(rank, world size); starts the process group when launched by torchrun (nccl with each rank on its own
-    GPU, LOCAL_RANK, when CUDA exists; gloo on CPU)."""
+def distributed_context(device: torch.device | None = None) -> tuple[int, int]:
+    """(rank, world size); starts the process group when launched by torchrun: nccl with each rank on its own
+    GPU (LOCAL_RANK) when the model is on CUDA (or, with no device given, when CUDA exists); gloo on CPU."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1 and not dist.is_initialized():
-        if torch.cuda.is_available():
+        on_gpu = device.type == "cuda" if device is not None else torch.cuda.is_available()
+        if on_gpu:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        dist.init_process_group("nccl" if on_gpu else "gloo")
     if dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
 
 
-def train(model: nn.Module, data: ImageDataset, config: TrainConfig | None = None, eval_data: Any = None,
+def train(model: nn.Module, data: ImageDataset | StreamingImageDataset, config: TrainConfig | None = None, eval_data: Any = None,
           out: str | None = None, resume: str | None = None, progress: bool = True,
           checkpoint_extra: dict[str, Any] | None = None) -> dict[str, Any]:
     """Train `model` in place; returns the history (per-step loss, per-epoch accuracy, seconds). With `out`, a
@@ -70,7 +72,8 @@ def train(model: nn.Module, data: ImageDataset, config: TrainConfig | None = Non
     config = config or TrainConfig()
     if config.epochs < 1 or config.batch_size < 1:
         raise RepqError(f"epochs and batch size must be at least 1 (got {config.epochs} and {config.batch_size})")
-    rank, world = distributed_context()
+    device = next(model.parameters()).device          # batches follow the model (repq train --device)
+    rank, world = distributed_context(device)
     torch.manual_seed(config.seed)
     head = getattr(model, "linear", None)
     if isinstance(head, nn.Linear) and head.out_features != data.num_classes:
@@ -94,7 +97,6 @@ def train(model: nn.Module, data: ImageDataset, config: TrainConfig | None = Non
         optimizer.load_state_dict(state["train_state"]["optimizer"])
         history = state["train_state"]["history"]
         start_epoch = state["train_state"]["epoch"]
-    device = next(model.parameters()).device          # batches follow the model (repq train --device)
     if config.amp not in (None, "bf16", "fp16"):
         raise RepqError(f"amp must be None, 'bf16' or 'fp16', not {config.amp!r}")
     use_amp = config.amp is not None and device.type == "cuda"

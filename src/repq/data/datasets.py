@@ -1,11 +1,13 @@
-"""Datasets repq can read offline: Fashion-MNIST (idx files), scikit-learn digits, CIFAR-10 python batches,
-and ImageFolder trees. Images stay uint8 in memory and are normalized per batch."""
+"""Datasets repq can read offline: Fashion-MNIST (idx files), scikit-learn digits and CIFAR-10 python batches,
+held in memory as uint8 and normalized per batch; ImageFolder trees and file lists stream from disk
+(streaming.py)."""
 from __future__ import annotations
 
 import gzip
 import io
 import os
 import pickle
+import dataclasses
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,12 +17,13 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from repq.data.streaming import StreamingImageDataset, file_list, image_folder
+from repq.data.transforms import ImageTransform
 from repq.errors import RepqError
 
 FASHION_MNIST_DIRS = ("/usr/share/datasets/fashion-mnist",)
 FASHION_MNIST_CLASSES = ["t-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag",
                          "ankle-boot"]
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
 
 
 @dataclass
@@ -72,6 +75,20 @@ class ImageDataset:
         gen = torch.Generator().manual_seed(seed)
         idx = torch.randperm(len(self), generator=gen)[:num_samples]
         return self.normalize(self.images[idx])
+
+    @property
+    def input_size(self) -> list[int]:
+        return list(self.images.shape[1:])
+
+    def head(self, n: int) -> tuple[Tensor, Tensor]:
+        """The first `n` images, normalized, with their labels."""
+        return self.normalize(self.images[:n]), self.labels[:n]
+
+    def subset(self, limit: int, seed: int = 0) -> "ImageDataset":
+        """The first `limit` images (the built-in test splits are already in random class order)."""
+        if limit >= len(self):
+            return self
+        return dataclasses.replace(self, images=self.images[:limit], labels=self.labels[:limit])
 
 
 def random_crop_flip(images: Tensor, gen: torch.Generator, padding: int | None = None, flip: bool = True) -> Tensor:
@@ -207,55 +224,30 @@ def load_cifar10(split: str, path: str) -> ImageDataset:
     return ImageDataset(images, labels, classes, (0.4914, 0.4822, 0.4465), (0.247, 0.2435, 0.2616), "cifar10")
 
 
-# ---------------------------------------------------------------- ImageFolder (train/ and val/)
-IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+# ---------------------------------------------------------------- dispatch
+STREAMED = ("imagefolder", "filelist")
 
 
-def load_image_folder(split: str, path: str, image_size: int = 32) -> ImageDataset:
-    """train/ and val/ with one folder per class; the class list always comes from train/ (same label ids for
-    both splits), and both splits use the ImageNet normalization."""
-    from PIL import Image, UnidentifiedImageError
-
-    train_root = Path(path) / "train"
-    root = Path(path) / ("train" if split == "train" else "val")
-    if not train_root.is_dir() or not root.is_dir():
-        raise RepqError(f"{root} not found; an imagefolder needs train/ and val/ with one folder per class")
-    classes = sorted(d.name for d in train_root.iterdir() if d.is_dir())
-    if not classes:
-        raise RepqError(f"{train_root} has no class folders")
-    unknown = sorted(d.name for d in root.iterdir() if d.is_dir() and d.name not in classes)
-    if unknown:
-        raise RepqError(f"{root} has class folders that train/ lacks ({', '.join(unknown[:3])}); the model cannot "
-                        "predict them: add them to train/ or remove them from val/")
-    images, labels = [], []
-    for label, cls in enumerate(classes):
-        for file in sorted((root / cls).iterdir()) if (root / cls).is_dir() else []:
-            if file.suffix.lower() not in IMAGE_SUFFIXES:
-                continue
-            try:
-                with Image.open(file) as img:
-                    img = img.convert("RGB").resize((image_size, image_size), Image.BILINEAR)
-                    images.append(np.asarray(img, dtype=np.uint8).transpose(2, 0, 1))
-            except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as exc:
-                raise RepqError(f"cannot read image {file} ({exc.__class__.__name__}); remove or replace it") from None
-            labels.append(label)
-    if not images:
-        raise RepqError(f"{root} holds no images")
-    return ImageDataset(torch.from_numpy(np.stack(images)), torch.tensor(labels), classes, IMAGENET_MEAN,
-                        IMAGENET_STD, "imagefolder")
-
-
-def load_dataset(spec: str, split: str = "train", image_size: int = 32) -> ImageDataset:
-    """`spec` is fashion-mnist[:FOLDER], digits, cifar10:PATH or imagefolder:PATH; split is "train" or "test"."""
+def load_dataset(spec: str, split: str = "train", image_size: int | None = None,
+                 transform: ImageTransform | None = None, workers: int = 2,
+                 skip_corrupt: bool = False) -> "ImageDataset | StreamingImageDataset":
+    """`spec` is fashion-mnist[:FOLDER], digits, cifar10:PATH (read into memory), or imagefolder:PATH /
+    filelist:PATH (streamed from disk through `transform`, ImageNet's by default; `image_size` overrides its
+    size, 224 unless given); split is "train" or "test"."""
     if split not in ("train", "test"):
         raise ValueError(f"split must be 'train' or 'test', got {split!r}")
     kind, _, path = spec.partition(":")
+    if kind in STREAMED and path:
+        transform = transform or ImageTransform()
+        if image_size:
+            transform = dataclasses.replace(transform, size=image_size)
+        reader = image_folder if kind == "imagefolder" else file_list
+        return reader(path, split, transform, workers, skip_corrupt)
     if kind == "fashion-mnist":
         return load_fashion_mnist(split, path or None)
     if kind == "digits":
         return load_digits(split)
     if kind == "cifar10" and path:
         return load_cifar10(split, path)
-    if kind == "imagefolder" and path:
-        return load_image_folder(split, path, image_size)
-    raise RepqError(f"unknown data '{spec}'; use fashion-mnist[:FOLDER], digits, cifar10:PATH or imagefolder:PATH")
+    raise RepqError(f"unknown data '{spec}'; use fashion-mnist[:FOLDER], digits, cifar10:PATH, imagefolder:PATH "
+                    "or filelist:PATH")

@@ -26,6 +26,18 @@ def _session(path: str | os.PathLike, optimized_out: str | None = None, threads:
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
+class OnnxRuntimeModel:
+    """An exported model run by ONNX Runtime, called like a module on a float tensor (for `repq.evaluate`)."""
+
+    def __init__(self, path: str | os.PathLike, threads: int | None = None) -> None:
+        self.session = _session(path, threads=threads)
+
+    def __call__(self, images):
+        import torch
+        array = images.detach().cpu().numpy().astype(np.float32, copy=False)
+        return torch.from_numpy(self.session.run(["logits"], {"input": array})[0])
+
+
 def run_onnx(path: str | os.PathLike, images: np.ndarray, batch_size: int = 256) -> np.ndarray:
     """Logits of the ONNX model on `images` (N, C, H, W float32)."""
     session = _session(path)
@@ -38,21 +50,40 @@ def top1(logits: np.ndarray, labels: np.ndarray) -> float:
     return float((logits.argmax(1) == labels).mean() * 100)
 
 
-def verify_against_simulation(model, path: str | os.PathLike, images: np.ndarray, labels: np.ndarray,
+def verify_against_simulation(model, path: str | os.PathLike, data, labels: np.ndarray | None = None,
                               batch_size: int = 500, progress: bool = False) -> dict[str, float]:
-    """Top-1 of repq's simulation and of ONNX Runtime on the same images, and how far their logits differ."""
+    """Top-1 of repq's simulation and of ONNX Runtime on the same images, and how far their logits differ.
+    `data` is an (N, C, H, W) array with `labels`, or anything repq.evaluate reads (a streamed dataset: the images
+    are never all in memory)."""
     import torch
 
-    starts = range(0, len(images), batch_size)
+    from repq.data.batches import iter_batches
+
+    if isinstance(data, np.ndarray):
+        data = (torch.from_numpy(data), torch.from_numpy(np.asarray(labels)))
+    session = OnnxRuntimeModel(path)
+    batches = iter_batches(data, batch_size)
     if progress:
         from tqdm import tqdm
-        starts = tqdm(starts, desc="simulation", unit="batch", leave=False, disable=None)
+        batches = tqdm(batches, desc="simulation vs ONNX Runtime", unit="batch", leave=False, disable=None)
+    n = hits_sim = hits_ort = agree = 0
+    diffs, scales = [], []   # per-batch maxima; numpy's max keeps a NaN
     with torch.no_grad():
-        sim = torch.cat([model(torch.from_numpy(images[i:i + batch_size])) for i in starts]).numpy()
-    ort = run_onnx(path, images)
-    return {"n": len(labels), "top1_repq": top1(sim, labels), "top1_onnxruntime": top1(ort, labels),
-            "max_logit_diff": float(np.abs(ort - sim).max()), "logit_scale": float(np.abs(sim).max()),
-            "argmax_agreement": float((ort.argmax(1) == sim.argmax(1)).mean() * 100)}
+        for images, batch_labels in batches:
+            sim = model(images.float()).float().cpu()
+            ort = session(images)
+            if batch_labels is None:
+                raise RepqError("verification needs labelled images")
+            n += len(batch_labels)
+            hits_sim += int((sim.argmax(1) == batch_labels).sum())
+            hits_ort += int((ort.argmax(1) == batch_labels).sum())
+            agree += int((sim.argmax(1) == ort.argmax(1)).sum())
+            diffs.append(float((ort - sim).abs().max()))
+            scales.append(float(sim.abs().max()))
+    if n == 0:
+        raise RepqError("verification data is empty")
+    return {"n": n, "top1_repq": 100.0 * hits_sim / n, "top1_onnxruntime": 100.0 * hits_ort / n,
+            "max_logit_diff": float(np.max(diffs)), "logit_scale": float(np.max(scales)), "argmax_agreement": 100.0 * agree / n}
 
 
 def integer_kernels(path: str | os.PathLike) -> dict[str, int]:

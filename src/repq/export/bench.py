@@ -1,0 +1,89 @@
+"""`repq export --bench`: which ONNX Runtime kernel each quantized layer became, and the exported model's
+throughput against an FP32 twin of the same network (same architecture, the dequantized weights, no
+quantization), both in ONNX Runtime on random inputs of the model's shape."""
+from __future__ import annotations
+
+import copy
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from repq.export.verify import _session
+from repq.quant.modules import QUANT_LAYERS, QuantGlobalAvgPool
+
+KERNEL_ORDER = ("QLinearConv", "QGemm", "QLinearMatMul", "ConvInteger", "MatMulInteger", "Conv", "Gemm", "MatMul")
+
+
+@torch.no_grad()
+def float_twin(qmodel: nn.Module) -> nn.Module:
+    """The quantized model with each quantized layer replaced by a float Conv2d / Linear holding its dequantized
+    weight and bias, and quantized pools by plain pools: the FP32 reference of the speed comparison."""
+    twin = copy.deepcopy(qmodel).cpu().eval()
+    for name, module in list(twin.named_modules()):
+        if isinstance(module, QUANT_LAYERS):
+            if isinstance(module, nn.Conv2d):
+                plain = nn.Conv2d(module.in_channels, module.out_channels, module.kernel_size, module.stride,
+                                  module.padding, module.dilation, module.groups, bias=module.bias is not None)
+            else:
+                plain = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None)
+            plain.weight.copy_(module.effective_weight())
+            if module.bias is not None:
+                plain.bias.copy_(module.effective_bias())
+            twin.set_submodule(name, plain)
+        elif isinstance(module, QuantGlobalAvgPool):
+            twin.set_submodule(name, nn.AdaptiveAvgPool2d(1))
+    return twin
+
+
+def layer_kernels(optimized_nodes: list[Any], layer_names: list[str]) -> dict[str, str]:
+    """For each quantized layer, the kind of kernel its nodes became after ONNX Runtime's graph optimization
+    (the exporter names every node after its module: dots become underscores)."""
+    kernels = {}
+    for name in layer_names:
+        prefix = name.replace(".", "_") + "_"
+        ops = {n.op_type for n in optimized_nodes if n.name.startswith(prefix)}
+        kernels[name] = next((k for k in KERNEL_ORDER if k in ops), "+".join(sorted(ops)) or "?")
+    return kernels
+
+
+def throughput(path: str | Path, input_shape: list[int], batch: int, seconds: float = 3.0,
+               threads: int | None = None) -> float:
+    """Images/s of ONNX Runtime on random inputs: 2 warm-up runs, then runs until `seconds` (at least 3)."""
+    session = _session(path, threads=threads)
+    x = np.random.default_rng(0).standard_normal((batch, *input_shape)).astype(np.float32)
+    name = session.get_inputs()[0].name
+    for _ in range(2):
+        session.run(None, {name: x})
+    runs, start = 0, time.perf_counter()
+    while runs < 3 or time.perf_counter() - start < seconds:
+        session.run(None, {name: x})
+        runs += 1
+    return batch * runs / (time.perf_counter() - start)
+
+
+def bench(qmodel: nn.Module, path: str | Path, example: torch.Tensor, batches: tuple[int, ...] = (64, 1),
+          seconds: float = 3.0) -> dict[str, Any]:
+    """Kernels per quantized layer and images/s of the exported model vs its FP32 twin at each batch size."""
+    import onnx
+
+    from repq.export.onnx_qdq import export_onnx
+    layer_names = [n for n, m in qmodel.named_modules() if isinstance(m, QUANT_LAYERS)]
+    shape = list(example.shape[1:])
+    with tempfile.TemporaryDirectory(prefix="repq-bench-") as tmp:
+        optimized = str(Path(tmp) / "optimized.onnx")
+        _session(path, optimized_out=optimized)
+        kernels = layer_kernels(list(onnx.load(optimized).graph.node), layer_names)
+        fp32 = export_onnx(float_twin(qmodel), Path(tmp) / "fp32.onnx", example.cpu(), allow_float=True)
+        speed = {b: {"model": throughput(path, shape, b, seconds), "fp32": throughput(fp32, shape, b, seconds)}
+                 for b in batches}
+    for entry in speed.values():
+        entry["ratio"] = entry["model"] / entry["fp32"]
+    counts: dict[str, int] = {}
+    for kind in kernels.values():
+        counts[kind] = counts.get(kind, 0) + 1
+    return {"layers": kernels, "kernel_counts": counts, "images_per_s": speed, "input_shape": shape}
