@@ -87,7 +87,16 @@ def main() -> None:
     parser.add_argument("--sizes", default="2000,20000", help="validation images of the generated folders")
     parser.add_argument("--image-size", type=int, default=224)
     parser.add_argument("--throughput-images", type=int, default=512, help="images of the images/s runs")
+    parser.add_argument("--render-only", action="store_true", help="rewrite scale.md from the saved scale.json")
     args = parser.parse_args()
+    if args.render_only:
+        from common import RESULTS
+        results = json.loads((RESULTS / "scale.json").read_text())
+        results.setdefault("image_size", 224)
+        results.setdefault("throughput_images", 512)
+        results.setdefault("command", "python benchmarks/scale_benchmark.py")
+        write_result("scale", render(results), results)
+        return
     sizes = [60, 120] if args.quick else [int(s) for s in args.sizes.split(",")]
     image_size = 64 if args.quick else args.image_size
     n_speed = 64 if args.quick else args.throughput_images
@@ -132,8 +141,19 @@ def main() -> None:
     ratio = speed["int8 ONNX Runtime"]["images_per_s"] / speed["fp32 eager (fused)"]["images_per_s"]
 
     command = "python benchmarks/scale_benchmark.py" + (" --quick" if args.quick else "")
+    results = {"command": command, "machine": machine(), "image_size": image_size, "throughput_images": n_speed,
+               "memory": memory, "pipeline_images_per_s": pipeline, "speed": speed, "ort_int8_vs_fp32_eager": ratio}
+    text = render(results)
+    print(text)
+    if not args.quick:
+        write_result("scale", text, results)
+
+
+def render(r: dict) -> str:
+    """The markdown page of a run's results (also from a saved scale.json: --render-only)."""
+    image_size, memory, speed = r["image_size"], r["memory"], r["speed"]
     lines = [f"# Real-scale data: streamed ImageFolder at {image_size}x{image_size}", "",
-             f"Command: `{command}`", f"Machine: {machine()}", "",
+             f"Command: `{r['command']}`", f"Machine: {r['machine']}", "",
              f"## Peak memory, {image_size}x{image_size}", "",
              "Peak of the summed proportional set size (PSS) of the command and its 2 DataLoader workers (pages a "
              "forked worker shares with the command counted once), and the peak RSS of the command alone; sampled "
@@ -145,24 +165,25 @@ def main() -> None:
              "(command + workers) | command alone | s |", "|---|---|---|---|---|---|---|"]
     lines += [f"| {m['images']} | {m['eval_peak_mib']:.0f} | {m['eval_main_rss_mib']:.0f} | {m['eval_seconds']:.0f} | "
               f"{m['ptq_peak_mib']:.0f} | {m['ptq_main_rss_mib']:.0f} | {m['ptq_seconds']:.0f} |" for m in memory]
+    small, big = memory[0], memory[-1]
+    lines += ["", f"{big['images'] // small['images']}x the images: peak {big['eval_peak_mib'] - small['eval_peak_mib']:+.0f} "
+              f"MiB for eval, {big['ptq_peak_mib'] - small['ptq_peak_mib']:+.0f} MiB for ptq (the peak of a "
+              f"{big['images'] // small['images']}x longer run of the same batches); nothing is held per image but its "
+              "path and label."]
     lines += ["", f"## Data pipeline throughput ({image_size}x{image_size}, decode + resize + center crop + "
               "normalize, batch 64)", "", "| DataLoader workers | images/s |", "|---|---|"]
-    lines += [f"| {w} | {v:.0f} |" for w, v in pipeline.items()]
-    lines += ["", f"## Model throughput, full-width RepVGG-A0, {n_speed} images at {image_size}x{image_size}, "
-              "batch 64", "",
+    lines += [f"| {w} | {v:.0f} |" for w, v in r["pipeline_images_per_s"].items()]
+    lines += ["", f"## Model throughput, full-width RepVGG-A0, {r['throughput_images']} images at "
+              f"{image_size}x{image_size}, batch 64", "",
               "images/s counts the forward passes only; with data adds waiting for decoded images (2 workers "
               "sharing the 2 cores).", "",
               "| model | top-1 | images/s | with data images/s |", "|---|---|---|---|"]
     lines += [f"| {k} | {v['top1']:.2f} | {v['images_per_s']:.1f} | {v['n'] / v['seconds']:.1f} |"
               for k, v in speed.items()]
-    lines += ["", f"INT8 in ONNX Runtime vs FP32 eager PyTorch: **{ratio:.2f}x** images/s (min-max weights, "
-              "percentile activations, `--quantize-pool`: every conv a QLinearConv). The models are untrained "
-              "(random weights): top-1 is not the point here, throughput and memory are.", ""]
-    text = "\n".join(lines)
-    print(text)
-    if not args.quick:
-        write_result("scale", text, {"command": command, "machine": machine(), "memory": memory,
-                                     "pipeline_images_per_s": pipeline, "speed": speed, "ort_int8_vs_fp32_eager": ratio})
+    lines += ["", f"INT8 in ONNX Runtime vs FP32 eager PyTorch: **{r['ort_int8_vs_fp32_eager']:.2f}x** images/s "
+              "(min-max weights, percentile activations, `--quantize-pool`: every conv a QLinearConv). The models "
+              "are untrained (random weights): top-1 is not the point here, throughput and memory are.", ""]
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -25,7 +25,8 @@ def cache(tmp_path_factory):
                                            ("qat_benchmark.py", "| OABN relative | cluster | W4A4 |"),
                                            ("fusion_benchmark.py", "| same, ConvTranspose2d upsampling kept in float |"),
                                            ("calibration_coverage.py", "| calibration seed | outlier images"),
-                                           ("scale_benchmark.py", "| DataLoader workers | images/s |")])
+                                           ("scale_benchmark.py", "| DataLoader workers | images/s |"),
+                                           ("cfws_deploy_benchmark.py", "two-branch - exact: mean")])
 def test_quick_mode(script, needle, cache):
     env = {**os.environ, "REPQ_CACHE": str(cache)}
     results = BENCH.parent / "docs" / "results"

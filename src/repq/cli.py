@@ -185,19 +185,27 @@ def _ptq_grid(args: argparse.Namespace) -> list[dict[str, Any]]:
             for w, g, a, wb, ab in grid]
 
 
+def _cfws_deploy(args: argparse.Namespace, weight: str) -> str:
+    """--cfws-deploy for one run: in a --compare grid it applies to the CFWS weight methods only."""
+    deploy = args.cfws_deploy.replace("-", "_")
+    return "exact" if args.compare and not weight.startswith("cfws") else deploy
+
+
 def _ptq_config(args: argparse.Namespace, options: dict[str, Any]):
     import repq
 
     config = repq.PTQConfig(num_samples=args.calib, seed=args.seed, sequential=args.sequential,
                             unsigned_activations=not args.signed_activations, quantize_pool=args.quantize_pool,
                             bias_correction=not args.no_bias_correction,
-                            skip_layers=tuple(n.strip() for n in args.skip_layers.split(",") if n.strip()), **options)
+                            skip_layers=tuple(n.strip() for n in args.skip_layers.split(",") if n.strip()),
+                            cfws_deploy=_cfws_deploy(args, options["weight"]), **options)
     try:
         config.validate()
     except RepqError as err:   # name the flag, not the Python field
         for field, flag in (("w_bits", "--w-bits"), ("a_bits", "--a-bits"), ("num_samples", "--calib"),
                             ("activation method", "--activation"), ("weight method", "--weight"),
-                            ("weight_granularity", "--granularity"), ("skip_layers", "--skip-layers")):
+                            ("weight_granularity", "--granularity"), ("skip_layers", "--skip-layers"),
+                            ("cfws_deploy", "--cfws-deploy")):
             if field in str(err):
                 raise RepqError(f"{flag}: {err}") from None
         raise
@@ -735,6 +743,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quantize-pool", action="store_true",
                    help="also quantize the global-pool input, so the last conv runs as a fused integer kernel in "
                         "ONNX Runtime (with unsigned activations, the default: every conv is a QLinearConv)")
+    p.add_argument("--cfws-deploy", default="exact", choices=["exact", "two-branch", "residual"],
+                   help="CFWS layers: exact (one int32 sum, ConvInteger in ONNX Runtime: slow), two-branch (fine and "
+                        "coarse convs each requantized to int8, then an integer add: fused QLinearConv + QLinearAdd) "
+                        "or residual (TensorRT layout: the int8 coarse output is the fine conv's residual input)")
     p.add_argument("--skip-layers", default="",
                    help="comma list of layers of the fused model to keep in float (names or patterns, e.g. "
                         "'linear' or 'stage4.*')")

@@ -19,7 +19,7 @@ from repq.errors import RepqError
 from repq.quant.bias_correction import correct_bias
 from repq.quant.calibrators import ACTIVATION_METHODS, KL_NORMALIZATIONS, SINGLE_METHODS, CalibrationConfig
 from repq.quant.modules import (ActQuantizer, CodebookConv2d, CodebookLinear, QuantConv2d,
-                                QuantGlobalAvgPool, QuantLinear, is_global_avg_pool)
+                                QuantGlobalAvgPool, QuantLinear, calibrate_branches, is_global_avg_pool)
 from repq.quant.selection import CANDIDATES, check_all_ran, observe, select_ranges
 from repq.quant.weights import WEIGHT_METHODS, quantize_weight
 from repq.reparam.model import fuse_blocks, fused_blocks
@@ -66,6 +66,11 @@ class PTQConfig:
                                          # conv then runs as a fused integer kernel (one more rounding point)
     skip_layers: tuple[str, ...] = ()    # layers of the fused model kept in float (names or fnmatch patterns,
                                          # e.g. "detect.*"); also how a layer repq cannot quantize is kept
+    cfws_deploy: str = "exact"           # CFWS layers: "exact" (one int32 sum of both convs, float rescale: ONNX
+                                         # ConvInteger) | "two_branch" (each conv requantized to int8, then an
+                                         # integer add: fused QLinearConv + QLinearAdd, INT8 speed in ONNX Runtime)
+                                         # | "residual" (TensorRT-style: the int8 coarse output enters the fine
+                                         # conv's sum as its residual input)
 
     def validate(self) -> None:
         if self.weight not in WEIGHT_METHODS:
@@ -94,6 +99,13 @@ class PTQConfig:
                             f"not '{self.kl_normalization}'")
         if isinstance(self.skip_layers, str) or not all(isinstance(p, str) and p for p in self.skip_layers):
             raise RepqError(f"skip_layers must be a list of layer names or patterns, got {self.skip_layers!r}")
+        if self.cfws_deploy not in ("exact", "two_branch", "residual"):
+            raise RepqError(f"cfws_deploy must be 'exact', 'two_branch' or 'residual', not '{self.cfws_deploy}'")
+        if self.cfws_deploy != "exact" and not self.weight.startswith("cfws"):
+            raise RepqError(f"cfws_deploy='{self.cfws_deploy}' deploys CFWS layers; weight '{self.weight}' has none "
+                            "(use weight='cfws')")
+        if self.cfws_deploy != "exact" and max(self.w_bits, self.a_bits) > 8:
+            raise RepqError(f"cfws_deploy='{self.cfws_deploy}' runs int8 kernels: w_bits and a_bits must be at most 8")
         unknown = [c for c in self.auto_candidates if c not in CANDIDATES]
         if unknown or not self.auto_candidates:
             raise RepqError(f"auto_candidates must name some of {', '.join(CANDIDATES)}; "
@@ -165,6 +177,8 @@ def _swap_layers(model: nn.Module, layers: dict[str, dict[str, Any]]) -> dict[st
         else:
             layer = (QuantConv2d if conv else QuantLinear).from_float(float_layer, spec["w_bits"], spec["a_bits"],
                                                                        spec["coarse"])
+            if spec.get("two_branch"):
+                layer.enable_two_branch(spec.get("branch_layout", "two_branch"))
         layer.input_quantizer.name = name
         replace_module(model, name, layer)
         swapped[name] = layer
@@ -251,6 +265,12 @@ def quantize(model: nn.Module, calib_data: Any, config: PTQConfig | None = None)
         first = _calibrate(fused, images, config)
         methods = {n: config.activation for n in swapped if n != first}
     shifts = correct_bias(fused, images) if config.bias_correction else None
+    if config.cfws_deploy != "exact":   # after the bias is final: the fine branch's range includes it
+        for name, layer in swapped.items():
+            if isinstance(layer, QuantConv2d) and layer.coarse is not None:
+                layer.enable_two_branch(config.cfws_deploy)
+                layers[name].update(two_branch=True, branch_layout=config.cfws_deploy)
+        calibrate_branches(fused, images, config.batch_size)
     for name, layer in swapped.items():
         q = layer.input_quantizer
         (pools if name in pools else layers)[name].update(input_scale=float(q.scale), input_signed=q.signed,

@@ -9,6 +9,10 @@ fuses QLinearConv only for uint8 inputs. Its u8 x s8 kernels may saturate int16 
 fused convs take that risk, as ONNX Runtime's own quantize_static graphs do (parity is measured in the tests and
 benchmarks), while the ConvInteger path keeps int8 inputs and stays exact.
 A quantized global pool (PTQConfig.quantize_pool) is Q -> DQ -> GlobalAveragePool, so the last conv is fused too.
+A two-branch CFWS layer (PTQConfig.cfws_deploy="two_branch") is two QDQ convs, each followed by Q -> DQ of its int8
+output, and an Add: QLinearConv + QLinearConv + QLinearAdd in ONNX Runtime. With cfws_deploy="residual" only the
+coarse conv's output is requantized and it enters the Add as the fine conv's residual input (TensorRT's layout).
+Scalar scales and zero points are 0-d tensors: ONNX Runtime fuses Add into QLinearAdd only for those.
 """
 from __future__ import annotations
 
@@ -48,7 +52,7 @@ class _GraphBuilder:
 
     def const(self, base: str, array: np.ndarray) -> str:
         name = self.name(base)
-        self.initializers.append(self.numpy_helper.from_array(np.ascontiguousarray(array), name))
+        self.initializers.append(self.numpy_helper.from_array(np.asarray(array, order="C"), name))   # 0-d stays 0-d
         return name
 
     def node(self, op: str, inputs: list[str], base: str, **attrs: Any) -> str:
@@ -131,6 +135,43 @@ def _emit_integer_conv(g: _GraphBuilder, layer: QuantConv2d, x: str, base: str) 
     return out
 
 
+def _emit_two_branch(g: _GraphBuilder, layer: QuantConv2d, x: str, base: str) -> str:
+    """CFWS as two fused integer convs: Q(x) -> DQ -> Conv(fine W, int32 bias) -> Q(int8 as uint8 + 128) -> DQ and
+    DQ -> Conv(coarse W) -> Q -> DQ, then Add. ONNX Runtime fuses each conv into a QLinearConv and the add into a
+    QLinearAdd when the next layer requantizes the sum (a ReLU in between vanishes into an unsigned grid).
+
+    Layout "residual" (TensorRT-style, NVIDIA's Q/DQ placement for residual adds): the fine conv's output is not
+    requantized; the coarse conv's int8 output enters the Add as the residual input, which TensorRT fuses into
+    the fine conv's epilogue. ONNX Runtime runs it too (the fine conv then in float), for parity checks."""
+    codes, s, z = _quantize_input(g, layer, x, base, signed_as_uint8=True)
+    outs = []
+    for part, w_codes, w_scale_t, attrs in (
+            ("", layer.weight_codes, layer.weight_scale, _conv_attrs(layer)),
+            ("_coarse", layer.coarse_codes, layer.coarse_scale,
+             _conv_attrs(layer, coarse_center=layer.coarse == "center"))):
+        name = base + part
+        xq = g.node("DequantizeLinear", [codes, s, z], name)
+        w_scale = g.const(name + "_w_scale", w_scale_t.detach().cpu().numpy().astype(np.float32))
+        w_zero = g.const(name + "_w_zero", np.zeros(w_scale_t.numel(), dtype=np.int8))
+        w = g.node("DequantizeLinear", [_weight_codes(g, w_codes, name), w_scale, w_zero], name + "_w", axis=0)
+        inputs = [xq, w]
+        if layer.bias is not None and not part:
+            b_codes, step = _bias_codes(layer)
+            b_args = [g.const(name + "_b", b_codes), g.const(name + "_b_scale", step),
+                      g.const(name + "_b_zero", np.zeros(step.size, dtype=np.int32))]
+            inputs.append(g.node("DequantizeLinear", b_args, name + "_b", axis=0))
+        acc = g.node("Conv", inputs, name, **attrs)
+        if not part and layer.branch_layout == "residual":
+            outs.append(acc)
+            continue
+        out_scale = g.const(name + "_y_scale", np.array(float(layer.branch_scales[0 if not part else 1]),
+                                                         dtype=np.float32))
+        out_zero = g.const(name + "_y_zero", np.array(128, dtype=np.uint8))   # int8 codes c travel as c + 128
+        yq = g.node("QuantizeLinear", [acc, out_scale, out_zero], name)
+        outs.append(g.node("DequantizeLinear", [yq, out_scale, out_zero], name))
+    return g.node("Add", outs, base)
+
+
 def _emit_codebook_layer(g: _GraphBuilder, layer: nn.Module, x: str, base: str) -> str:
     """Round(Clip(x) / s) * s -> Conv/Gemm with weights Gather(codebook, indices).
 
@@ -167,6 +208,10 @@ def _emit_quant_layer(g: _GraphBuilder, layer: nn.Module, x: str, base: str, fus
         raise RepqError(f"'{base}' has {layer.w_bits}-bit weights; ONNX export supports w_bits <= 8")
     if isinstance(layer, CODEBOOK_LAYERS):
         return _emit_codebook_layer(g, layer, x, base)
+    if isinstance(layer, QuantConv2d) and layer.two_branch:
+        if layer.coarse == "center" and (layer.padding[0] != layer.kernel_size[0] // 2 or layer.dilation[0] != 1):
+            raise RepqError(f"CFWS export of '{base}' needs 'same' padding and no dilation")
+        return _emit_two_branch(g, layer, x, base)
     if isinstance(layer, QuantConv2d) and (layer.coarse is not None or not fusable):
         return _emit_integer_conv(g, layer, x, base)
     return _emit_qdq_layer(g, layer, x, base)

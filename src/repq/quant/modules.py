@@ -6,13 +6,15 @@ Every number needed for export lives in buffers, so a checkpoint's state dict re
 from __future__ import annotations
 
 from dataclasses import replace
+from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from repq.errors import RepqError
-from repq.quant.calibrators import CalibrationConfig, compute_amax
+from repq.quant.calibrators import CalibrationConfig, HistogramObserver, compute_amax
 from repq.quant.primitives import fake_quantize, int_range, symmetric_scale
 from repq.quant.weights import QuantizedWeight
 from repq.reparam.fold import pad_to
@@ -170,6 +172,135 @@ class QuantConv2d(SimulatedConv2d, QuantWeightMixin):
         layer = conv_like(cls, conv)
         layer._adopt(conv, w_bits, a_bits, coarse)
         return layer.to(conv.weight.device)
+
+    # ------------------------------------------------------------ CFWS as two fused integer convs
+    @property
+    def two_branch(self) -> bool:
+        """CFWS deployed as two convs (either layout); `branch_layout` says which."""
+        return hasattr(self, "branch_scales")
+
+    def enable_two_branch(self, layout: str = "two_branch") -> None:
+        """Deploy CFWS as two integer convs that runtimes fuse (PTQConfig.cfws_deploy="two_branch"): the fine conv
+        (with the bias) and the coarse conv each requantize their int32 accumulator to int8 with their own output
+        scale, and the layer output is the sum of the two (an integer add in the runtime). `branch_scales` holds
+        the (fine, coarse) output scales; while they are 0 the layer is being calibrated (`calibrate_branches`):
+        its branches pass through unrequantized.
+
+        layout "residual" (TensorRT-style): only the coarse conv is requantized to int8; it enters the fine conv's
+        output as a residual input, and the fine conv's accumulator is rescaled exactly (no int8 rounding)."""
+        if self.coarse is None:
+            raise RepqError("two-branch deployment applies to CFWS layers (a coarse part) only")
+        if layout not in ("two_branch", "residual"):
+            raise ValueError(f"unknown branch layout {layout!r}")
+        self.branch_layout = layout
+        self.register_buffer("branch_scales", torch.zeros(2, device=self.weight.device))
+        self.branch_calibration: dict[str, Any] = {}
+
+    def branch_accumulators(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """The int32 accumulators of the fine conv (+ bias codes) and the coarse conv on the quantized input,
+        computed exactly (float64 holds every sum of 8-bit products)."""
+        xq = self.input_quantizer(x)
+        codes = torch.round(xq / self.input_quantizer.scale).double()
+        bias = self.bias_codes()[0].double() if self.bias is not None else None
+        fine = F.conv2d(codes, self.weight_codes.double(), bias, self.stride, self.padding, self.dilation,
+                        self.groups)
+        if self.coarse == "center":
+            coarse = F.conv2d(codes, self.coarse_codes.double(), None, self.stride, 0, 1, self.groups)
+        else:
+            coarse = F.conv2d(codes, self.coarse_codes.double(), None, self.stride, self.padding, self.dilation,
+                              self.groups)
+        return fine, coarse
+
+    def branch_multipliers(self) -> tuple[Tensor, Tensor]:
+        """Per-channel requantization multipliers input scale x weight scale / output scale, in float32 in the
+        order ONNX Runtime's QLinearConv computes them."""
+        s_x = self.input_quantizer.scale.float()
+        return ((s_x * self.weight_scale.float()) / self.branch_scales[0].float(),
+                (s_x * self.coarse_scale.float()) / self.branch_scales[1].float())
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self.two_branch or self.use_float_weight:
+            return super().forward(x)
+        fine, coarse = self.branch_accumulators(x)
+        shape = (1, -1, 1, 1)
+        if not bool((self.branch_scales > 0).all()):   # calibrating: float branch outputs
+            s_x = self.input_quantizer.scale.double()
+            outs = ((fine * (s_x * self.weight_scale.double()).reshape(shape)).float(),
+                    (coarse * (s_x * self.coarse_scale.double()).reshape(shape)).float())
+            self._calibration_step(*outs)
+            return outs[0] + outs[1]
+        m_fine, m_coarse = self.branch_multipliers()
+        q_coarse = torch.clamp(torch.round(coarse.float() * m_coarse.reshape(shape)), -128, 127)
+        if self.branch_layout == "residual":   # the fine accumulator rescaled in float, plus the int8 residual
+            s_x = self.input_quantizer.scale.double()
+            return (fine * (s_x * self.weight_scale.double()).reshape(shape)).float() + q_coarse * self.branch_scales[1]
+        q_fine = torch.clamp(torch.round(fine.float() * m_fine.reshape(shape)), -128, 127)
+        return q_fine * self.branch_scales[0] + q_coarse * self.branch_scales[1]
+
+    @torch.no_grad()
+    def _calibration_step(self, fine: Tensor, coarse: Tensor) -> None:
+        """Pass 1 ("observe"): histograms of both branches. Pass 2 ("score"): the squared error of the layer output
+        (the requantized branches' sum against the exact sum) for every pair of candidate thresholds."""
+        state = self.branch_calibration
+        if state.get("stage", "observe") == "observe":
+            observers = state.setdefault("observers", [HistogramObserver(), HistogramObserver()])
+            for observer, out in zip(observers, (fine, coarse)):
+                observer.update(out, self.input_quantizer.name)
+            return
+        exact = fine + coarse
+        q_fine = [torch.clamp(torch.round(fine / (a / 127.0)), -128, 127) * (a / 127.0) for a in state["fine"]] \
+            if self.branch_layout == "two_branch" else [fine]
+        q_coarse = [torch.clamp(torch.round(coarse / (a / 127.0)), -128, 127) * (a / 127.0) for a in state["coarse"]]
+        for i, qf in enumerate(q_fine):
+            for j, qc in enumerate(q_coarse):
+                state["errors"][i, j] += float(((qf + qc) - exact).double().pow(2).sum())
+
+    def start_branch_scoring(self) -> None:
+        """Candidate thresholds per branch from its histogram: its maximum, high percentiles and the threshold of
+        least squared error of the branch alone."""
+        candidates = []
+        for observer in self.branch_calibration["observers"]:
+            amaxes = {observer.amax(CalibrationConfig(method="minmax", bits=8, signed=True)),
+                      observer.amax(CalibrationConfig(method="mse", bits=8, signed=True))}
+            amaxes |= {observer.amax(CalibrationConfig(method="percentile", bits=8, signed=True, percentile=p))
+                       for p in (99.9, 99.99, 99.999)}
+            candidates.append(sorted((a for a in amaxes if a > 0), reverse=True) or [1.0])   # largest first
+        if self.branch_layout == "residual":   # the fine output is not requantized: one placeholder scale
+            candidates[0] = [127.0]
+        self.branch_calibration = {"stage": "score", "fine": candidates[0], "coarse": candidates[1],
+                                   "errors": np.zeros((len(candidates[0]), len(candidates[1])))}
+
+    @torch.no_grad()
+    def finish_branch_calibration(self) -> None:
+        """Keep the pair of thresholds with the least output error (ties: the larger, less clipping)."""
+        state = self.branch_calibration
+        errors = state["errors"]
+        i, j = np.unravel_index(np.argmin(errors), errors.shape)
+        self.branch_scales.copy_(torch.tensor([state["fine"][i] / 127.0, state["coarse"][j] / 127.0]))
+        self.branch_calibration = {}
+
+
+@torch.no_grad()
+def calibrate_branches(model: nn.Module, images: Tensor, batch_size: int) -> list[str]:
+    """Set the int8 output scales of every two-branch layer: one pass gathers each branch's histogram, a second
+    scores candidate pairs of thresholds by the error of the layer output (the two requantized branches' sum)
+    on the same images. During both passes the branches are not requantized. Returns the layers' names."""
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, QuantConv2d) and m.two_branch}
+    for layer in layers.values():
+        layer.branch_scales.zero_()
+        layer.branch_calibration = {"stage": "observe"}
+    was_training = model.training
+    model.eval()
+    for stage in ("observe", "score"):
+        if stage == "score":
+            for layer in layers.values():
+                layer.start_branch_scoring()
+        for start in range(0, len(images), batch_size):
+            model(images[start:start + batch_size])
+    model.train(was_training)
+    for layer in layers.values():
+        layer.finish_branch_calibration()
+    return list(layers)
 
 
 class QuantLinear(SimulatedLinear, QuantWeightMixin):

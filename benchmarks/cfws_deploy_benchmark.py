@@ -1,0 +1,113 @@
+"""CFWS at INT8 speed: the exact CFWS deployment (one int32 sum, ConvInteger + float epilogue in ONNX Runtime)
+against the two-branch one (each conv requantized to int8, integer add: QLinearConv + QLinearAdd), per zoo model:
+accuracy of both in repq's simulation, ONNX Runtime parity of the two-branch model, the kernels ONNX Runtime
+runs, and throughput against FP32 and the per-channel min-max model.
+
+    python benchmarks/cfws_deploy_benchmark.py           # the zoo (~15 min on 2 cores), writes docs/results/cfws_deploy.*
+    python benchmarks/cfws_deploy_benchmark.py --quick   # tiny zoo, prints only
+
+Every model: repq's default recipe (CFWS + auto + bias correction), 32 calibration images (seed 0), unsigned
+activations and a quantized global-pool input (quantize_pool=True: the form ONNX Runtime fuses end to end).
+Throughput: ONNX Runtime CPU provider, 2 threads, random inputs of the model's shape, batch 64 and 1.
+"""
+from __future__ import annotations
+
+import argparse
+import tempfile
+from pathlib import Path
+
+from common import machine, repq, write_result
+from repq.export import export_onnx, integer_kernels, verify_against_simulation
+from repq.export.bench import throughput
+from zoo import select, zoo, zoo_checkpoint
+
+RECIPES = {"cfws exact": {"cfws_deploy": "exact"}, "cfws two-branch": {"cfws_deploy": "two_branch"},
+           "minmax/channel + percentile": {"weight": "minmax", "activation": "percentile", "bias_correction": False}}
+
+
+def kernels(path: Path) -> dict[str, int]:
+    k = integer_kernels(path)
+    return {"QLinearConv": k.get("QLinearConv", 0), "ConvInteger": k.get("ConvInteger", 0),
+            "QLinearAdd": k.get("QLinearAdd", 0),
+            "float_convs": sum(k.get(op, 0) for op in ("Conv", "FusedConv", "NchwcConv"))}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--only", default="", help="comma list of zoo entries (default: all)")
+    parser.add_argument("--seconds", type=float, default=3.0, help="timing per throughput measurement")
+    args = parser.parse_args()
+    seconds = 0.3 if args.quick else args.seconds
+    names = select(args.only, args.quick)
+    tmp = Path(tempfile.mkdtemp(prefix="repq-cfws-deploy-"))
+    rows = []
+    for name in names:
+        model, _ = repq.load_checkpoint(zoo_checkpoint(name, quick=args.quick, progress=False))
+        data = zoo(args.quick)[name]["data"]
+        train_ds, test_ds = repq.load_dataset(data, "train"), repq.load_dataset(data, "test")
+        calib = train_ds.calibration_images(32, seed=0)
+        example = calib[:1]
+        fp_path = export_onnx(repq.reparameterize(model, calib[:2]), tmp / f"{name}_fp32.onnx", example,
+                              allow_float=True)
+        shape = list(example.shape[1:])
+        row = {"model": name, "fp32": repq.evaluate(model, test_ds)["top1"], "speed": {}, "sim": {}}
+        row["speed"]["fp32"] = {b: throughput(fp_path, shape, b, seconds, threads=2) for b in (64, 1)}
+        for label, options in RECIPES.items():
+            q = repq.quantize(model, calib, repq.PTQConfig(quantize_pool=True, **options))
+            path = export_onnx(q, tmp / f"{name}_{label.replace(' ', '_').replace('/', '_')}.onnx", example)
+            row["sim"][label] = repq.evaluate(q, test_ds)["top1"]
+            row["speed"][label] = {b: throughput(path, shape, b, seconds, threads=2) for b in (64, 1)}
+            if label == "cfws two-branch":
+                row["verify"] = verify_against_simulation(q, path, test_ds)
+                row["kernels"] = kernels(path)
+        print(row, flush=True)
+        rows.append(row)
+
+    def ratio(row, label, ref, batch):
+        return row["speed"][label][batch] / row["speed"][ref][batch]
+
+    cmd = "python benchmarks/cfws_deploy_benchmark.py" + (" --quick" if args.quick else "")
+    lines = ["# CFWS at INT8 speed: exact vs two-branch deployment", "",
+             f"Command: `{cmd}`", f"Machine: {machine()}; ONNX Runtime CPU provider, 2 threads", "",
+             "Recipe: repq's default (CFWS + auto + bias correction), 32 calibration images (seed 0), quantize_pool; "
+             "exact = one int32 sum of the fine 3x3 and coarse 1x1 convs (ConvInteger + float rescale in ONNX "
+             "Runtime); two-branch = each conv requantized to int8, then an integer add (QLinearConv + "
+             "QLinearAdd). Full test splits.", "",
+             "## Accuracy (top-1) and parity", "",
+             "| model | FP | CFWS exact (sim) | CFWS two-branch (sim) | two-branch - exact | two-branch in ORT | "
+             "ORT - sim | same prediction | min-max/channel + percentile (sim) | kernels of the two-branch model |",
+             "|---|" + "---|" * 9]
+    for r in rows:
+        v, k = r["verify"], r["kernels"]
+        lines.append(f"| {r['model']} | {r['fp32']:.2f} | {r['sim']['cfws exact']:.2f} | "
+                     f"{r['sim']['cfws two-branch']:.2f} | {r['sim']['cfws two-branch'] - r['sim']['cfws exact']:+.2f} | "
+                     f"{v['top1_onnxruntime']:.2f} | {v['top1_onnxruntime'] - v['top1_repq']:+.2f} | "
+                     f"{v['argmax_agreement']:.2f}% | {r['sim']['minmax/channel + percentile']:.2f} | "
+                     f"{k['QLinearConv']} QLinearConv, {k['QLinearAdd']} QLinearAdd, {k['ConvInteger']} ConvInteger, "
+                     f"{k['float_convs']} float conv |")
+    diffs = [r["sim"]["cfws two-branch"] - r["sim"]["cfws exact"] for r in rows]
+    parity = [abs(r["verify"]["top1_onnxruntime"] - r["verify"]["top1_repq"]) for r in rows]
+    over = [r["sim"]["cfws two-branch"] - r["sim"]["minmax/channel + percentile"] for r in rows]
+    lines += ["", f"two-branch - exact: mean {sum(diffs) / len(diffs):+.3f}, worst {min(diffs):+.2f} pt; "
+              f"ORT vs simulation: worst |difference| {max(parity):.2f} pt; two-branch - min-max/channel: worst "
+              f"{min(over):+.2f} pt", "",
+              "## Throughput (images/s in ONNX Runtime)", "",
+              "| model | batch | FP32 | CFWS exact | CFWS two-branch | min-max/channel | two-branch vs FP32 | "
+              "two-branch vs min-max | exact vs FP32 |", "|---|" + "---|" * 8]
+    for r in rows:
+        for b in (64, 1):
+            s = r["speed"]
+            lines.append(f"| {r['model']} | {b} | {s['fp32'][b]:.0f} | {s['cfws exact'][b]:.0f} | "
+                         f"{s['cfws two-branch'][b]:.0f} | {s['minmax/channel + percentile'][b]:.0f} | "
+                         f"{ratio(r, 'cfws two-branch', 'fp32', b):.2f}x | "
+                         f"{ratio(r, 'cfws two-branch', 'minmax/channel + percentile', b):.2f}x | "
+                         f"{ratio(r, 'cfws exact', 'fp32', b):.2f}x |")
+    text = "\n".join(lines) + "\n"
+    print(text)
+    if not args.quick:
+        write_result("cfws_deploy", text, {"command": cmd, "machine": machine(), "rows": rows})
+
+
+if __name__ == "__main__":
+    main()
