@@ -165,3 +165,29 @@ def test_pretrained_checkpoint_end_to_end_at_224(tmp_path, capsys):
     assert sim["top1"] == pytest.approx(ptq["results"][0]["top1"]) and ort["images_per_s"] > 0
     assert exported["kernels"].get("QLinearConv", 0) == 22 and exported["verify"]["passed"]
     assert exported["verify"]["argmax_agreement"] >= 95.0
+
+
+def test_train_qat_analyze_on_a_streamed_folder(tmp_path, capsys):
+    """repq train / qat / analyze / eval on imagefolder data (workers, train transform), the transform recorded and
+    reused, and --skip-corrupt reported on stderr."""
+    folder = make_folder(tmp_path / "data", per_class=(8, 4))
+    (folder / "val" / "red" / "broken.jpg").write_bytes(b"not a jpeg")
+    data = f"imagefolder:{folder}"
+    fp, q = str(tmp_path / "fp.pt"), str(tmp_path / "q.pt")
+    assert main(["train", "--model", "repvgg_a0", "--width-scale", "0.125", "--data", data, "--image-size", "32",
+                 "--crop-pct", "0.9", "--epochs", "2", "--batch-size", "8", "--skip-corrupt", "--out", fp,
+                 "--json"]) == 0
+    captured = capsys.readouterr()
+    assert "--skip-corrupt left out 1 unreadable image" in captured.err and "broken.jpg" in captured.err
+    meta = repq.load_checkpoint(fp)[1]["data_meta"]
+    assert meta["transform"] == {"size": 32, "crop_pct": 0.9, "interpolation": "bilinear"}
+    assert main(["qat", "--checkpoint", fp, "--data", data, "--epochs", "1", "--batch-size", "8", "--calib", "8",
+                 "--skip-corrupt", "--out", q, "--json"]) == 0
+    capsys.readouterr()
+    assert main(["eval", "--checkpoint", q, "--data", data]) == 2     # without --skip-corrupt: one line, exit 2
+    err = capsys.readouterr().err.strip()
+    assert "broken.jpg (UnidentifiedImageError)" in err and len(err.splitlines()) == 1
+    out = tmp_path / "report"
+    assert main(["analyze", "--checkpoint", fp, "--data", data, "--calib", "8", "--skip-corrupt", "--out", str(out),
+                 "--json"]) == 0   # image size and crop recorded in the checkpoint: no flags needed
+    assert (out / "report.md").exists()
