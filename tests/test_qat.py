@@ -246,3 +246,41 @@ def test_torchrun_two_process_qat_writes_one_checkpoint(trained_digits_model, tm
     assert sorted(p.name for p in tmp_path.glob("*.pt")) == ["ddp_qat.pt", "fp.pt"]
     payload = repq.checkpoint.read_checkpoint(out)
     assert len(payload["history"]["loss"]) == 3 and payload["quant"]["qat"]["method"] == "cluster"
+
+
+def test_int8_grid_codebook_snaps_trains_and_deploys_as_fused_int8(trained_digits_model, digits, tmp_path, capsys):
+    """codebook_grid="int8": every centroid is a multiple of one per-layer scale (max |centroid| / 127), the
+    converted layers hold int8 codes with at most 2^b distinct values, and ONNX Runtime runs them as QLinearConv
+    with the QAT model's accuracy."""
+    pytest.importorskip("onnxruntime")
+    from repq.export import export_onnx, integer_kernels, run_onnx
+    from repq.quant.qat_modules import snap_to_int8_grid
+    c = torch.tensor([-0.31, -0.02, 0.0049, 0.5])
+    scale = 0.5 / 127
+    assert torch.allclose(snap_to_int8_grid(c), torch.round(c / scale) * scale) and snap_to_int8_grid(c)[-1] == 0.5
+    train_ds, test_ds = digits
+    qat = repq.prepare_qat(trained_digits_model, repq.QATConfig(method="cluster", w_bits=4, a_bits=8,
+                                                                codebook_grid="int8"), train_ds)
+    repq.train(qat, train_ds, repq.TrainConfig(epochs=1, lr=0.01, weight_decay=0.0, max_steps_per_epoch=5),
+               progress=False)   # refits happen during training too: the grid must survive them
+    for m in qat.modules():
+        if isinstance(m, CodebookQuantizer):
+            grid = m.codebook / m.grid_scale()
+            assert torch.allclose(grid, grid.round(), atol=1e-4)
+    q = repq.convert_qat(qat)
+    layer = q.get_submodule("stage2.0.rbr_reparam")
+    assert isinstance(layer, QuantConv2d) and torch.unique(layer.weight_codes).numel() <= 16
+    assert layer.weight_codes.abs().max() <= 127 and torch.unique(layer.weight_scale).numel() == 1
+    x, y = test_ds.head(len(test_ds))
+    with torch.no_grad():
+        assert torch.allclose(q(x), qat.eval()(x), atol=1e-4)   # conversion keeps the trained model's outputs
+    path = export_onnx(q, tmp_path / "grid.onnx", x[:1])
+    kernels = integer_kernels(path)
+    n_convs = sum(isinstance(m, torch.nn.Conv2d) for m in q.modules())
+    assert kernels.get("QLinearConv", 0) == n_convs - 1 and not kernels.get("Conv")   # the last: ConvInteger
+    ort = run_onnx(path, x.numpy())
+    assert (torch.from_numpy(ort).argmax(1) == q(x).argmax(1)).float().mean() >= 0.99
+    repq.save_checkpoint(tmp_path / "q.pt", trained_digits_model)
+    assert main(["qat", "--checkpoint", str(tmp_path / "q.pt"), "--data", "digits", "--method", "lsq",
+                 "--codebook-grid", "int8", "--out", str(tmp_path / "x.pt")]) == 2
+    assert "--codebook-grid applies to --method cluster only" in capsys.readouterr().err

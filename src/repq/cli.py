@@ -92,10 +92,8 @@ def _load_data(args: argparse.Namespace, split: str, payload: dict[str, Any] | N
         data = repq.load_dataset(spec, split, transform=transform, workers=args.workers,
                                  skip_corrupt=args.skip_corrupt)
         _LOADED.append(data)
-        if getattr(args, "batch_size", 0) is None:   # evaluation batch: 224x224 activations are 49x 32x32 ones
-            args.batch_size = 64
-    if getattr(args, "batch_size", 0) is None:
-        args.batch_size = 256
+    if getattr(args, "batch_size", 0) is None:   # evaluation batch: 224x224 activations are 49x 32x32 ones
+        args.batch_size = 64 if kind in STREAMED else 256
     if split == "test" and args.eval_limit:
         data = data.subset(args.eval_limit)
     return data
@@ -346,12 +344,12 @@ def cmd_qat(args: argparse.Namespace) -> None:
 
     check_input_file(args.checkpoint, "--checkpoint")
     check_output_file(args.out, "--out", (args.checkpoint,), args.overwrite)
-    cluster_only = [f"--{o.replace('_', '-')}" for o in ("codebook", "refit_every", "lloyd_iters")
+    cluster_only = [f"--{o.replace('_', '-')}" for o in ("codebook", "refit_every", "lloyd_iters", "codebook_grid")
                     if getattr(args, o) is not None]
     if args.method != "cluster" and cluster_only:
         raise RepqError(f"{', '.join(cluster_only)} {'apply' if len(cluster_only) > 1 else 'applies'} to --method "
                         f"cluster only; drop it for --method {args.method}")
-    cluster_defaults = {"codebook": "refit", "refit_every": 100, "lloyd_iters": 3}
+    cluster_defaults = {"codebook": "refit", "refit_every": 100, "lloyd_iters": 3, "codebook_grid": "free"}
     options = {o: getattr(args, o) if getattr(args, o) is not None else d for o, d in cluster_defaults.items()}
     config = repq.QATConfig(method=args.method, w_bits=args.w_bits, a_bits=args.a_bits,
                             edge_bits=args.edge_bits or None, num_samples=args.calib, seed=args.seed, **options)
@@ -697,6 +695,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="cluster: re-fit the centroids by Lloyd steps, or learn them by gradient (default refit)")
     p.add_argument("--refit-every", type=nonnegative_int, default=None,
                    help="cluster/refit: steps between re-fits, 0: never (default 100)")
+    p.add_argument("--codebook-grid", default=None, choices=["free", "int8"],
+                   help="cluster: free centroids (deployed as float convs on looked-up weights) or centroids on one "
+                        "int8 grid per layer (deployed as fused int8 convs) (default free)")
     p.add_argument("--lloyd-iters", type=positive_int, default=None,
                    help="cluster/refit: Lloyd iterations per re-fit (default 3)")
     p.add_argument("--edge-bits", type=_edge_bits, default=8, help="bits of the first conv and last linear (0: as "

@@ -48,6 +48,9 @@ class QATConfig:
     codebook: str = "refit"             # cluster: refit (Lloyd steps every refit_every steps) | learned (gradient)
     refit_every: int = 100
     lloyd_iters: int = 3
+    codebook_grid: str = "free"         # cluster: free (any float centroids; deployed as float convs on looked-up
+                                        # weights) | int8 (centroids snapped to one per-layer int8 grid: deployed
+                                        # as fused int8 convs, QLinearConv in ONNX Runtime)
     weight_init: str = "mse"            # lsq: initial per-channel steps from this PTQ weight quantizer (minmax | mse)
     activation_init: str = "mse"        # initial activation steps from this PTQ calibrator
     unsigned_activations: bool = True   # non-negative (post-ReLU) inputs get unsigned codes: one more level bit
@@ -63,6 +66,8 @@ class QATConfig:
                 raise RepqError(f"{name} must be between 2 and 8 for QAT, got {getattr(self, name)}")
         if self.codebook not in ("refit", "learned"):
             raise RepqError(f"codebook must be 'refit' or 'learned', not '{self.codebook}'")
+        if self.codebook_grid not in ("free", "int8"):
+            raise RepqError(f"codebook_grid must be 'free' or 'int8', not '{self.codebook_grid}'")
         if self.weight_init not in ("minmax", "mse"):
             raise RepqError(f"weight_init must be 'minmax' or 'mse', not '{self.weight_init}'")
         if self.activation_init not in ACTIVATION_METHODS:
@@ -99,7 +104,8 @@ def prepare_qat(model: nn.Module, config: QATConfig | None = None, calib_data: A
             weight_q = lsq_weight_quantizer(layer.weight, w_bits, config.weight_init)
         else:
             weight_q = CodebookQuantizer(layer.weight, w_bits, config.codebook, config.refit_every,
-                                         config.lloyd_iters).to(layer.weight.device)
+                                         config.lloyd_iters, int8_grid=config.codebook_grid == "int8"
+                                         ).to(layer.weight.device)
         input_q = LSQQuantizer(a_bits, signed=True, init=config.activation_init,
                                allow_unsigned=config.unsigned_activations).to(layer.weight.device)
         input_q.name = name
@@ -159,6 +165,13 @@ def convert_qat(qat_model: nn.Module) -> nn.Module:
             codes = quantize(layer.weight, step, 0.0, int(wq.qmin), int(wq.qmax), axis=0)
             new.set_quantized_weight(QuantizedWeight(codes, step))
             spec = {"coarse": None}
+        elif wq.int8_grid:   # the codebook lies on an int8 grid: uniform int8 codes, fused int8 convs
+            new = (QuantConv2d if conv else QuantLinear).from_float(layer, 8, a_bits, None)
+            scale = wq.grid_scale()
+            codebook = torch.round(wq.codebook.detach() / scale).clamp(-127, 127)
+            codes = codebook[assign(layer.weight, wq.codebook)]
+            new.set_quantized_weight(QuantizedWeight(codes, scale.expand(layer.weight.shape[0]).clone()))
+            spec = {"coarse": None, "codebook_grid": {"entries": wq.codebook.numel(), "bits": w_bits}}
         else:
             new = (CodebookConv2d if conv else CodebookLinear).from_float(layer, w_bits, a_bits)
             new.set_codebook(assign(layer.weight, wq.codebook), wq.codebook.detach())
@@ -169,7 +182,7 @@ def convert_qat(qat_model: nn.Module) -> nn.Module:
         q.qmax.copy_(act.qmax)
         q.name = name
         replace_module(model, name, new)
-        layers[name] = {**spec, "w_bits": w_bits, "a_bits": a_bits, "input_scale": float(act.current_step()),
+        layers[name] = {**spec, "w_bits": 8 if "codebook_grid" in spec else w_bits, "a_bits": a_bits, "input_scale": float(act.current_step()),
                         "input_signed": act.signed}
     del model.repq_qat
     model.repq_quant = {"qat": meta["qat"], "layers": layers, "input_shape": meta.get("input_shape")}

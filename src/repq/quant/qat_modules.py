@@ -114,12 +114,15 @@ class CodebookQuantizer(nn.Module):
     """
 
     def __init__(self, weight: Tensor, bits: int, mode: str = "refit", refit_every: int = 100, lloyd_iters: int = 3,
-                 init_iters: int = 30):
+                 init_iters: int = 30, int8_grid: bool = False):
         super().__init__()
         if mode not in ("refit", "learned"):
             raise RepqError(f"unknown codebook mode '{mode}'; choose 'refit' or 'learned'")
         self.bits, self.mode, self.refit_every, self.lloyd_iters = bits, mode, refit_every, lloyd_iters
+        self.int8_grid = int8_grid
         codebook = kmeans_1d(weight, 2 ** bits, init_iters)
+        if int8_grid:
+            codebook = snap_to_int8_grid(codebook)
         if mode == "learned":
             self.codebook = nn.Parameter(codebook)
         else:
@@ -129,10 +132,13 @@ class CodebookQuantizer(nn.Module):
     def forward(self, w: Tensor) -> Tensor:
         if self.training and self.mode == "refit" and self.refit_every > 0:
             if int(self.steps) > 0 and int(self.steps) % self.refit_every == 0:
-                self.codebook.copy_(lloyd_steps(w, self.codebook, self.lloyd_iters))
+                refit = lloyd_steps(w, self.codebook, self.lloyd_iters)
+                self.codebook.copy_(snap_to_int8_grid(refit) if self.int8_grid else refit)
             self.steps += 1
-        idx = assign(w, self.codebook)
         codebook = self.codebook
+        if self.int8_grid and self.mode == "learned":   # the learned values move freely; the forward snaps them
+            codebook = codebook + (snap_to_int8_grid(codebook) - codebook).detach()
+        idx = assign(w, codebook)
         if self.mode == "learned":
             # The gradient of a centroid is the sum over its weights; divided by their number, a centroid moves at
             # the pace of one weight under the same learning rate (the raw sum scales with the layer size).
@@ -141,12 +147,30 @@ class CodebookQuantizer(nn.Module):
         return codebook[idx] + (w - w.detach())
 
     def extra_repr(self) -> str:
-        return f"bits={self.bits}, mode={self.mode}, refit_every={self.refit_every}"
+        return (f"bits={self.bits}, mode={self.mode}, refit_every={self.refit_every}"
+                + (", int8 grid" if self.int8_grid else ""))
+
+    def grid_scale(self) -> Tensor:
+        """The per-layer scale of the int8 grid the codebook lies on (max |centroid| / 127)."""
+        return int8_grid_scale(self.codebook.detach())
+
+
+def int8_grid_scale(codebook: Tensor) -> Tensor:
+    amax = codebook.detach().abs().max()
+    return torch.where(amax > 0, amax / 127.0, torch.ones_like(amax))
+
+
+def snap_to_int8_grid(codebook: Tensor) -> Tensor:
+    """Centroids moved to the nearest multiple of one per-layer scale (max |centroid| / 127): every weight of the
+    layer is then an int8 code times that scale, so the deployed layer runs as a fused int8 conv while it keeps
+    at most 2^b distinct values (b-bit indices + codebook)."""
+    scale = int8_grid_scale(codebook)
+    return torch.clamp(torch.round(codebook / scale), -127, 127) * scale
 
 
 class QATLayerMixin:
-    """Fake-quantized input and weight; with an LSQ weight quantizer the bias sits on the int32 accumulator grid
-    (step = input step x weight step), as the deploy layer computes it."""
+    """Fake-quantized input and weight; with an LSQ weight quantizer or an int8-grid codebook the bias sits on the
+    int32 accumulator grid (step = input step x weight step), as the deploy layer computes it."""
 
     weight: Tensor
     bias: Tensor | None
@@ -173,10 +197,19 @@ class QATLayerMixin:
         return self.weight_quantizer(self.weight)
 
     def _bias(self) -> Tensor | None:
-        if self.bias is None or not isinstance(self.weight_quantizer, LSQQuantizer):
+        weight_step = self._weight_step()
+        if self.bias is None or weight_step is None:
             return self.bias
-        step = self.input_quantizer.current_step() * self.weight_quantizer.current_step()
+        step = self.input_quantizer.current_step() * weight_step
         return round_ste(self.bias / step) * step
+
+    def _weight_step(self) -> Tensor | None:
+        """The weight scale of the deployed integer layer (LSQ steps, or the int8 grid of a snapped codebook);
+        None for a free codebook, whose deployed layer keeps a float bias."""
+        wq = self.weight_quantizer
+        if isinstance(wq, LSQQuantizer):
+            return wq.current_step()
+        return wq.grid_scale() if getattr(wq, "int8_grid", False) else None
 
 
 class QATConv2d(nn.Conv2d, QATLayerMixin):
