@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from repq.data.common import epoch_order, normalize
 from repq.data.streaming import StreamingImageDataset, file_list, image_folder
 from repq.data.transforms import ImageTransform
 from repq.errors import RepqError
@@ -51,18 +52,13 @@ class ImageDataset:
         return len(self.classes)
 
     def normalize(self, images: Tensor) -> Tensor:
-        mean = torch.tensor(self.mean).reshape(1, -1, 1, 1)
-        std = torch.tensor(self.std).reshape(1, -1, 1, 1)
-        return (images.float() / 255.0 - mean) / std
+        return normalize(images, self.mean, self.std)
 
     def batches(self, batch_size: int = 256, shuffle: bool = False, seed: int = 0, augment: bool = False,
                 rank: int = 0, world_size: int = 1) -> Iterator[tuple[Tensor, Tensor]]:
         """Normalized (images, labels) batches; with `world_size` > 1 each rank reads its own shard."""
-        gen = torch.Generator().manual_seed(seed)
-        order = torch.randperm(len(self), generator=gen) if shuffle else torch.arange(len(self))
-        if world_size > 1:
-            usable = len(order) - len(order) % world_size
-            order = order[:usable][rank::world_size]
+        gen = torch.Generator().manual_seed(seed)   # draws the order, then the augmentation
+        order = epoch_order(len(self), shuffle, gen, rank, world_size)
         for start in range(0, len(order), batch_size):
             idx = order[start:start + batch_size]
             images = self.images[idx]

@@ -12,6 +12,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from repq.data.common import epoch_order, normalize
 from repq.data.transforms import ImageTransform, eval_transform, train_transform
 from repq.errors import RepqError
 
@@ -87,9 +88,7 @@ class StreamingImageDataset:
         return self.transform.std
 
     def normalize(self, images: Tensor) -> Tensor:
-        mean = torch.tensor(self.mean).reshape(1, -1, 1, 1)
-        std = torch.tensor(self.std).reshape(1, -1, 1, 1)
-        return (images.float() / 255.0 - mean) / std
+        return normalize(images, self.mean, self.std)
 
     def _decoded(self, order: list[int], batch_size: int, train: bool = False,
                  seed: int = 0) -> Iterator[tuple[Tensor, Tensor]]:
@@ -114,11 +113,7 @@ class StreamingImageDataset:
                 rank: int = 0, world_size: int = 1) -> Iterator[tuple[Tensor, Tensor]]:
         """Normalized (images, labels) batches; train transform with `augment`; with `world_size` > 1 each rank
         reads its own shard (equal sizes, as DistributedSampler with drop_last)."""
-        gen = torch.Generator().manual_seed(seed)
-        order = torch.randperm(len(self), generator=gen) if shuffle else torch.arange(len(self))
-        if world_size > 1:
-            usable = len(order) - len(order) % world_size
-            order = order[:usable][rank::world_size]
+        order = epoch_order(len(self), shuffle, torch.Generator().manual_seed(seed), rank, world_size)
         for images, labels in self._decoded(order.tolist(), batch_size, train=augment, seed=seed):
             yield self.normalize(images), labels
 

@@ -191,7 +191,8 @@ class QuantConv2d(SimulatedConv2d, QuantWeightMixin):
         if self.coarse is None:
             raise RepqError("two-branch deployment applies to CFWS layers (a coarse part) only")
         if layout not in ("two_branch", "residual"):
-            raise ValueError(f"unknown branch layout {layout!r}")
+            raise RepqError(f"unknown CFWS branch layout {layout!r} (a damaged checkpoint?); expected two_branch "
+                            "or residual")
         self.branch_layout = layout
         self.register_buffer("branch_scales", torch.zeros(2, device=self.weight.device))
         self.branch_calibration: dict[str, Any] = {}
