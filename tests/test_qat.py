@@ -251,7 +251,7 @@ def test_torchrun_two_process_qat_writes_one_checkpoint(trained_digits_model, tm
 def test_int8_grid_codebook_snaps_trains_and_deploys_as_fused_int8(trained_digits_model, digits, tmp_path, capsys):
     """codebook_grid="int8": every centroid is a multiple of one per-layer scale (max |centroid| / 127), the
     converted layers hold int8 codes with at most 2^b distinct values, and ONNX Runtime runs them as QLinearConv
-    with the QAT model's accuracy."""
+    with the QAT model's accuracy (every conv, with the pool input quantized too)."""
     pytest.importorskip("onnxruntime")
     from repq.export import export_onnx, integer_kernels, run_onnx
     from repq.quant.qat_modules import snap_to_int8_grid
@@ -260,7 +260,7 @@ def test_int8_grid_codebook_snaps_trains_and_deploys_as_fused_int8(trained_digit
     assert torch.allclose(snap_to_int8_grid(c), torch.round(c / scale) * scale) and snap_to_int8_grid(c)[-1] == 0.5
     train_ds, test_ds = digits
     qat = repq.prepare_qat(trained_digits_model, repq.QATConfig(method="cluster", w_bits=4, a_bits=8,
-                                                                codebook_grid="int8"), train_ds)
+                                                                codebook_grid="int8", quantize_pool=True), train_ds)
     repq.train(qat, train_ds, repq.TrainConfig(epochs=1, lr=0.01, weight_decay=0.0, max_steps_per_epoch=5),
                progress=False)   # refits happen during training too: the grid must survive them
     for m in qat.modules():
@@ -277,9 +277,12 @@ def test_int8_grid_codebook_snaps_trains_and_deploys_as_fused_int8(trained_digit
     path = export_onnx(q, tmp_path / "grid.onnx", x[:1])
     kernels = integer_kernels(path)
     n_convs = sum(isinstance(m, torch.nn.Conv2d) for m in q.modules())
-    assert kernels.get("QLinearConv", 0) == n_convs - 1 and not kernels.get("Conv")   # the last: ConvInteger
+    assert kernels.get("QLinearConv", 0) == n_convs and not kernels.get("Conv") and not kernels.get("ConvInteger")
     ort = run_onnx(path, x.numpy())
     assert (torch.from_numpy(ort).argmax(1) == q(x).argmax(1)).float().mean() >= 0.99
+    repq.save_checkpoint(tmp_path / "grid.pt", q)   # the quantized pool survives the round trip
+    with torch.no_grad():
+        assert torch.equal(repq.load_checkpoint(tmp_path / "grid.pt")[0](x), q(x))
     repq.save_checkpoint(tmp_path / "q.pt", trained_digits_model)
     assert main(["qat", "--checkpoint", str(tmp_path / "q.pt"), "--data", "digits", "--method", "lsq",
                  "--codebook-grid", "int8", "--out", str(tmp_path / "x.pt")]) == 2

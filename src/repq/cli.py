@@ -352,7 +352,8 @@ def cmd_qat(args: argparse.Namespace) -> None:
     cluster_defaults = {"codebook": "refit", "refit_every": 100, "lloyd_iters": 3, "codebook_grid": "free"}
     options = {o: getattr(args, o) if getattr(args, o) is not None else d for o, d in cluster_defaults.items()}
     config = repq.QATConfig(method=args.method, w_bits=args.w_bits, a_bits=args.a_bits,
-                            edge_bits=args.edge_bits or None, num_samples=args.calib, seed=args.seed, **options)
+                            edge_bits=args.edge_bits or None, num_samples=args.calib, seed=args.seed,
+                            quantize_pool=args.quantize_pool, **options)
     try:
         config.validate()
     except RepqError as err:
@@ -708,6 +709,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--weight-decay", type=nonnegative_float, default=0.0)
     p.add_argument("--no-augment", action="store_true")
     p.add_argument("--calib", type=positive_int, default=32, help="images that initialize the activation steps")
+    p.add_argument("--quantize-pool", action="store_true",
+                   help="also quantize (and train) the global-pool input, so the last conv runs fused in ONNX Runtime")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-steps", type=positive_int, default=None, help="cap steps per epoch (smoke runs)")
     p.add_argument("--out", required=True, help="quantized checkpoint to write")

@@ -22,13 +22,15 @@ from repq.errors import RepqError
 from repq.ptq import check_supported, replace_module
 from repq.quant.calibrators import ACTIVATION_METHODS
 from repq.quant.codebook import assign
-from repq.quant.modules import CodebookConv2d, CodebookLinear, QuantConv2d, QuantLinear
+from repq.quant.modules import (CodebookConv2d, CodebookLinear, QuantConv2d, QuantGlobalAvgPool, QuantLinear,
+                                is_global_avg_pool)
 from repq.quant.primitives import quantize
 from repq.quant.qat_modules import (
     QAT_LAYERS,
     CodebookQuantizer,
     LSQQuantizer,
     QATConv2d,
+    QATGlobalAvgPool,
     QATLinear,
     lsq_weight_quantizer,
 )
@@ -55,6 +57,8 @@ class QATConfig:
     activation_init: str = "mse"        # initial activation steps from this PTQ calibrator
     unsigned_activations: bool = True   # non-negative (post-ReLU) inputs get unsigned codes: one more level bit
     edge_bits: int | None = 8           # first conv and last linear layer at this width (None: same as the rest)
+    quantize_pool: bool = False         # also quantize the global-pool input (at the last layer's width), trained
+                                        # like the others: the last conv then runs fused in ONNX Runtime
     num_samples: int = 32
     seed: int = 0
 
@@ -111,7 +115,16 @@ def prepare_qat(model: nn.Module, config: QATConfig | None = None, calib_data: A
         input_q.name = name
         cls = QATConv2d if isinstance(layer, nn.Conv2d) else QATLinear
         replace_module(fused, name, cls.from_float(layer, weight_q, input_q))
-    fused.repq_qat = {"qat": asdict(config), "bits": {n: list(b) for n, b in bits.items()}}
+    pools = {}
+    if config.quantize_pool:   # the pool feeds the last layer: it takes that layer's activation width
+        pool_bits = bits[names[-1]][1]
+        for name in [n for n, m in fused.named_modules() if is_global_avg_pool(m)]:
+            input_q = LSQQuantizer(pool_bits, signed=True, init=config.activation_init,
+                                   allow_unsigned=config.unsigned_activations).to(next(fused.parameters()).device)
+            input_q.name = name
+            replace_module(fused, name, QATGlobalAvgPool(input_q))
+            pools[name] = pool_bits
+    fused.repq_qat = {"qat": asdict(config), "bits": {n: list(b) for n, b in bits.items()}, "pools": pools}
     if calib_data is not None:
         images = take_images(calib_data, config.num_samples, config.seed)
         if len(images) < config.num_samples:
@@ -184,6 +197,18 @@ def convert_qat(qat_model: nn.Module) -> nn.Module:
         replace_module(model, name, new)
         layers[name] = {**spec, "w_bits": 8 if "codebook_grid" in spec else w_bits, "a_bits": a_bits, "input_scale": float(act.current_step()),
                         "input_signed": act.signed}
+    pools: dict[str, dict[str, Any]] = {}
+    for name, pool in list(model.named_modules()):
+        if isinstance(pool, QATGlobalAvgPool):
+            act = pool.input_quantizer
+            new = QuantGlobalAvgPool(meta["pools"][name]).to(act.step.device)
+            new.input_quantizer.scale.copy_(act.current_step())
+            new.input_quantizer.qmin.copy_(act.qmin)
+            new.input_quantizer.qmax.copy_(act.qmax)
+            new.input_quantizer.name = name
+            replace_module(model, name, new)
+            pools[name] = {"a_bits": meta["pools"][name], "input_scale": float(act.current_step()),
+                           "input_signed": act.signed}
     del model.repq_qat
-    model.repq_quant = {"qat": meta["qat"], "layers": layers, "input_shape": meta.get("input_shape")}
+    model.repq_quant = {"qat": meta["qat"], "layers": layers, "pools": pools, "input_shape": meta.get("input_shape")}
     return model

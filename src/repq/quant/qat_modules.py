@@ -243,6 +243,18 @@ class QATLinear(nn.Linear, QATLayerMixin):
 QAT_LAYERS = (QATConv2d, QATLinear)
 
 
+class QATGlobalAvgPool(nn.Module):
+    """Global average pooling of a fake-quantized input (QATConfig.quantize_pool): the deployed model requantizes
+    the last conv's output, so that conv runs as a fused integer kernel (see QuantGlobalAvgPool)."""
+
+    def __init__(self, input_quantizer: LSQQuantizer):
+        super().__init__()
+        self.input_quantizer = input_quantizer
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.adaptive_avg_pool2d(self.input_quantizer(x), 1)
+
+
 def lsq_weight_quantizer(weight: Tensor, bits: int, init: str = "mse") -> LSQQuantizer:
     """Per-output-channel LSQ weight quantizer (symmetric, narrow range) whose steps start from PTQ's `init`."""
     quantizer = LSQQuantizer(bits, signed=True, channels=weight.shape[0], narrow=True)
