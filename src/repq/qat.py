@@ -153,6 +153,15 @@ def initialize_activations(qat_model: nn.Module, images: torch.Tensor) -> None:
         raise RepqError(f"layers never ran during QAT initialization: {', '.join(missed)}")
 
 
+def _deploy_activation(q, act: LSQQuantizer, name: str) -> dict[str, Any]:
+    """Give the deploy quantizer `q` the trained LSQ step and code range of `act`; returns its metadata."""
+    q.scale.copy_(act.current_step())
+    q.qmin.copy_(act.qmin)
+    q.qmax.copy_(act.qmax)
+    q.name = name
+    return {"input_scale": float(act.current_step()), "input_signed": act.signed}
+
+
 @torch.no_grad()
 def convert_qat(qat_model: nn.Module) -> nn.Module:
     """The deploy model of a QAT model: LSQ layers become integer-code layers (QuantConv2d/QuantLinear), cluster
@@ -189,26 +198,16 @@ def convert_qat(qat_model: nn.Module) -> nn.Module:
             new = (CodebookConv2d if conv else CodebookLinear).from_float(layer, w_bits, a_bits)
             new.set_codebook(assign(layer.weight, wq.codebook), wq.codebook.detach())
             spec = {"coarse": None, "codebook": wq.codebook.numel()}
-        q = new.input_quantizer
-        q.scale.copy_(act.current_step())
-        q.qmin.copy_(act.qmin)
-        q.qmax.copy_(act.qmax)
-        q.name = name
         replace_module(model, name, new)
-        layers[name] = {**spec, "w_bits": 8 if "codebook_grid" in spec else w_bits, "a_bits": a_bits, "input_scale": float(act.current_step()),
-                        "input_signed": act.signed}
+        layers[name] = {**spec, "w_bits": 8 if "codebook_grid" in spec else w_bits, "a_bits": a_bits,
+                        **_deploy_activation(new.input_quantizer, act, name)}
     pools: dict[str, dict[str, Any]] = {}
     for name, pool in list(model.named_modules()):
         if isinstance(pool, QATGlobalAvgPool):
-            act = pool.input_quantizer
-            new = QuantGlobalAvgPool(meta["pools"][name]).to(act.step.device)
-            new.input_quantizer.scale.copy_(act.current_step())
-            new.input_quantizer.qmin.copy_(act.qmin)
-            new.input_quantizer.qmax.copy_(act.qmax)
-            new.input_quantizer.name = name
+            new = QuantGlobalAvgPool(meta["pools"][name]).to(pool.input_quantizer.step.device)
             replace_module(model, name, new)
-            pools[name] = {"a_bits": meta["pools"][name], "input_scale": float(act.current_step()),
-                           "input_signed": act.signed}
+            pools[name] = {"a_bits": meta["pools"][name],
+                           **_deploy_activation(new.input_quantizer, pool.input_quantizer, name)}
     del model.repq_qat
     model.repq_quant = {"qat": meta["qat"], "layers": layers, "pools": pools, "input_shape": meta.get("input_shape")}
     return model
