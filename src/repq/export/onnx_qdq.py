@@ -92,19 +92,25 @@ def _bias_codes(layer: nn.Module) -> tuple[np.ndarray, np.ndarray]:
     return codes.detach().cpu().numpy().astype(np.int32), step.detach().cpu().numpy().astype(np.float32)
 
 
+def _dequantized_operands(g: _GraphBuilder, layer: nn.Module, xq: str, codes: torch.Tensor, scale: torch.Tensor,
+                          name: str, with_bias: bool) -> list[str]:
+    """[input, DQ(int8 weight codes, per-channel scale), DQ(int32 bias codes)]: what a fusable conv/gemm takes."""
+    w_scale = g.const(name + "_w_scale", scale.detach().cpu().numpy().astype(np.float32))
+    w_zero = g.const(name + "_w_zero", np.zeros(scale.numel(), dtype=np.int8))
+    inputs = [xq, g.node("DequantizeLinear", [_weight_codes(g, codes, name), w_scale, w_zero], name + "_w", axis=0)]
+    if with_bias and layer.bias is not None:
+        b_codes, step = _bias_codes(layer)
+        b_args = [g.const(name + "_b", b_codes), g.const(name + "_b_scale", step),
+                  g.const(name + "_b_zero", np.zeros(step.size, dtype=np.int32))]
+        inputs.append(g.node("DequantizeLinear", b_args, name + "_b", axis=0))
+    return inputs
+
+
 def _emit_qdq_layer(g: _GraphBuilder, layer: nn.Module, x: str, base: str) -> str:
     """Q -> DQ -> Conv/Gemm(DQ(int8 W), DQ(int32 b)): ONNX Runtime fuses it into QLinearConv / QGemm."""
     codes, s, z = _quantize_input(g, layer, x, base, signed_as_uint8=isinstance(layer, nn.Conv2d))
     xq = g.node("DequantizeLinear", [codes, s, z], base)
-    w_scale = g.const(base + "_w_scale", layer.weight_scale.detach().cpu().numpy().astype(np.float32))
-    w_zero = g.const(base + "_w_zero", np.zeros(layer.weight_scale.numel(), dtype=np.int8))
-    w = g.node("DequantizeLinear", [_weight_codes(g, layer.weight_codes, base), w_scale, w_zero], base + "_w", axis=0)
-    inputs = [xq, w]
-    if layer.bias is not None:
-        codes, step = _bias_codes(layer)
-        b_args = [g.const(base + "_b", codes), g.const(base + "_b_scale", step),
-                  g.const(base + "_b_zero", np.zeros(step.size, dtype=np.int32))]
-        inputs.append(g.node("DequantizeLinear", b_args, base + "_b", axis=0))
+    inputs = _dequantized_operands(g, layer, xq, layer.weight_codes, layer.weight_scale, base, with_bias=True)
     return _conv_or_gemm(g, layer, inputs, base)
 
 
@@ -151,15 +157,7 @@ def _emit_two_branch(g: _GraphBuilder, layer: QuantConv2d, x: str, base: str) ->
              _conv_attrs(layer, coarse_center=layer.coarse == "center"))):
         name = base + part
         xq = g.node("DequantizeLinear", [codes, s, z], name)
-        w_scale = g.const(name + "_w_scale", w_scale_t.detach().cpu().numpy().astype(np.float32))
-        w_zero = g.const(name + "_w_zero", np.zeros(w_scale_t.numel(), dtype=np.int8))
-        w = g.node("DequantizeLinear", [_weight_codes(g, w_codes, name), w_scale, w_zero], name + "_w", axis=0)
-        inputs = [xq, w]
-        if layer.bias is not None and not part:
-            b_codes, step = _bias_codes(layer)
-            b_args = [g.const(name + "_b", b_codes), g.const(name + "_b_scale", step),
-                      g.const(name + "_b_zero", np.zeros(step.size, dtype=np.int32))]
-            inputs.append(g.node("DequantizeLinear", b_args, name + "_b", axis=0))
+        inputs = _dequantized_operands(g, layer, xq, w_codes, w_scale_t, name, with_bias=not part)   # bias: fine
         acc = g.node("Conv", inputs, name, **attrs)
         if not part and layer.branch_layout == "residual":
             outs.append(acc)
