@@ -497,9 +497,9 @@ def cmd_export(args: argparse.Namespace) -> None:
             human += (f"\nClusterQAT indices + codebooks: {codebook_path(target)} (ONNX Runtime runs these layers "
                       "as float convs on the looked-up weights)")
         if result["kernels"].get("ConvInteger"):
-            human += ("\nnote: ConvInteger convs (CFWS layers, or outputs that are not requantized) run the "
+            human += ("\nnote: ConvInteger convs (exact CFWS layers, or outputs that are not requantized) run the "
                       "simulation's integer arithmetic but slower than QLinearConv in ONNX Runtime; `repq ptq "
-                      "--quantize-pool` with a non-CFWS weight method fuses every conv")
+                      "--cfws-deploy two-branch --quantize-pool` fuses every conv (docs/results/cfws_deploy.md)")
         failure = None
         if args.verify:
             v = result["verify"] = verify_against_simulation(model, path, test_ds, batch_size=args.batch_size,
