@@ -15,8 +15,8 @@ from pathlib import Path
 
 import torch
 
-from common import machine, repq, write_result
-from repq.export import export_onnx, integer_kernels
+from common import kernel_counts, machine, repq, write_result
+from repq.export import export_onnx
 from repq.export.bench import throughput
 
 RECIPES = {"CFWS exact": {"cfws_deploy": "exact"}, "CFWS two-branch": {"cfws_deploy": "two_branch"},
@@ -41,8 +41,8 @@ def main() -> None:
         paths[label] = export_onnx(q, tmp / f"{label.replace(' ', '_').replace('/', '_')}.onnx", calib[:1])
     rows = {}
     for label, path in paths.items():
-        kernels = integer_kernels(path)
-        rows[label] = {"kernels": {k: kernels.get(k, 0) for k in ("QLinearConv", "QLinearAdd", "ConvInteger")},
+        kernels = kernel_counts(path)
+        rows[label] = {"kernels": {k: kernels[k] for k in ("QLinearConv", "QLinearAdd", "ConvInteger")},
                        "images_per_s": {b: throughput(path, [3, size, size], b, seconds, threads=2) for b in (64, 1)}}
         print(label, rows[label], flush=True)
     cmd = "python benchmarks/cfws_deploy_224.py" + (" --quick" if args.quick else "")
@@ -52,7 +52,7 @@ def main() -> None:
              "| model | kernels | images/s b=64 | images/s b=1 | b=64 vs FP32 | b=64 vs min-max |", "|---|" + "---|" * 5]
     mm = rows["min-max/channel + percentile"]["images_per_s"]
     for label, r in rows.items():
-        k = ", ".join(f"{n} {v}" for v, n in ((r["kernels"][n], n) for n in r["kernels"]) if v) or "float"
+        k = ", ".join(f"{n} {v}" for n, v in r["kernels"].items() if v) or "float"
         s = r["images_per_s"]
         lines.append(f"| {label} | {k} | {s[64]:.1f} | {s[1]:.1f} | {s[64] / rows['FP32']['images_per_s'][64]:.2f}x | "
                      f"{s[64] / mm[64]:.2f}x |")

@@ -16,20 +16,13 @@ import argparse
 import tempfile
 from pathlib import Path
 
-from common import machine, repq, write_result
-from repq.export import export_onnx, integer_kernels, verify_against_simulation
+from common import kernel_counts, machine, repq, write_result
+from repq.export import export_onnx, verify_against_simulation
 from repq.export.bench import throughput
 from zoo import select, zoo, zoo_checkpoint
 
 RECIPES = {"cfws exact": {"cfws_deploy": "exact"}, "cfws two-branch": {"cfws_deploy": "two_branch"},
            "minmax/channel + percentile": {"weight": "minmax", "activation": "percentile", "bias_correction": False}}
-
-
-def kernels(path: Path) -> dict[str, int]:
-    k = integer_kernels(path)
-    return {"QLinearConv": k.get("QLinearConv", 0), "ConvInteger": k.get("ConvInteger", 0),
-            "QLinearAdd": k.get("QLinearAdd", 0),
-            "float_convs": sum(k.get(op, 0) for op in ("Conv", "FusedConv", "NchwcConv"))}
 
 
 def main() -> None:
@@ -68,7 +61,7 @@ def main() -> None:
             row["speed"][label] = {b: throughput(path, shape, b, seconds, threads=2) for b in (64, 1)}
             if label == "cfws two-branch":
                 row["verify"] = verify_against_simulation(q, path, test_ds)
-                row["kernels"] = kernels(path)
+                row["kernels"] = kernel_counts(path)
         print(row, flush=True)
         rows.append(row)
 

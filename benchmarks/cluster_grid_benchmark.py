@@ -17,8 +17,8 @@ from pathlib import Path
 
 import torch
 
-from common import machine, repq, write_result
-from repq.export import export_onnx, integer_kernels, verify_against_simulation
+from common import kernel_counts, machine, repq, write_result
+from repq.export import export_onnx, verify_against_simulation
 from repq.export.bench import throughput
 from zoo import zoo, zoo_checkpoint
 
@@ -53,11 +53,10 @@ def main() -> None:
             q = repq.convert_qat(qat)
             path = export_onnx(q, tmp / f"w{w_bits}a{a_bits}_{grid}.onnx", calib[:1])
             check = verify_against_simulation(q, path, test_ds)
-            kernels = integer_kernels(path)
+            kernels = kernel_counts(path)
             rows.append({"bits": f"W{w_bits}A{a_bits}", "codebook": grid, "top1_sim": check["top1_repq"],
                          "top1_ort": check["top1_onnxruntime"], "agreement": check["argmax_agreement"],
-                         "QLinearConv": kernels.get("QLinearConv", 0), "ConvInteger": kernels.get("ConvInteger", 0),
-                         "float_convs": sum(kernels.get(op, 0) for op in ("Conv", "FusedConv", "NchwcConv")),
+                         **{k: kernels[k] for k in ("QLinearConv", "ConvInteger", "float_convs")},
                          "images_per_s": throughput(path, list(calib.shape[1:]), 64, seconds, threads=2)})
             print(rows[-1], flush=True)
     cmd = "python benchmarks/cluster_grid_benchmark.py" + (" --quick" if args.quick else "")

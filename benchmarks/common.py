@@ -69,6 +69,16 @@ def reference_checkpoint(quick: bool = False, progress: bool = True, oabn: str |
     return path
 
 
+def kernel_counts(path: Path) -> dict[str, int]:
+    """Convs and adds of ONNX Runtime's optimized graph: fused integer convs (QLinearConv), unfused integer convs
+    (ConvInteger + float epilogue), integer adds (QLinearAdd) and float convs."""
+    from repq.export import integer_kernels
+    k = integer_kernels(path)
+    return {"QLinearConv": k.get("QLinearConv", 0), "ConvInteger": k.get("ConvInteger", 0),
+            "QLinearAdd": k.get("QLinearAdd", 0),
+            "float_convs": sum(k.get(op, 0) for op in ("Conv", "FusedConv", "NchwcConv"))}
+
+
 def write_result(name: str, markdown: str, data: dict) -> None:
     """docs/results/NAME.md (table + command + machine) and NAME.json, written atomically."""
     atomic_write_text(RESULTS / f"{name}.md", markdown)

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
-from common import QUICK_REFERENCE, REFERENCE, machine, reference_checkpoint, repq, write_result
-from repq.export import export_onnx, integer_kernels, run_onnx, top1, verify_against_simulation
+from common import QUICK_REFERENCE, REFERENCE, kernel_counts, machine, reference_checkpoint, repq, write_result
+from repq.export import export_onnx, run_onnx, top1, verify_against_simulation
 
 # repq rows: (label, PTQConfig options on top of uint8 activations and a quantized pool input). The first row keeps
 # the pool input in float, the layout before `quantize_pool`: its last conv cannot be fused (ConvInteger).
@@ -53,9 +53,8 @@ def throughput(path: Path, images: np.ndarray, batch: int, seconds: float) -> fl
 def conv_kernels(path: Path) -> dict[str, int]:
     """Fused integer convs, unfused integer convs (ConvInteger + float epilogue) and float convs of ORT's
     optimized graph."""
-    kernels = integer_kernels(path)
-    return {"QLinearConv": kernels.get("QLinearConv", 0), "ConvInteger": kernels.get("ConvInteger", 0),
-            "float_convs": sum(kernels.get(op, 0) for op in ("Conv", "FusedConv", "NchwcConv"))}
+    counts = kernel_counts(path)
+    return {k: counts[k] for k in ("QLinearConv", "ConvInteger", "float_convs")}
 
 
 def ort_quantize_static(fp_path: Path, out: Path, calib: np.ndarray, method: str) -> Path:

@@ -3,6 +3,7 @@ standard ImageNet transforms. Memory is bounded by batch size x workers, whateve
 paths live in one numpy byte array so forked workers do not copy them page by page."""
 from __future__ import annotations
 
+import copy
 import os
 import random
 from pathlib import Path
@@ -141,8 +142,7 @@ class StreamingImageDataset:
         if limit >= len(self):
             return self
         keep = np.sort(torch.randperm(len(self), generator=torch.Generator().manual_seed(seed))[:limit].numpy())
-        out = object.__new__(StreamingImageDataset)
-        out.__dict__.update(self.__dict__)
+        out = copy.copy(self)
         out.paths, out.label_array, out.skipped = self.paths[keep], self.label_array[keep], set()
         return out
 
