@@ -16,6 +16,7 @@ from repq.cli_checks import (CheckFailed, OneLineParser, bit_width, channel_valu
                              check_input_file, check_output_file, check_output_folder, crop_fraction, data_meta,
                              fraction, image_size, nonnegative_float, nonnegative_int, positive_float, positive_int,
                              resolve_device)
+from repq import cli_detect
 from repq.errors import RepqError
 from repq.tables import format_table
 
@@ -131,14 +132,24 @@ def cmd_train(args: argparse.Namespace) -> None:
         opts = {o: getattr(args, o) if getattr(args, o) is not None else defaults[o] for o in _OABN_OPTIONS}
         extra["oabn"] = {"branches": opts["oabn_branches"], "rule": opts["oabn_rule"], "tau": opts["oabn_tau"],
                          "k": opts["oabn_k"]}
-    with torch.device("meta"):   # the options are checked on a model that allocates nothing
-        _build_model(args.model, num_classes=2, in_chans=1, small_input=args.small_input,
-                     width_scale=args.width_scale, **extra)
+    detect = cli_detect.task_of(args, model_name=args.model) == "detect"
+    args.lr = args.lr if args.lr is not None else (0.02 if detect else 0.1)
+    args.batch_size = args.batch_size or (32 if detect else 128)
+    args.weight_decay = args.weight_decay if args.weight_decay is not None else (5e-4 if detect else 1e-4)
+    if not detect:
+        with torch.device("meta"):   # the options are checked on a model that allocates nothing
+            _build_model(args.model, num_classes=2, in_chans=1, small_input=args.small_input,
+                         width_scale=args.width_scale, **extra)
     if args.resume:
         done = (read_checkpoint(args.resume).get("train_state") or {}).get("epoch")
         if done is not None and done >= args.epochs:
             raise RepqError(f"--resume {args.resume} already has {done} epochs; give --epochs above {done} to "
                             "train further")
+    if detect:
+        out = cli_detect.train(args, extra, device)
+        if out:
+            _emit(args, out["result"], out["human"])
+        return
     train_ds = _load_data(args, "train")
     test_ds = _load_data(args, "test")
     torch.manual_seed(args.seed)  # the initialization is part of the seeded run
@@ -262,6 +273,15 @@ def cmd_ptq(args: argparse.Namespace) -> None:
         model = model.to(device)
         if payload.get("quant"):
             raise RepqError(f"{args.checkpoint} is already quantized; pass the float checkpoint from `repq train`")
+        if cli_detect.task_of(args, payload["model"]) == "detect":
+            out = cli_detect.ptq(args, model, payload, grid, configs, device)
+            _emit(args, out["result"], out["human"])
+            return
+    elif cli_detect.task_of(args) == "detect":
+        raise RepqError("--timm builds classifiers; detectors come from `repq train --model yolov6_n`")
+    if args.sensitivity or args.keep_sensitive:
+        raise RepqError("--sensitivity and --keep-sensitive rank layers by mAP; they apply to detectors (for "
+                        "classifiers, keep layers in float with --skip-layers)")
     train_ds = _load_data(args, "train", payload)
     test_ds = _load_data(args, "test", payload)
     if args.timm:
@@ -363,6 +383,11 @@ def cmd_qat(args: argparse.Namespace) -> None:
     if payload.get("quant"):
         raise RepqError(f"{args.checkpoint} is already quantized; pass the float checkpoint from `repq train`")
     model = model.to(device)
+    if cli_detect.task_of(args, payload["model"]) == "detect":
+        out = cli_detect.qat(args, model, payload, config, device)
+        if out:
+            _emit(args, out["result"], out["human"])
+        return
     train_ds = _load_data(args, "train", payload)
     test_ds = _load_data(args, "test", payload)
     _check_data(payload, train_ds, args.allow_data_mismatch)
@@ -430,6 +455,16 @@ def cmd_eval(args: argparse.Namespace) -> None:
     device = resolve_device(args.device)
     model, payload = repq.load_checkpoint(args.checkpoint)
     model = model.to(device)
+    if cli_detect.task_of(args, payload["model"]) == "detect":
+        if args.min_top1 is not None:
+            raise RepqError("--min-top1 gates classifiers; for a detector use --min-map")
+        out = cli_detect.evaluate(args, model, payload, device)
+        _emit(args, out["result"], out["human"])
+        if args.min_map is not None and not out["gate"] >= args.min_map:
+            raise CheckFailed(f"--min-map: mAP@0.5:0.95 {out['gate']:.2f} is below {args.min_map:.2f}")
+        return
+    if args.min_map is not None:
+        raise RepqError("--min-map gates detectors; for a classifier use --min-top1")
     test_ds = _load_data(args, "test", payload)
     _check_data(payload, test_ds, args.allow_data_mismatch)
     progress = not args.json
@@ -475,7 +510,12 @@ def cmd_export(args: argparse.Namespace) -> None:
     if args.bench and args.fp:
         raise RepqError("--bench compares a quantized model with its FP32 twin; drop --fp (or --bench)")
     test_ds = None
-    if data_spec:
+    detect = cli_detect.task_of(args, payload["model"]) == "detect"
+    if data_spec and detect:
+        test_ds = cli_detect.load_detection_data(args, "test", payload, data_spec)
+        cli_detect.check_detection_data(payload, test_ds, args.allow_data_mismatch)
+        example = test_ds.head(1)[0]
+    elif data_spec:
         test_ds = _load_data(args, "test", payload, data_spec)
         _check_data(payload, test_ds, args.allow_data_mismatch)
         example = test_ds.head(1)[0]
@@ -501,7 +541,15 @@ def cmd_export(args: argparse.Namespace) -> None:
                       "simulation's integer arithmetic but slower than QLinearConv in ONNX Runtime; `repq ptq "
                       "--cfws-deploy two-branch --quantize-pool` fuses every conv (docs/results/cfws_deploy.md)")
         failure = None
-        if args.verify:
+        if args.verify and detect:
+            v = result["verify"] = cli_detect.verify(model, path, test_ds, args.batch_size, progress=not args.json)
+            human += ("\n" + format_table(["runtime", "mAP@0.5:0.95", "mAP@0.5"],
+                                          [["repq simulation", v["map_repq"], v["map50_repq"]],
+                                           ["ONNX Runtime", v["map_onnxruntime"], v["map50_onnxruntime"]]])
+                      + f"\nmax |output difference| {v['max_output_diff']:.4g} (outputs up to "
+                      f"{v['output_scale']:.3g}) on the first {min(v['n'], 256)} of {v['n']} images")
+            failure = cli_detect.verify_failure(v, args.max_map_diff)
+        elif args.verify:
             v = result["verify"] = verify_against_simulation(model, path, test_ds, batch_size=args.batch_size,
                                                              progress=not args.json)
             human += ("\n" + format_table(["runtime", "top-1"], [["repq simulation", v["top1_repq"]],
@@ -560,11 +608,19 @@ def cmd_analyze(args: argparse.Namespace) -> None:
     data_spec = args.data or payload.get("data")
     if not data_spec:
         raise RepqError("give --data: the analysis runs the model on calibration images")
-    train_ds = _load_data(args, "train", payload, data_spec)
-    _check_data(payload, train_ds, args.allow_data_mismatch)
+    detect = cli_detect.task_of(args, payload["model"]) == "detect"
+    if detect:
+        train_ds = cli_detect.load_detection_data(args, "train", payload, data_spec)
+        cli_detect.check_detection_data(payload, train_ds, args.allow_data_mismatch)
+    else:
+        train_ds = _load_data(args, "train", payload, data_spec)
+        _check_data(payload, train_ds, args.allow_data_mismatch)
     images = train_ds.calibration_images(args.calib, args.seed).to(device)
     eval_data = None
-    if not args.no_clipping:
+    if detect and not args.no_clipping:
+        print("note: the clipping sensitivity measures top-1; for a detector it is skipped (rank layers by mAP "
+              "with `repq ptq --sensitivity`)", file=sys.stderr)
+    elif not args.no_clipping:
         args.eval_limit = args.eval_limit or 1000
         eval_data = _load_data(args, "test", payload, data_spec)
     result = analyze(model, images, args.out, eval_data=eval_data, bits=args.bits, progress=not args.json)
@@ -606,9 +662,13 @@ def _common(p: argparse.ArgumentParser, writes: bool = True) -> None:
 def _data_args(p: argparse.ArgumentParser, required: bool = True, eval_batch: bool = True) -> None:
     p.add_argument("--data", required=required,
                    help="fashion-mnist[:FOLDER] | digits | cifar10:PATH (in memory) | imagefolder:PATH (train/, "
-                        "val/) | filelist:PATH (train.txt, val.txt: 'path LABEL' lines) (streamed from disk)")
+                        "val/) | filelist:PATH (train.txt, val.txt: 'path LABEL' lines) (streamed from disk); "
+                        "detection: fashion-mnist-det | digits-det (composed scenes) | coco:DIR | yolo:DIR")
+    p.add_argument("--task", default="auto", choices=["auto", "classify", "detect"],
+                   help="auto: inferred from --data and the model (a detector checkpoint or --model yolov6_*)")
     p.add_argument("--image-size", type=image_size, default=None,
-                   help="imagefolder/filelist: model input side (default: what the checkpoint recorded, else 224)")
+                   help="imagefolder/filelist: model input side (default: what the checkpoint recorded, else 224); "
+                        "detection: the letterbox / scene side (default: recorded, else 320 for coco/yolo)")
     p.add_argument("--crop-pct", type=crop_fraction, default=None,
                    help="imagefolder/filelist evaluation: resize the shorter side to image-size / crop-pct, then "
                         "center-crop (default 0.875: 256 -> 224)")
@@ -660,9 +720,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default="repvgg_a0", help="a name from `repq models`")
     _data_args(p, eval_batch=False)
     p.add_argument("--epochs", type=positive_int, default=5)
-    p.add_argument("--batch-size", type=positive_int, default=128)
-    p.add_argument("--lr", type=positive_float, default=0.1)
-    p.add_argument("--weight-decay", type=nonnegative_float, default=1e-4)
+    p.add_argument("--batch-size", type=positive_int, default=None, help="default 128; detectors 32")
+    p.add_argument("--lr", type=positive_float, default=None, help="default 0.1; detectors 0.02")
+    p.add_argument("--weight-decay", type=nonnegative_float, default=None, help="default 1e-4; detectors 5e-4")
     p.add_argument("--label-smoothing", type=fraction, default=0.0)
     p.add_argument("--warmup-epochs", type=nonnegative_float, default=0.0)
     p.add_argument("--no-augment", action="store_true", help="no random crop / flip")
@@ -754,6 +814,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--skip-layers", default="",
                    help="comma list of layers of the fused model to keep in float (names or patterns, e.g. "
                         "'linear' or 'stage4.*')")
+    p.add_argument("--sensitivity", action="store_true",
+                   help="detectors: quantize one layer at a time and rank the layers by mAP loss")
+    p.add_argument("--keep-sensitive", type=positive_int, default=None,
+                   help="detectors: partial quantization, keep the K most sensitive layers in float")
+    p.add_argument("--sensitivity-images", type=positive_int, default=200,
+                   help="val images for each sensitivity measurement")
     p.add_argument("--compare", action="store_true", help="run the grid of the listed options, print one table")
     p.add_argument("--out", default=None, help="quantized checkpoint to write")
     _device_args(p)
@@ -765,6 +831,8 @@ def build_parser() -> argparse.ArgumentParser:
     _data_args(p)
     p.add_argument("--min-top1", type=float, default=None, help="exit with code 1 if top-1 is below this (CI gate; "
                    "with --runtime ort, the ONNX Runtime top-1)")
+    p.add_argument("--min-map", type=float, default=None, help="detectors: exit with code 1 if mAP@0.5:0.95 is "
+                   "below this")
     p.add_argument("--runtime", default="sim", choices=["sim", "ort"],
                    help="sim: repq's own forward (the integer simulation); ort: also export to ONNX and evaluate "
                         "in ONNX Runtime (integer kernels), with images/s")
@@ -783,6 +851,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="report the ONNX Runtime kernel of every quantized layer and the images/s of the model vs "
                         "its FP32 twin at batch 64 and 1")
     p.add_argument("--bench-seconds", type=positive_float, default=3.0, help="--bench: timing per measurement")
+    p.add_argument("--max-map-diff", type=nonnegative_float, default=0.1,
+                   help="--verify on a detector: the largest mAP@0.5:0.95 difference allowed between ONNX Runtime "
+                        "and the simulation")
     p.add_argument("--min-agreement", type=float, default=99.0,
                    help="--verify: the share of images (%%) on which both must predict the same class")
     _data_args(p, required=False)

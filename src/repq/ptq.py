@@ -265,6 +265,7 @@ def quantize(model: nn.Module, calib_data: Any, config: PTQConfig | None = None)
         first = _calibrate(fused, images, config)
         methods = {n: config.activation for n in swapped if n != first}
     shifts = correct_bias(fused, images) if config.bias_correction else None
+    widened = fit_biases(swapped)
     if config.cfws_deploy != "exact":   # after the bias is final: the fine branch's range includes it
         for name, layer in swapped.items():
             if isinstance(layer, QuantConv2d) and layer.coarse is not None:
@@ -277,8 +278,21 @@ def quantize(model: nn.Module, calib_data: Any, config: PTQConfig | None = None)
                                                           calibrator=methods.get(name, config.input_activation))
     fused.repq_quant = {"ptq": asdict(config), "layers": layers, "pools": pools, "calibration_images": len(images),
                         "input_shape": list(images.shape[1:]), "auto": auto_record, "bias_correction": shifts,
-                        "fusion": fusion_summary(fusion), "float_layers": sorted(keep_float)}
+                        "fusion": fusion_summary(fusion), "float_layers": sorted(keep_float),
+                        "bias_grid_widened": widened}
     return fused.eval()
+
+
+def fit_biases(layers: dict[str, nn.Module]) -> dict[str, int]:
+    """Layer name -> channels whose weight scale was widened so the bias fits the int32 grid (see
+    QuantWeightMixin.fit_bias_to_int32); only layers where that happened."""
+    widened = {}
+    for name, layer in layers.items():
+        if isinstance(layer, (QuantConv2d, QuantLinear)):
+            count = layer.fit_bias_to_int32()
+            if count:
+                widened[name] = count
+    return widened
 
 
 @torch.no_grad()

@@ -19,7 +19,7 @@ from torch import nn
 
 from repq.data.batches import take_images
 from repq.errors import RepqError
-from repq.ptq import check_supported, replace_module
+from repq.ptq import check_supported, fit_biases, replace_module
 from repq.quant.calibrators import ACTIVATION_METHODS
 from repq.quant.codebook import assign
 from repq.quant.modules import (CodebookConv2d, CodebookLinear, QuantConv2d, QuantGlobalAvgPool, QuantLinear,
@@ -208,6 +208,8 @@ def convert_qat(qat_model: nn.Module) -> nn.Module:
             replace_module(model, name, new)
             pools[name] = {"a_bits": meta["pools"][name],
                            **_deploy_activation(new.input_quantizer, pool.input_quantizer, name)}
+    widened = fit_biases({n: model.get_submodule(n) for n in layers})
     del model.repq_qat
-    model.repq_quant = {"qat": meta["qat"], "layers": layers, "pools": pools, "input_shape": meta.get("input_shape")}
+    model.repq_quant = {"qat": meta["qat"], "layers": layers, "pools": pools, "input_shape": meta.get("input_shape"),
+                        "bias_grid_widened": widened}
     return model

@@ -89,7 +89,11 @@ def _weight_codes(g: _GraphBuilder, codes: torch.Tensor, base: str) -> str:
 def _bias_codes(layer: nn.Module) -> tuple[np.ndarray, np.ndarray]:
     """The layer's int32 bias codes and their scale, exactly as the simulation uses them."""
     codes, step = layer.bias_codes()
-    return codes.detach().cpu().numpy().astype(np.int32), step.detach().cpu().numpy().astype(np.float32)
+    codes = codes.detach().cpu().double().numpy()   # float64: 2^31 - 1 is not a float32, and a cast must not wrap
+    if np.abs(codes).max(initial=0) > np.iinfo(np.int32).max:
+        raise RepqError(f"'{layer.input_quantizer.name}': bias codes beyond int32; requantize the model with this "
+                        "repq version (it widens such channels' weight scales)")
+    return codes.astype(np.int32), step.detach().cpu().numpy().astype(np.float32)
 
 
 def _dequantized_operands(g: _GraphBuilder, layer: nn.Module, xq: str, codes: torch.Tensor, scale: torch.Tensor,

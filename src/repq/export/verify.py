@@ -31,11 +31,14 @@ class OnnxRuntimeModel:
 
     def __init__(self, path: str | os.PathLike, threads: int | None = None) -> None:
         self.session = _session(path, threads=threads)
+        self.outputs = [o.name for o in self.session.get_outputs()]
 
     def __call__(self, images):
+        """The logits tensor of a one-output model; a tuple of tensors for several outputs (a detector's levels)."""
         import torch
         array = images.detach().cpu().numpy().astype(np.float32, copy=False)
-        return torch.from_numpy(self.session.run(["logits"], {"input": array})[0])
+        outs = [torch.from_numpy(o) for o in self.session.run(self.outputs, {"input": array})]
+        return outs[0] if len(outs) == 1 else tuple(outs)
 
 
 def run_onnx(path: str | os.PathLike, images: np.ndarray, batch_size: int = 256) -> np.ndarray:

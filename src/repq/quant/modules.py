@@ -140,6 +140,32 @@ class QuantWeightMixin:
         codes, step = self.bias_codes()
         return codes * step
 
+    @torch.no_grad()
+    def fit_bias_to_int32(self, headroom: float = 0.5) -> int:
+        """Widen the (fine) weight scale of the channels whose bias would not fit the int32 grid, and requantize
+        their weight codes; returns how many channels changed. The bias step is input scale x weight scale, so a
+        channel whose weights are all near zero (a dead or barely trained filter) gets a step so small that its
+        bias codes pass 2^31 and would saturate, or wrap in an int32 cast. ONNX Runtime's quantizer makes the
+        same adjustment; `headroom` keeps the codes below half the int32 range for the accumulator's sake.
+        A channel whose weight codes are all zero has a free scale: it gets exactly that smallest one, so its
+        bias (all the channel outputs) is kept to about 1e-9 instead of to half an input-scale step."""
+        if self.bias is None or self.use_float_weight or max(self.w_bits, self.input_quantizer.bits) > 8:
+            return 0
+        needed = self.bias.detach().abs() / (self.input_quantizer.scale * headroom * _INT32_MAX)
+        dead = (self.weight_codes.flatten(1) == 0).all(1)
+        if self.coarse is not None:
+            dead &= (self.coarse_codes.flatten(1) == 0).all(1)
+        widen = (needed > self.weight_scale) | (dead & (needed > 0) & (needed != self.weight_scale))
+        if not widen.any():
+            return 0
+        shape = [-1] + [1] * (self.weight.dim() - 1)
+        fine = self.weight_codes.float() * self.weight_scale.reshape(shape)
+        limit = int(self.weight_codes.abs().max().clamp(min=2 ** (self.w_bits - 1) - 1))
+        self.weight_scale.copy_(torch.where(widen, needed, self.weight_scale))
+        codes = torch.clamp(torch.round(fine / self.weight_scale.reshape(shape)), -limit, limit).to(torch.int32)
+        self.weight_codes.copy_(torch.where(widen.reshape(shape), codes, self.weight_codes))
+        return int(widen.sum())
+
 
 def conv_like(cls: type[nn.Conv2d], conv: nn.Conv2d) -> nn.Conv2d:
     """An uninitialized `cls` with `conv`'s geometry (quantized and QAT twins); numeric zero padding only."""

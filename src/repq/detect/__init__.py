@@ -1,0 +1,1 @@
+"""Detection: box geometry, task-aligned assignment, the YOLOv6 loss, training, COCO mAP evaluation."""
