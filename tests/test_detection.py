@@ -2,9 +2,11 @@
 composed data and the COCO / YOLO readers; a tiny detector that learns, quantizes and runs in ONNX Runtime."""
 from __future__ import annotations
 
-import itertools
 import json
 import math
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -389,3 +391,16 @@ def test_cli_detection_mistakes_are_one_line_errors(tmp_path, capsys, detect_dat
     (bad / "annotations" / "instances_train.json").write_text("{oops")
     code, _, err = _cli(capsys, "train", "--model", "yolov6_pico", "--data", f"coco:{bad}", "--out", tmp_path / "a.pt")
     assert code == 2 and "instances_train.json" in err and err.count("\n") == 1
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes_train_a_detector(tmp_path, detect_dataset):
+    out = tmp_path / "ddp.pt"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29537", "-m",
+           "repq.cli", "train", "--model", "yolov6_pico", "--data", f"coco:{detect_dataset}", "--image-size", "64",
+           "--epochs", "1", "--max-steps", "2", "--batch-size", "8", "--out", str(out), "--json"]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert out.exists() and len(list(tmp_path.glob("*.pt"))) == 1
+    assert len(repq.checkpoint.read_checkpoint(out)["train_state"]["history"]["loss"]) == 2

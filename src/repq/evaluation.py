@@ -16,7 +16,11 @@ from repq.errors import RepqError
 def evaluate(model: nn.Module | Callable[[Tensor], Tensor], data: Any, batch_size: int = 256,
              progress: bool = False) -> dict[str, float]:
     """{"top1": %, "top5": %, "n": images, "seconds": wall time, "model_seconds": time in the forward passes,
-    "images_per_s": n / model_seconds}; `data` yields (images, labels) (a DataLoader, a dataset, a pair)."""
+    "images_per_s": n / model_seconds}; `data` yields (images, labels) (a DataLoader, a dataset, a pair). On a
+    DetectionDataset it returns the detector's COCO {"map", "map50", ...} (repq.detect.evaluate_detection)."""
+    if getattr(data, "task", None) == "detect":   # a DetectionDataset: COCO mAP instead of top-k
+        from repq.detect.training import evaluate_detection
+        return evaluate_detection(model, data, min(batch_size, 32), progress)
     is_module = isinstance(model, nn.Module)
     was_training = model.training if is_module else False
     first = next(model.parameters(), None) if is_module else None  # converted models may have no parameters

@@ -69,6 +69,9 @@ def train(model: nn.Module, data: ImageDataset | StreamingImageDataset, config: 
           checkpoint_extra: dict[str, Any] | None = None) -> dict[str, Any]:
     """Train `model` in place; returns the history (per-step loss, per-epoch accuracy, seconds). With `out`, a
     resumable checkpoint (plus the `checkpoint_extra` entries) is written after every epoch."""
+    if getattr(data, "task", None) == "detect":
+        raise RepqError("repq.train trains classifiers; train a detector with repq.train_detector(model, data, "
+                        "repq.DetectTrainConfig(...))")
     config = config or TrainConfig()
     if config.epochs < 1 or config.batch_size < 1:
         raise RepqError(f"epochs and batch size must be at least 1 (got {config.epochs} and {config.batch_size})")
