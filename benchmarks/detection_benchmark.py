@@ -25,6 +25,7 @@ import torch
 
 from common import CACHE, machine, repq, write_result
 from detection_common import DETECTORS, QUICK, detector_checkpoint
+from export_benchmark import ort_quantize_static
 from repq.data.detection import load_detection
 from repq.detect.training import DetectTrainConfig, evaluate_detection, train_detector
 from repq.io import atomic_write_text
@@ -67,24 +68,6 @@ class Rows:
             print(f"{key}: " + ", ".join(f"{k} {v:.2f}" for k, v in value.items() if isinstance(v, float)),
                   flush=True)
         return self.rows[key]
-
-
-def ort_static(fp_onnx: Path, out: Path, calib, method: str) -> Path:
-    """ONNX Runtime's own PTQ on the float export: QDQ, per-channel int8 weights, uint8 activations."""
-    from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType,
-                                          quantize_static)
-
-    class Reader(CalibrationDataReader):
-        def __init__(self):
-            self.items = iter([{"input": calib[i:i + 1].numpy()} for i in range(len(calib))])
-
-        def get_next(self):
-            return next(self.items, None)
-
-    quantize_static(str(fp_onnx), str(out), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
-                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                    calibrate_method=getattr(CalibrationMethod, method))
-    return out
 
 
 def metrics(m: dict) -> dict:
@@ -150,8 +133,8 @@ def measure(rows: Rows, name: str, seeds, quick: bool, skip_qat: bool) -> None:
         for method in ORT_METHODS if not quick else ("MinMax",):
             for seed in seeds:
                 def run(method=method, seed=seed):
-                    out = ort_static(fp_onnx, tmp / f"ort_{method}_{seed}.onnx", train.calibration_images(32, seed),
-                                     method)
+                    out = ort_quantize_static(fp_onnx, tmp / f"ort_{method}_{seed}.onnx",
+                                              train.calibration_images(32, seed).numpy(), method)
                     return metrics(evaluate_detection(OnnxRuntimeModel(out), val))
                 rows.get(f"{name}|W8A8|ORT quantize_static {method}|{seed}", run)
         for deploy in ("exact", "two_branch"):

@@ -64,6 +64,69 @@ def distributed_context(device: torch.device | None = None) -> tuple[int, int]:
     return 0, 1
 
 
+@dataclass
+class TrainingRun:
+    """What both training loops (classifier and detector) set up the same way: the SGD optimizer, the step
+    schedule, the resumed state, mixed precision, DDP, and the per-epoch progress bar."""
+    device: torch.device
+    rank: int
+    world: int
+    optimizer: torch.optim.Optimizer
+    steps_per_epoch: int
+    total_steps: int
+    warmup: int
+    history: dict[str, Any]
+    start_epoch: int
+    resumed: dict[str, Any] | None
+    use_amp: bool
+    amp_dtype: torch.dtype
+    scaler: torch.amp.GradScaler
+    net: nn.Module
+
+    @classmethod
+    def start(cls, model: nn.Module, data_len: int, config: Any, resume: str | None, nesterov: bool
+              ) -> "TrainingRun":
+        if config.epochs < 1 or config.batch_size < 1:
+            raise RepqError(f"epochs and batch size must be at least 1 (got {config.epochs} and "
+                            f"{config.batch_size})")
+        if config.amp not in (None, "bf16", "fp16"):
+            raise RepqError(f"amp must be None, 'bf16' or 'fp16', not {config.amp!r}")
+        device = next(model.parameters()).device          # batches follow the model (repq train --device)
+        rank, world = distributed_context(device)
+        torch.manual_seed(config.seed)
+        optimizer = torch.optim.SGD(_param_groups(model, config.weight_decay), lr=config.lr,
+                                    momentum=config.momentum, nesterov=nesterov)
+        steps_per_epoch = math.ceil(data_len // world / config.batch_size)
+        if config.max_steps_per_epoch:
+            steps_per_epoch = min(steps_per_epoch, config.max_steps_per_epoch)
+        history: dict[str, Any] = {"loss": [], "epochs": [], "seconds": 0.0}
+        start_epoch, resumed = 0, None
+        if resume:
+            state = read_checkpoint(resume)
+            if "train_state" not in state:
+                raise RepqError(f"{resume} has no training state to resume from (it is a {state['kind']} "
+                                "checkpoint)")
+            load_into(model, resume, state)  # one-line error when the architecture or class count differs
+            resumed = state["train_state"]
+            optimizer.load_state_dict(resumed["optimizer"])
+            history, start_epoch = resumed["history"], resumed["epoch"]
+        use_amp = config.amp is not None and device.type == "cuda"
+        net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda"
+                                                  else None) if world > 1 else model
+        return cls(device, rank, world, optimizer, steps_per_epoch, steps_per_epoch * config.epochs,
+                   int(config.warmup_epochs * steps_per_epoch), history, start_epoch, resumed, use_amp,
+                   torch.bfloat16 if config.amp == "bf16" else torch.float16,
+                   torch.amp.GradScaler("cuda", enabled=use_amp and config.amp == "fp16"), net)
+
+    def progress_bar(self, progress: bool, epoch: int, epochs: int):
+        """A tqdm bar for rank 0 (None elsewhere or without `progress`)."""
+        if not progress or self.rank != 0:
+            return None
+        from tqdm import tqdm
+        return tqdm(total=self.steps_per_epoch, desc=f"epoch {epoch + 1}/{epochs}", unit="step", leave=False,
+                    disable=None)
+
+
 def train(model: nn.Module, data: ImageDataset | StreamingImageDataset, config: TrainConfig | None = None, eval_data: Any = None,
           out: str | None = None, resume: str | None = None, progress: bool = True,
           checkpoint_extra: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -73,61 +136,28 @@ def train(model: nn.Module, data: ImageDataset | StreamingImageDataset, config: 
         raise RepqError("repq.train trains classifiers; train a detector with repq.train_detector(model, data, "
                         "repq.DetectTrainConfig(...))")
     config = config or TrainConfig()
-    if config.epochs < 1 or config.batch_size < 1:
-        raise RepqError(f"epochs and batch size must be at least 1 (got {config.epochs} and {config.batch_size})")
-    device = next(model.parameters()).device          # batches follow the model (repq train --device)
-    rank, world = distributed_context(device)
-    torch.manual_seed(config.seed)
     head = getattr(model, "linear", None)
     if isinstance(head, nn.Linear) and head.out_features != data.num_classes:
         raise RepqError(f"the data has {data.num_classes} classes but the model has {head.out_features}; "
                         "build the model with num_classes matching the data")
-    optimizer = torch.optim.SGD(_param_groups(model, config.weight_decay), lr=config.lr, momentum=config.momentum,
-                                nesterov=config.momentum > 0)
-    per_rank = len(data) // world
-    steps_per_epoch = math.ceil(per_rank / config.batch_size)
-    if config.max_steps_per_epoch:
-        steps_per_epoch = min(steps_per_epoch, config.max_steps_per_epoch)
-    total_steps = steps_per_epoch * config.epochs
-    warmup = int(config.warmup_epochs * steps_per_epoch)
-    history: dict[str, Any] = {"loss": [], "epochs": [], "seconds": 0.0}
-    start_epoch = 0
-    if resume:
-        state = read_checkpoint(resume)
-        if "train_state" not in state:
-            raise RepqError(f"{resume} has no training state to resume from (it is a {state['kind']} checkpoint)")
-        load_into(model, resume, state)  # one-line error when the architecture or class count differs
-        optimizer.load_state_dict(state["train_state"]["optimizer"])
-        history = state["train_state"]["history"]
-        start_epoch = state["train_state"]["epoch"]
-    if config.amp not in (None, "bf16", "fp16"):
-        raise RepqError(f"amp must be None, 'bf16' or 'fp16', not {config.amp!r}")
-    use_amp = config.amp is not None and device.type == "cuda"
-    amp_dtype = torch.bfloat16 if config.amp == "bf16" else torch.float16
-    scaler = torch.amp.GradScaler("cuda", enabled=use_amp and config.amp == "fp16")
-    if world > 1:
-        net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    else:
-        net = model
+    run = TrainingRun.start(model, len(data), config, resume, nesterov=config.momentum > 0)
+    device, rank, world, optimizer, scaler, net = run.device, run.rank, run.world, run.optimizer, run.scaler, run.net
+    steps_per_epoch, history = run.steps_per_epoch, run.history
     criterion = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
-    for epoch in range(start_epoch, config.epochs):
+    for epoch in range(run.start_epoch, config.epochs):
         net.train()
         began = time.perf_counter()
         batches = data.batches(config.batch_size, shuffle=True, seed=config.seed * 1000 + epoch,
                                augment=config.augment, rank=rank, world_size=world)
-        bar = None
-        if progress and rank == 0:
-            from tqdm import tqdm
-            bar = tqdm(total=steps_per_epoch, desc=f"epoch {epoch + 1}/{config.epochs}", unit="step", leave=False,
-                       disable=None)
+        bar = run.progress_bar(progress, epoch, config.epochs)
         seen = correct = 0
         for step, (images, labels) in enumerate(batches):
             if step >= steps_per_epoch:
                 break
             for group in optimizer.param_groups:
-                group["lr"] = config.lr * _lr_factor(epoch * steps_per_epoch + step, total_steps, warmup)
+                group["lr"] = config.lr * _lr_factor(epoch * steps_per_epoch + step, run.total_steps, run.warmup)
             images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
-            with torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
+            with torch.autocast(device.type, dtype=run.amp_dtype, enabled=run.use_amp):
                 logits = net(images)
                 loss = criterion(logits, labels)
             loss_value = loss.detach()

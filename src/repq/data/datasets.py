@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from repq.data.common import epoch_order, normalize
+from repq.data.common import InMemoryImages, epoch_order
 from repq.data.streaming import StreamingImageDataset, file_list, image_folder
 from repq.data.transforms import ImageTransform
 from repq.errors import RepqError
@@ -28,7 +28,7 @@ FASHION_MNIST_CLASSES = ["t-shirt", "trouser", "pullover", "dress", "coat", "san
 
 
 @dataclass
-class ImageDataset:
+class ImageDataset(InMemoryImages):
     """uint8 images (N, C, H, W) with labels; `mean`/`std` (per channel, on the 0..1 scale) normalize batches."""
 
     images: Tensor
@@ -39,20 +39,6 @@ class ImageDataset:
     name: str = ""
     augmentation: str = "crop_flip"   # what `augment=True` applies: crop_flip | crop | none
 
-
-    def __len__(self) -> int:
-        return len(self.images)
-
-    @property
-    def in_chans(self) -> int:
-        return int(self.images.shape[1])
-
-    @property
-    def num_classes(self) -> int:
-        return len(self.classes)
-
-    def normalize(self, images: Tensor) -> Tensor:
-        return normalize(images, self.mean, self.std)
 
     def batches(self, batch_size: int = 256, shuffle: bool = False, seed: int = 0, augment: bool = False,
                 rank: int = 0, world_size: int = 1) -> Iterator[tuple[Tensor, Tensor]]:
@@ -71,10 +57,6 @@ class ImageDataset:
         gen = torch.Generator().manual_seed(seed)
         idx = torch.randperm(len(self), generator=gen)[:num_samples]
         return self.normalize(self.images[idx])
-
-    @property
-    def input_size(self) -> list[int]:
-        return list(self.images.shape[1:])
 
     def head(self, n: int) -> tuple[Tensor, Tensor]:
         """The first `n` images, normalized, with their labels."""

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from repq.data.common import epoch_order, normalize
+from repq.data.common import InMemoryImages, epoch_order
 from repq.errors import RepqError
 
 Target = tuple[Tensor, Tensor]   # boxes (n, 4) x1y1x2y2 pixels, labels (n,) long
@@ -34,7 +34,7 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 
 
 @dataclass
-class DetectionDataset:
+class DetectionDataset(InMemoryImages):
     """uint8 images (N, C, S, S), per-image boxes and labels; batches are (normalized images, targets)."""
 
     images: Tensor
@@ -53,27 +53,9 @@ class DetectionDataset:
         if not (len(self.images) == len(self.boxes) == len(self.labels)):
             raise ValueError("images, boxes and labels differ in length")
 
-    def __len__(self) -> int:
-        return len(self.images)
-
-    @property
-    def in_chans(self) -> int:
-        return int(self.images.shape[1])
-
-    @property
-    def num_classes(self) -> int:
-        return len(self.classes)
-
-    @property
-    def input_size(self) -> list[int]:
-        return list(self.images.shape[1:])
-
     @property
     def num_boxes(self) -> int:
         return sum(len(lab) for lab in self.labels)
-
-    def normalize(self, images: Tensor) -> Tensor:
-        return normalize(images, self.mean, self.std)
 
     def targets(self, index: Tensor | list[int]) -> list[Target]:
         return [(self.boxes[i], self.labels[i]) for i in index]

@@ -12,13 +12,13 @@ from typing import Any, Callable
 import torch
 from torch import Tensor, nn
 
-from repq.checkpoint import load_into, read_checkpoint, save_checkpoint
+from repq.checkpoint import save_checkpoint
 from repq.data.detection import DetectionDataset
 from repq.detect.boxes import postprocess
 from repq.detect.loss import DetectionLoss
 from repq.detect.metrics import coco_map
 from repq.errors import RepqError
-from repq.training import _lr_factor, _param_groups, distributed_context
+from repq.training import TrainingRun, _lr_factor
 
 
 @dataclass
@@ -53,59 +53,33 @@ def train_detector(model: nn.Module, data: DetectionDataset, config: DetectTrain
     """Train `model` in place (its weights end as the moving average when `ema_decay` > 0); returns the history
     (per-step loss, per-epoch mAP). With `out`, a resumable checkpoint is written after every epoch."""
     config = config or DetectTrainConfig()
-    if config.epochs < 1 or config.batch_size < 1:
-        raise RepqError(f"epochs and batch size must be at least 1 (got {config.epochs} and {config.batch_size})")
     if getattr(model, "num_classes", data.num_classes) != data.num_classes:
         raise RepqError(f"the data has {data.num_classes} classes but the detector has {model.num_classes}; build it "
                         "with num_classes matching the data")
-    device = next(model.parameters()).device
-    rank, world = distributed_context(device)
-    torch.manual_seed(config.seed)
     criterion = DetectionLoss(data.num_classes, getattr(model, "strides", (8, 16, 32)))
-    optimizer = torch.optim.SGD(_param_groups(model, config.weight_decay), lr=config.lr, momentum=config.momentum,
-                                nesterov=True)
-    steps_per_epoch = math.ceil(len(data) // world / config.batch_size)
-    if config.max_steps_per_epoch:
-        steps_per_epoch = min(steps_per_epoch, config.max_steps_per_epoch)
-    total_steps = steps_per_epoch * config.epochs
-    warmup = int(config.warmup_epochs * steps_per_epoch)
-    history: dict[str, Any] = {"loss": [], "epochs": [], "seconds": 0.0}
-    start_epoch = 0
-    ema = _ema(model, config.ema_decay, config.ema_tau) if config.ema_decay > 0 else None
-    if resume:
-        state = read_checkpoint(resume)
-        if "train_state" not in state:
-            raise RepqError(f"{resume} has no training state to resume from (it is a {state['kind']} checkpoint)")
-        load_into(model, resume, state)
-        optimizer.load_state_dict(state["train_state"]["optimizer"])
-        history, start_epoch = state["train_state"]["history"], state["train_state"]["epoch"]
-        if ema is not None and "ema" in state["train_state"]:
-            ema.module.load_state_dict(state["train_state"]["ema"])
-            ema.n_averaged.fill_(state["train_state"].get("ema_updates", 0))
-    use_amp = config.amp is not None and device.type == "cuda"
-    amp_dtype = torch.bfloat16 if config.amp == "bf16" else torch.float16
-    scaler = torch.amp.GradScaler("cuda", enabled=use_amp and config.amp == "fp16")
-    net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) \
-        if world > 1 else model
-    for epoch in range(start_epoch, config.epochs):
+    run = TrainingRun.start(model, len(data), config, resume, nesterov=True)
+    ema = _ema(model, config.ema_decay, config.ema_tau) if config.ema_decay > 0 else None   # after the resume
+    device, rank, world, optimizer, scaler, net = run.device, run.rank, run.world, run.optimizer, run.scaler, run.net
+    steps_per_epoch, history = run.steps_per_epoch, run.history
+    if ema is not None and run.resumed is not None and "ema" in run.resumed:
+        ema.module.load_state_dict(run.resumed["ema"])
+        ema.n_averaged.fill_(run.resumed.get("ema_updates", 0))
+    for epoch in range(run.start_epoch, config.epochs):
         net.train()
         began = time.perf_counter()
         batches = data.batches(config.batch_size, shuffle=True, seed=config.seed * 1000 + epoch,
                                augment=config.augment, rank=rank, world_size=world)
-        bar = None
-        if progress and rank == 0:
-            from tqdm import tqdm
-            bar = tqdm(total=steps_per_epoch, desc=f"epoch {epoch + 1}/{config.epochs}", unit="step", leave=False,
-                       disable=None)
+        bar = run.progress_bar(progress, epoch, config.epochs)
         seen = 0
         parts = {"cls": 0.0, "box": 0.0}
         for step, (images, targets) in enumerate(batches):
             if step >= steps_per_epoch:
                 break
             for group in optimizer.param_groups:
-                group["lr"] = config.lr * max(0.01, _lr_factor(epoch * steps_per_epoch + step, total_steps, warmup))
+                group["lr"] = config.lr * max(0.01, _lr_factor(epoch * steps_per_epoch + step, run.total_steps,
+                                                               run.warmup))
             images = images.to(device, non_blocking=True)
-            with torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
+            with torch.autocast(device.type, dtype=run.amp_dtype, enabled=run.use_amp):
                 outputs = net(images)
             loss, info = criterion(outputs, targets)
             if not torch.isfinite(loss.detach()):
