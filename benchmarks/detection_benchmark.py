@@ -150,6 +150,14 @@ def measure(rows: Rows, name: str, seeds, quick: bool, skip_qat: bool) -> None:
                         "kernels": {k: kernels.get(k, 0) for k in ("QLinearConv", "ConvInteger", "QLinearAdd",
                                                                     "Conv", "FusedConv")}}
             rows.get(f"{name}|ort|{deploy}", run)
+    # why a fused detector is hard to quantize: repq analyze (report + plots next to the table)
+    def analysis():
+        from common import RESULTS
+        out = None if quick else RESULTS / "detection_analysis"
+        result = repq.analyze(model, train.calibration_images(32, 0), out)
+        worst = sorted(result["layers"], key=lambda r: -r["center_surround_ratio"])[:5]
+        return {"findings": result["findings"][:8], "worst_layers": worst}
+    rows.get(f"{name}|analysis", analysis)
     # sensitivity of the naive recipe, then partial quantization
     naive = RECIPES["min-max/tensor + min-max (naive)"]
 
@@ -242,6 +250,11 @@ def render(rows: dict, name: str, seeds, quick: bool) -> tuple[str, dict]:
             kernels = ", ".join(f"{k} {v}" for k, v in r["kernels"].items() if v)
             lines.append(f"| {deploy} | {r['sim_map']:.2f} | {r['ort_map']:.2f} | {r['ort_map'] - r['sim_map']:+.2f} "
                          f"| {kernels} | {r['ort_images_per_s']:.0f} |")
+    analysis = rows.get(f"{name}|analysis")
+    if analysis:
+        lines += ["", "## Why: `repq analyze` on the detector" + ("" if quick else
+                  " ([full report](detection_analysis/report.md))"), ""]
+        lines += [f"- {f}" for f in analysis["findings"][:5]] or ["- no layer has center taps over 10x its surround"]
     sens = rows.get(f"{name}|sensitivity|naive")
     if sens:
         lines += ["", f"## Sensitivity of the naive recipe (one layer quantized at a time, {sens['images']} val "
