@@ -5,11 +5,12 @@ COCO mAP@0.5:0.95 and mAP@0.5 on the 1000 val scenes.
     python benchmarks/detection_benchmark.py --quick    # a tiny detector on digits scenes (a minute)
     python benchmarks/detection_benchmark.py --render-only   # the tables from the cached rows
 
-Parts: every PTQ recipe at W8A8 over 3 calibration seeds (32 train images each) and repq's default and the baseline
-at W6A6 / W4A8; ONNX Runtime quantize_static (MinMax, Entropy, Percentile; per-channel int8 weights, uint8
+Parts: every PTQ recipe at W8A8 (32 train images; 3 calibration seeds for repq's default, the baselines and P1's
+improved KL, seed 0 for the others) and repq's default and the baseline at W6A6 / W4A8; ONNX Runtime quantize_static (MinMax, Entropy, Percentile; per-channel int8 weights, uint8
 activations, the same images); ONNX Runtime mAP of repq's exports (exact CFWS and two-branch) beside the
 simulation; per-layer sensitivity of the naive recipe and partial quantization (k most sensitive layers in float);
-QAT (LSQ, ClusterQAT) at W6A6 / W4A4 for a short budget, on the plain and (if trained) the OABN detector.
+QAT (LSQ, ClusterQAT) at W6A6 / W4A4: 120 steps of 32 images, and 3 epochs at W4A4, on the plain and (if trained)
+the OABN detector.
 Rows are cached in runs/detect/rows.json (REPQ_CACHE), so an interrupted run resumes.
 """
 from __future__ import annotations
@@ -45,9 +46,15 @@ RECIPES = {   # name -> PTQConfig options
     "repq default (CFWS + auto + bias correction)": {},
 }
 DEFAULT, BASELINE = "repq default (CFWS + auto + bias correction)", "min-max/channel + percentile"
+NAIVE = "min-max/tensor + min-max (naive)"
+SEEDED = (DEFAULT, BASELINE, NAIVE, "CFWS + improved KL (P1)")   # 3 calibration seeds; the other recipes seed 0
 LOW_BITS = {"W6A6": (6, 6), "W4A8": (4, 8)}
 ORT_METHODS = ("MinMax", "Entropy", "Percentile")
-QAT_RUNS = {"LSQ W6A6": ("lsq", 6, 6), "LSQ W4A4": ("lsq", 4, 4), "ClusterQAT W4A4": ("cluster", 4, 4)}
+# run -> (method, w_bits, a_bits, epochs, steps per epoch (None: all), detectors ("all" or "oabn"))
+QAT_RUNS = {"LSQ W6A6": ("lsq", 6, 6, 1, 120, "all"), "LSQ W4A4": ("lsq", 4, 4, 1, 120, "all"),
+            "ClusterQAT W4A4": ("cluster", 4, 4, 1, 120, "all"),
+            "ClusterQAT W4A4, 3 epochs": ("cluster", 4, 4, 3, None, "all"),
+            "LSQ W4A4, 3 epochs": ("lsq", 4, 4, 3, None, "oabn")}
 
 
 class Rows:
@@ -62,6 +69,8 @@ class Rows:
             began = time.perf_counter()
             value = compute()
             value["seconds"] = time.perf_counter() - began
+            if self.path.exists():   # another run (e.g. --only-qat beside the PTQ part) may have added rows
+                self.rows = {**json.loads(self.path.read_text()), **self.rows}
             self.rows[key] = value
             self.path.parent.mkdir(parents=True, exist_ok=True)
             atomic_write_text(self.path, json.dumps(self.rows, indent=1))
@@ -79,24 +88,22 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--render-only", action="store_true", help="write the tables from the cached rows")
     parser.add_argument("--fresh", action="store_true", help="ignore the cached rows")
-    parser.add_argument("--skip-qat", action="store_true")
+    parser.add_argument("--skip-qat", action="store_true", help="leave out the QAT part")
+    parser.add_argument("--only-qat", action="store_true", help="the QAT part alone (it can run beside --skip-qat)")
     args = parser.parse_args()
     quick = args.quick
     name = "pico_digits" if quick else "yolov6n_fmnist"
     seeds = (0,) if quick else (0, 1, 2)
     rows = Rows(CACHE / "detect" / ("rows_quick.json" if quick else "rows.json"), args.fresh)
     if not args.render_only:
-        measure(rows, name, seeds, quick, args.skip_qat)
+        measure(rows, name, seeds, quick, args.skip_qat, args.only_qat)
     text, data = render(rows.rows, name, seeds, quick)
     print(text)
     if not quick:
         write_result("detection", text, data)
 
 
-def measure(rows: Rows, name: str, seeds, quick: bool, skip_qat: bool) -> None:
-    from repq.export import OnnxRuntimeModel, export_onnx
-    from repq.export.verify import integer_kernels
-
+def measure(rows: Rows, name: str, seeds, quick: bool, skip_qat: bool, only_qat: bool = False) -> None:
     path = detector_checkpoint(name, quick)
     model, payload = repq.load_checkpoint(path)
     spec = payload["detector_spec"]
@@ -107,11 +114,21 @@ def measure(rows: Rows, name: str, seeds, quick: bool, skip_qat: bool) -> None:
     rows.get(f"{name}|fp", lambda: {**metrics(evaluate_detection(model, val)),
                                     "train_minutes": float(payload["train_minutes"]),
                                     "history": payload["history"]["epochs"]})
+    if not only_qat:
+        measure_ptq(rows, name, model, train, val, seeds, quick)
+    if not skip_qat:
+        measure_qat(rows, name, train, val, quick)
+
+
+def measure_ptq(rows: Rows, name: str, model, train, val, seeds, quick: bool) -> None:
+    from repq.export import OnnxRuntimeModel, export_onnx
+    from repq.export.verify import integer_kernels
+
     fused = repq.reparameterize(model, val.head(2)[0])
     rows.get(f"{name}|fused", lambda: metrics(evaluate_detection(fused, val)))
-    recipes = {k: v for k, v in RECIPES.items() if not quick or k in (DEFAULT, BASELINE, "min-max/tensor + min-max (naive)")}
+    recipes = {k: v for k, v in RECIPES.items() if not quick or k in (DEFAULT, BASELINE, NAIVE)}
     for recipe, options in recipes.items():
-        for seed in seeds:
+        for seed in seeds if recipe in SEEDED else seeds[:1]:
             def run(options=options, seed=seed):
                 config = repq.PTQConfig(seed=seed, **options)
                 began = time.perf_counter()
@@ -159,12 +176,12 @@ def measure(rows: Rows, name: str, seeds, quick: bool, skip_qat: bool) -> None:
         return {"findings": result["findings"][:8], "worst_layers": worst}
     rows.get(f"{name}|analysis", analysis)
     # sensitivity of the naive recipe, then partial quantization
-    naive = RECIPES["min-max/tensor + min-max (naive)"]
+    naive = RECIPES[NAIVE]
 
     def sensitivity():
         from repq.analysis.sensitivity import layer_sensitivity
         q = repq.quantize(model, train.calibration_images(32, 0), repq.PTQConfig(**naive))
-        subset = val.subset(64 if quick else 300)
+        subset = val.subset(64 if quick else 200)
         base, ranking = layer_sensitivity(q, lambda net: evaluate_detection(net, subset)["map"])
         return {"float_map": base, "images": len(subset), "ranking": ranking}
     ranking = rows.get(f"{name}|sensitivity|naive", sensitivity)["ranking"]
@@ -174,11 +191,12 @@ def measure(rows: Rows, name: str, seeds, quick: bool, skip_qat: bool) -> None:
             q = repq.quantize(model, train.calibration_images(32, 0), repq.PTQConfig(**naive, skip_layers=keep))
             return {**metrics(evaluate_detection(q, val)), "kept": list(keep)}
         rows.get(f"{name}|partial|naive|{k}", run)
-    if skip_qat:
-        return
+
+
+def measure_qat(rows: Rows, name: str, train, val, quick: bool) -> None:
     qat_models = [name] + ([n for n in ("yolov6n_fmnist_oabn",) if (CACHE / "detect" / f"{n}.pt").exists()]
                            if not quick else [])
-    for detector in qat_models:
+    for detector in sorted(qat_models, key=lambda d: "oabn" not in d):   # the OABN detector first
         fp_model, fp_payload = repq.load_checkpoint(detector_checkpoint(detector, quick))
         if detector != name:
             rows.get(f"{detector}|fp", lambda: {**metrics(evaluate_detection(fp_model, val)),
@@ -186,21 +204,25 @@ def measure(rows: Rows, name: str, seeds, quick: bool, skip_qat: bool) -> None:
                                                 "history": fp_payload["history"]["epochs"]})
             rows.get(f"{detector}|W4A4|{DEFAULT}|0", lambda: metrics(evaluate_detection(
                 repq.quantize(fp_model, train.calibration_images(32, 0), repq.PTQConfig(w_bits=4, a_bits=4)), val)))
-        for run_name, (method, wb, ab) in QAT_RUNS.items():
-            def run(method=method, wb=wb, ab=ab, fp_model=fp_model):
+        for run_name, (method, wb, ab, epochs, steps, which) in QAT_RUNS.items():
+            if which == "oabn" and "oabn" not in detector:
+                continue
+
+            def run(method=method, wb=wb, ab=ab, epochs=epochs, steps=steps, fp_model=fp_model):
                 torch.manual_seed(0)
                 config = repq.QATConfig(method=method, w_bits=wb, a_bits=ab)
                 qat = repq.prepare_qat(fp_model, config, train.calibration_images(config.num_samples, 0))
                 qat.num_classes, qat.strides = fp_model.num_classes, fp_model.strides
                 start = metrics(evaluate_detection(qat, val))
-                budget = DetectTrainConfig(epochs=1, batch_size=32, lr=0.002, warmup_epochs=0.0, ema_decay=0.0,
-                                           max_steps_per_epoch=4 if quick else 120, seed=0)
+                budget = DetectTrainConfig(epochs=1 if quick else epochs, batch_size=32, lr=0.002, warmup_epochs=0.0,
+                                           ema_decay=0.0, max_steps_per_epoch=4 if quick else steps, seed=0)
                 began = time.perf_counter()
                 train_detector(qat, train, budget, progress=True)
                 minutes = (time.perf_counter() - began) / 60
                 q = repq.convert_qat(qat)
+                steps_run = budget.epochs * (budget.max_steps_per_epoch or -(-len(train) // budget.batch_size))
                 return {**metrics(evaluate_detection(q, val)), "start_map": start["map"], "train_minutes": minutes,
-                        "steps": budget.max_steps_per_epoch, "batch_size": budget.batch_size}
+                        "steps": steps_run, "batch_size": budget.batch_size}
             rows.get(f"{detector}|qat|{run_name}", run)
 
 
@@ -264,7 +286,7 @@ def render(rows: dict, name: str, seeds, quick: bool) -> tuple[str, dict]:
             lines.append(f"| {i} | {r['layer']} | {r['metric']:.2f} | {r['loss']:+.2f} |")
         lines += ["", "Partial quantization (naive recipe, the k most sensitive layers kept in float):", "",
                   "| k | mAP@0.5:0.95 | drop |", "|---|---|---|"]
-        naive = [rows[k]["map"] for s in seeds if (k := f"{name}|W8A8|min-max/tensor + min-max (naive)|{s}") in rows]
+        naive = [rows[k]["map"] for s in seeds if (k := f"{name}|W8A8|{NAIVE}|{s}") in rows]
         if naive:
             lines.append(f"| 0 | {naive[0]:.2f} | {fp['map'] - naive[0]:+.2f} |")
         for k in (1, 3, 5):
