@@ -20,6 +20,7 @@ import json
 import statistics
 import tempfile
 import time
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -69,6 +70,7 @@ class Rows:
             began = time.perf_counter()
             value = compute()
             value["seconds"] = time.perf_counter() - began
+            value["threads"] = torch.get_num_threads()
             if self.path.exists():   # another run (e.g. --only-qat beside the PTQ part) may have added rows
                 self.rows = {**json.loads(self.path.read_text()), **self.rows}
             self.rows[key] = value
@@ -232,14 +234,28 @@ def render(rows: dict, name: str, seeds, quick: bool) -> tuple[str, dict]:
     cmd = "python benchmarks/detection_benchmark.py" + (" --quick" if quick else "")
     lines = ["# Detection: PTQ and QAT of a YOLOv6-N-like detector", "",
              f"Command: `{cmd}` (trains the detector once with `python benchmarks/detection_common.py`)",
-             f"Machine: {machine()}", "",
+             f"Machine: {machine().rsplit(', ', 2)[0]}; torch threads per measurement: "
+             + ", ".join(f"{t} ({n} rows)" for t, n in sorted(Counter(r.get('threads', '?') for r in rows.values()
+                                                                     if isinstance(r, dict)).items(), key=str))
+             + "; " + machine().rsplit(", ", 1)[1], "",
              f"Detector: `{spec['model']}` {spec['model_kwargs'] or ''} trained on `{spec['data']}` "
              f"({spec['train']['epochs']} epochs, batch {spec['train']['batch_size']}, lr {spec['train']['lr']}, "
-             f"seed {spec['train']['seed']}) in {fp['train_minutes']:.0f} min on this machine. Val: "
+             f"seed {spec['train']['seed']}). Val: "
              f"{'64' if quick else '1000'} composed scenes; COCO mAP by pycocotools; 32 calibration images from the "
              "train split per seed.", "",
              f"FP: mAP@0.5:0.95 **{fp['map']:.2f}**, mAP@0.5 {fp['map50']:.2f} (fused: "
-             f"{rows[f'{name}|fused']['map']:.2f}).", "",
+             f"{rows[f'{name}|fused']['map']:.2f}).", ""]
+    for detector in sorted({k.split("|")[0] for k in rows if k.endswith("|fp")}):
+        history = rows[f"{detector}|fp"]["history"]
+        rates = [e["images_per_s"] for e in history]
+        images = rates[0] * history[0]["seconds"]
+        lines.append(f"- `{detector}`: FP mAP@0.5:0.95 {rows[f'{detector}|fp']['map']:.2f}; trained in "
+                     f"{rows[f'{detector}|fp']['train_minutes']:.0f} min wall time, at {min(rates):.0f}-{max(rates):.0f} "
+                     f"images/s per epoch (the 2 cores were shared with other jobs for part of it; at the best "
+                     f"epoch's rate the {len(history)} epochs take {len(history) * images / max(rates) / 60:.0f} min). "
+                     "Val mAP by epoch (300 val scenes): "
+                     + ", ".join(f"{e['map']:.1f}" for e in history if "map" in e) + ".")
+    lines += ["",
              "## W8A8 PTQ recipes", "",
              "| recipe | mAP@0.5:0.95 mean | per seed | drop mean | drop worst seed | mAP@0.5 mean |",
              "|---|---|---|---|---|---|"]
@@ -256,6 +272,14 @@ def render(rows: dict, name: str, seeds, quick: bool) -> tuple[str, dict]:
                      f"{fp['map'] - statistics.mean(maps):+.2f} | {fp['map'] - min(maps):+.2f} | "
                      f"{statistics.mean(r['map50'] for r in found):.2f} |")
     data["w8a8_mean_map"] = summary
+    peers = {k: v for k, v in summary.items() if k.startswith("ORT")}
+    if DEFAULT in summary and NAIVE in summary and peers:
+        best_peer = max(peers, key=peers.get)
+        default_maps = [rows[k]["map"] for s in seeds if (k := f"{name}|W8A8|{DEFAULT}|{s}") in rows]
+        lines += ["", f"Summary: naive per-tensor min-max loses {fp['map'] - summary[NAIVE]:.2f} mAP; repq's default "
+                  f"loses {fp['map'] - summary[DEFAULT]:.2f} (worst seed {fp['map'] - min(default_maps):.2f}); the best "
+                  f"ONNX Runtime method ({best_peer.removeprefix('ORT quantize_static ')}) loses "
+                  f"{fp['map'] - peers[best_peer]:.2f}."]
     lines += ["", "## Lower bit-widths (PTQ, seed 0)", "", "| bits | recipe | mAP@0.5:0.95 | drop | mAP@0.5 |",
               "|---|---|---|---|---|"]
     for bits in LOW_BITS:
