@@ -547,7 +547,7 @@ def cmd_export(args: argparse.Namespace) -> None:
                                           [["repq simulation", v["map_repq"], v["map50_repq"]],
                                            ["ONNX Runtime", v["map_onnxruntime"], v["map50_onnxruntime"]]])
                       + f"\nmax |output difference| {v['max_output_diff']:.4g} (outputs up to "
-                      f"{v['output_scale']:.3g}) on the first {min(v['n'], 256)} of {v['n']} images")
+                      f"{v['output_scale']:.3g}) on the first {v['compared_images']} of {v['n']} images")
             failure = cli_detect.verify_failure(v, args.max_map_diff)
         elif args.verify:
             v = result["verify"] = verify_against_simulation(model, path, test_ds, batch_size=args.batch_size,

@@ -264,27 +264,31 @@ def qat(args: argparse.Namespace, model, payload: dict[str, Any], config, device
 
 
 # ---------------------------------------------------------------- export --verify
-def verify(model, path, data, batch_size: int, progress: bool) -> dict[str, Any]:
-    """mAP of repq's simulation and of ONNX Runtime on the same images, and how far their raw outputs differ."""
-    import numpy as np
-    import torch
-
+def verify(model, path, data, batch_size: int, progress: bool, compared_images: int = 256) -> dict[str, Any]:
+    """mAP of repq's simulation and of ONNX Runtime on the same images, and how far their raw outputs differ on
+    the first `compared_images` (each runtime runs once over the data)."""
     from repq.detect.training import evaluate_detection
     from repq.export import OnnxRuntimeModel
 
-    session = OnnxRuntimeModel(path)
+    compared_batches = -(-compared_images // batch_size)
+    sim_outputs: dict[int, list] = {}
     diffs, scales = [], []
-    with torch.no_grad():
-        for images, _ in data.subset(min(len(data), 256)).batches(batch_size):
-            sim = [o.float().cpu() for o in model(images)]
-            ort = session(images)
-            diffs.append(max(float((a - b).abs().max()) for a, b in zip(ort, sim)))
-            scales.append(max(float(b.abs().max()) for b in sim))
-    sim_metrics = evaluate_detection(model, data, batch_size, progress)
-    ort_metrics_ = evaluate_detection(session, data, batch_size, progress)
+
+    def keep(index: int, outputs: list) -> None:
+        if index < compared_batches:
+            sim_outputs[index] = outputs
+            scales.append(max(float(o.abs().max()) for o in outputs))
+
+    def compare(index: int, outputs: list) -> None:
+        if index in sim_outputs:
+            diffs.append(max(float((a - b).abs().max()) for a, b in zip(outputs, sim_outputs.pop(index))))
+
+    sim_metrics = evaluate_detection(model, data, batch_size, progress, on_outputs=keep)
+    ort_metrics_ = evaluate_detection(OnnxRuntimeModel(path), data, batch_size, progress, on_outputs=compare)
     return {"n": sim_metrics["n"], "map_repq": sim_metrics["map"], "map_onnxruntime": ort_metrics_["map"],
             "map50_repq": sim_metrics["map50"], "map50_onnxruntime": ort_metrics_["map50"],
-            "max_output_diff": float(np.max(diffs)), "output_scale": float(np.max(scales))}
+            "max_output_diff": max(diffs), "output_scale": max(scales),
+            "compared_images": min(sim_metrics["n"], compared_batches * batch_size)}
 
 
 def verify_failure(v: dict[str, Any], max_map_diff: float) -> str | None:

@@ -147,9 +147,11 @@ def predict(model: nn.Module | Callable, images: Tensor, num_classes: int, strid
 @torch.no_grad()
 def evaluate_detection(model: nn.Module | Callable, data: DetectionDataset, batch_size: int = 32,
                        progress: bool = False, conf_threshold: float = 0.001, iou_threshold: float = 0.65,
-                       max_det: int = 100) -> dict[str, float]:
+                       max_det: int = 100, on_outputs: Callable[[int, list[Tensor]], None] | None = None
+                       ) -> dict[str, float]:
     """{"map": mAP@0.5:0.95 %, "map50": mAP@0.5 %, "n": images, "seconds", "model_seconds", "images_per_s"}
-    of a detector (module, quantized module, or a callable such as an ONNX Runtime wrapper) on `data`."""
+    of a detector (module, quantized module, or a callable such as an ONNX Runtime wrapper) on `data`.
+    `on_outputs(batch_index, raw level maps)` sees every batch's outputs (to compare two runtimes in one pass)."""
     is_module = isinstance(model, nn.Module)
     was_training = model.training if is_module else False
     first = next(model.parameters(), None) if is_module else None
@@ -165,10 +167,12 @@ def evaluate_detection(model: nn.Module | Callable, data: DetectionDataset, batc
         batches = tqdm(batches, total=math.ceil(len(data) / batch_size), desc="eval", leave=False, unit="batch",
                        disable=None)
     try:
-        for images, targets in batches:
+        for index, (images, targets) in enumerate(batches):
             start = time.perf_counter()
             outputs = [o.float().cpu() for o in model(images.to(device))]
             model_seconds += time.perf_counter() - start
+            if on_outputs is not None:
+                on_outputs(index, outputs)
             detections += postprocess(outputs, data.num_classes, strides, conf_threshold, iou_threshold, max_det)
             truths += targets
     finally:

@@ -173,8 +173,12 @@ def yolov6_pico(**kwargs) -> YOLOv6:
     return YOLOv6(**{"width_multiple": 0.125, "depth_multiple": 0.17, **kwargs})
 
 
+yolov6_n.task = yolov6_pico.task = YOLOv6.task   # is_detector reads it from a checkpoint's model name
+
+
 def is_detector(model_or_config) -> bool:
     """True for a detector module, or for a checkpoint's model config naming a registered detector."""
-    if isinstance(model_or_config, dict):
-        return str(model_or_config.get("name", "")).startswith("yolo")
+    if isinstance(model_or_config, dict):   # the registered factory says what it builds (its `task`)
+        from repq.models.registry import _REGISTRY
+        return getattr(_REGISTRY.get(str(model_or_config.get("name"))), "task", None) == "detect"
     return getattr(model_or_config, "task", None) == "detect"
