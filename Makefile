@@ -34,7 +34,8 @@ bench-quick: $(STAMP)  ## every benchmark in --quick mode (seconds)
 		&& ../$(PY) export_benchmark.py --quick && ../$(PY) peer_benchmark.py --quick && ../$(PY) qat_benchmark.py --quick && ../$(PY) fusion_benchmark.py --quick \
 		&& ../$(PY) calibration_coverage.py --quick && ../$(PY) scale_benchmark.py --quick \
 		&& ../$(PY) cfws_deploy_benchmark.py --quick && ../$(PY) cfws_deploy_224.py --quick \
-		&& ../$(PY) cluster_grid_benchmark.py --quick && ../$(PY) detection_benchmark.py --quick
+		&& ../$(PY) cluster_grid_benchmark.py --quick && ../$(PY) detection_benchmark.py --quick \
+		&& ../$(PY) identity_diagonal.py --quick
 
 bench: $(STAMP) data  ## the recorded benchmarks (a few hours on 2 cores), writes docs/results/
 	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[dev,export,peers]'
@@ -43,7 +44,7 @@ bench: $(STAMP) data  ## the recorded benchmarks (a few hours on 2 cores), write
 		&& ../$(PY) cfws_deploy_benchmark.py && ../$(PY) cfws_deploy_224.py && ../$(PY) cluster_grid_benchmark.py \
 		&& ../$(PY) ptq_timing.py && ../$(PY) train_reference.py && ../$(PY) export_benchmark.py \
 		&& ../$(PY) peer_benchmark.py && ../$(PY) qat_benchmark.py \
-		&& ../$(PY) detection_common.py && ../$(PY) detection_benchmark.py \
+		&& ../$(PY) detection_common.py && ../$(PY) detection_benchmark.py && ../$(PY) identity_diagonal.py \
 		&& ../$(PY) qat_benchmark.py --variants plain,fixed --max-steps 0 --name qat_epoch \
 		&& ../$(PY) qat_benchmark.py --variants fixed --bits 4,3 --methods cluster --epochs 2 --max-steps 0 \
 			--name qat_2epochs

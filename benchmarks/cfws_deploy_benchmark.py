@@ -5,6 +5,7 @@ runs, and throughput against FP32 and the per-channel min-max model.
 
     python benchmarks/cfws_deploy_benchmark.py           # the zoo (~15 min on 2 cores), writes docs/results/cfws_deploy.*
     python benchmarks/cfws_deploy_benchmark.py --quick   # tiny zoo, prints only
+    python benchmarks/cfws_deploy_benchmark.py --only M  # re-measure zoo entry M, keep the other rows
 
 Every model: repq's default recipe (CFWS + auto + bias correction), 32 calibration images (seed 0), unsigned
 activations and a quantized global-pool input (quantize_pool=True: the form ONNX Runtime fuses end to end).
@@ -66,6 +67,14 @@ def main() -> None:
         rows.append(row)
 
     cmd = "python benchmarks/cfws_deploy_benchmark.py" + (" --quick" if args.quick else "")
+    if args.only and not args.quick:   # re-measured models replace their rows; the others are kept
+        import json
+
+        from common import RESULTS
+        saved = RESULTS / "cfws_deploy.json"
+        fresh = {r["model"]: r for r in rows}
+        kept = json.loads(saved.read_text())["rows"] if saved.exists() else []
+        rows = [fresh.pop(r["model"], r) for r in kept] + list(fresh.values())
     text = render(rows, cmd, machine())
     print(text)
     if not args.quick:

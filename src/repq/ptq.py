@@ -213,7 +213,8 @@ def _quantize_weights(fused: nn.Module, config: PTQConfig, keep_float: set[str] 
     names = [n for n, m in fused.named_modules() if isinstance(m, _PARAMETRIC) and n not in keep_float]
     if not names:
         raise RepqError("the model has no Conv2d or Linear layer to quantize")
-    qweights = {n: quantize_weight(fused.get_submodule(n).weight.detach(), config.weight, config.w_bits, per_channel)
+    qweights = {n: quantize_weight(fused.get_submodule(n).weight.detach(), config.weight, config.w_bits, per_channel,
+                                   getattr(fused.get_submodule(n), "groups", 1))
                 for n in names}
     layers = {n: {"coarse": q.coarse_layout, "w_bits": config.w_bits, "a_bits": config.a_bits}
               for n, q in qweights.items()}

@@ -58,7 +58,7 @@ def quantizer_sqnr(fused: nn.Module, images: torch.Tensor, bits: int = 8) -> dic
         ref_out = F.conv2d(inputs[name], w, None, conv.stride, conv.padding, conv.dilation, conv.groups)
         result[name] = {}
         for label, (method, per_channel) in WEIGHT_QUANTIZERS.items():
-            wq = quantize_weight(w, method, bits, per_channel).dequantize()
+            wq = quantize_weight(w, method, bits, per_channel, conv.groups).dequantize()
             out = F.conv2d(inputs[name], wq, None, conv.stride, conv.padding, conv.dilation, conv.groups)
             result[name][label] = {"weight_db": sqnr_db(w, wq), "output_db": sqnr_db(ref_out, out)}
     return result

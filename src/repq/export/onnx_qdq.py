@@ -30,7 +30,7 @@ from torch import nn
 
 from repq.errors import RepqError
 from repq.io import atomic_write
-from repq.quant.modules import (CODEBOOK_LAYERS, QUANT_LAYERS, QuantConv2d, QuantGlobalAvgPool,
+from repq.quant.modules import (CODEBOOK_LAYERS, QUANT_LAYERS, QuantConv2d, QuantGlobalAvgPool, coarse_conv_args,
                                 is_global_avg_pool)
 
 OPSET = 19
@@ -136,7 +136,7 @@ def _emit_integer_conv(g: _GraphBuilder, layer: QuantConv2d, x: str, base: str) 
     if layer.coarse is not None:
         if layer.coarse == "center" and (layer.padding[0] != layer.kernel_size[0] // 2 or layer.dilation[0] != 1):
             raise RepqError(f"CFWS export of '{base}' needs 'same' padding and no dilation")
-        attrs = _conv_attrs(layer, coarse_center=layer.coarse == "center")
+        attrs = _coarse_attrs(layer)
         out = g.node("Add", [out, branch(layer.coarse_codes, layer.coarse_scale, attrs, base + "_coarse")], base)
     if layer.bias is not None:
         codes, step = _bias_codes(layer)
@@ -157,8 +157,7 @@ def _emit_two_branch(g: _GraphBuilder, layer: QuantConv2d, x: str, base: str) ->
     outs = []
     for part, w_codes, w_scale_t, attrs in (
             ("", layer.weight_codes, layer.weight_scale, _conv_attrs(layer)),
-            ("_coarse", layer.coarse_codes, layer.coarse_scale,
-             _conv_attrs(layer, coarse_center=layer.coarse == "center"))):
+            ("_coarse", layer.coarse_codes, layer.coarse_scale, _coarse_attrs(layer))):
         name = base + part
         xq = g.node("DequantizeLinear", [codes, s, z], name)
         inputs = _dequantized_operands(g, layer, xq, w_codes, w_scale_t, name, with_bias=not part)   # bias: fine
@@ -196,11 +195,16 @@ def _emit_codebook_layer(g: _GraphBuilder, layer: nn.Module, x: str, base: str) 
     return _conv_or_gemm(g, layer, [xq, w] + _float_bias(g, layer, base), base)
 
 
-def _conv_attrs(conv: nn.Conv2d, coarse_center: bool = False) -> dict[str, Any]:
-    kernel = [1, 1] if coarse_center else list(conv.kernel_size)
-    pads = [0, 0, 0, 0] if coarse_center else [conv.padding[0], conv.padding[1]] * 2
-    return dict(kernel_shape=kernel, strides=list(conv.stride), pads=pads, group=conv.groups,
-                dilations=[1, 1] if coarse_center else list(conv.dilation))
+def _conv_attrs(conv: nn.Conv2d) -> dict[str, Any]:
+    return dict(kernel_shape=list(conv.kernel_size), strides=list(conv.stride),
+                pads=[conv.padding[0], conv.padding[1]] * 2, group=conv.groups, dilations=list(conv.dilation))
+
+
+def _coarse_attrs(layer: QuantConv2d) -> dict[str, Any]:
+    """Attributes of the conv that applies a CFWS layer's coarse codes (modules.coarse_conv_args)."""
+    a = coarse_conv_args(layer)
+    return dict(kernel_shape=list(layer.coarse_codes.shape[-2:]), strides=list(a["stride"]),
+                pads=[a["padding"][0], a["padding"][1]] * 2, group=a["groups"], dilations=list(a["dilation"]))
 
 
 def _emit_quant_layer(g: _GraphBuilder, layer: nn.Module, x: str, base: str, fusable: bool) -> str:

@@ -16,7 +16,7 @@ from torch import Tensor, nn
 from repq.errors import RepqError
 from repq.quant.calibrators import CalibrationConfig, HistogramObserver, compute_amax
 from repq.quant.primitives import fake_quantize, int_range, symmetric_scale
-from repq.quant.weights import QuantizedWeight
+from repq.quant.weights import COARSE_LAYOUTS, QuantizedWeight, expand_diagonal
 from repq.reparam.fold import pad_to
 
 _INT32_MIN, _INT32_MAX = -(2 ** 31), 2 ** 31 - 1
@@ -75,7 +75,8 @@ class ActQuantizer(nn.Module):
 
 
 class QuantWeightMixin:
-    """Weight codes and scales (plus the CFWS coarse part) as buffers; `coarse` is None, "center" or "whole"."""
+    """Weight codes and scales (plus the CFWS coarse part) as buffers; `coarse` is None, "center", "diagonal" or
+    "whole" (QuantizedWeight.coarse_layout)."""
 
     weight: Tensor
     bias: Tensor | None
@@ -94,7 +95,11 @@ class QuantWeightMixin:
         self.register_buffer("weight_codes", torch.zeros_like(self.weight, dtype=torch.int32))
         self.register_buffer("weight_scale", torch.ones(out_ch))
         if coarse is not None:
-            shape = self.weight.shape if coarse == "whole" else (*self.weight.shape[:2], 1, 1)
+            if coarse not in COARSE_LAYOUTS:
+                raise RepqError(f"unknown CFWS coarse layout {coarse!r} (a damaged checkpoint?); expected one of "
+                                f"{', '.join(COARSE_LAYOUTS)}")
+            shape = {"whole": self.weight.shape, "center": (*self.weight.shape[:2], 1, 1),
+                     "diagonal": (out_ch, 1, 1, 1)}[coarse]
             self.register_buffer("coarse_codes", torch.zeros(shape, dtype=torch.int32))
             self.register_buffer("coarse_scale", torch.ones(out_ch))
         self.input_quantizer = ActQuantizer(a_bits)
@@ -102,8 +107,9 @@ class QuantWeightMixin:
 
     @torch.no_grad()
     def set_quantized_weight(self, qw: QuantizedWeight) -> None:
-        if (qw.coarse_codes is not None) != (self.coarse is not None):
-            raise ValueError("quantized weight does not match the layer's coarse/fine layout")
+        if qw.coarse_layout != self.coarse:
+            raise ValueError(f"quantized weight (coarse layout {qw.coarse_layout}) does not match the layer's "
+                             f"({self.coarse})")
         self.weight_codes.copy_(qw.codes.to(torch.int32))
         self.weight_scale.copy_(qw.scale)
         if qw.coarse_codes is not None:
@@ -112,17 +118,22 @@ class QuantWeightMixin:
 
     def quantized_weight(self) -> QuantizedWeight:
         coarse = (self.coarse_codes.float(), self.coarse_scale) if self.coarse else (None, None)
-        return QuantizedWeight(self.weight_codes.float(), self.weight_scale, *coarse)
+        return QuantizedWeight(self.weight_codes.float(), self.weight_scale, *coarse, layout=self.coarse)
 
     def effective_weight(self) -> Tensor:
-        """The weight the integer kernel multiplies by: coarse (padded center or whole) + fine, dequantized."""
+        """The weight the integer kernel multiplies by: coarse (padded center, expanded diagonal or whole) + fine,
+        dequantized."""
         if self.use_float_weight:
             return self.weight
         shape = [-1] + [1] * (self.weight.dim() - 1)
         w = self.weight_codes.float() * self.weight_scale.reshape(shape)
         if self.coarse is not None:
             coarse = self.coarse_codes.float() * self.coarse_scale.reshape(shape)
-            w = w + (pad_to(coarse, w.shape[-1]) if self.coarse == "center" else coarse)
+            if self.coarse == "center":
+                coarse = pad_to(coarse, w.shape[-1])
+            elif self.coarse == "diagonal":
+                coarse = expand_diagonal(coarse, w.shape)
+            w = w + coarse
         return w
 
     def bias_codes(self) -> tuple[Tensor, Tensor]:
@@ -165,6 +176,17 @@ class QuantWeightMixin:
         codes = torch.clamp(torch.round(fine / self.weight_scale.reshape(shape)), -limit, limit).to(torch.int32)
         self.weight_codes.copy_(torch.where(widen.reshape(shape), codes, self.weight_codes))
         return int(widen.sum())
+
+
+def coarse_conv_args(layer: nn.Conv2d) -> dict[str, Any]:
+    """stride / padding / dilation / groups of the conv that applies a CFWS layer's coarse codes on its input:
+    "center" is a 1x1 conv with the layer's groups and no padding (the layer has 'same' padding), "diagonal" a
+    depthwise 1x1 conv (one code per channel on its own input channel), "whole" the layer's own conv."""
+    if layer.coarse == "center":
+        return dict(stride=layer.stride, padding=(0, 0), dilation=(1, 1), groups=layer.groups)
+    if layer.coarse == "diagonal":
+        return dict(stride=layer.stride, padding=layer.padding, dilation=layer.dilation, groups=layer.out_channels)
+    return dict(stride=layer.stride, padding=layer.padding, dilation=layer.dilation, groups=layer.groups)
 
 
 def conv_like(cls: type[nn.Conv2d], conv: nn.Conv2d) -> nn.Conv2d:
@@ -231,11 +253,9 @@ class QuantConv2d(SimulatedConv2d, QuantWeightMixin):
         bias = self.bias_codes()[0].double() if self.bias is not None else None
         fine = F.conv2d(codes, self.weight_codes.double(), bias, self.stride, self.padding, self.dilation,
                         self.groups)
-        if self.coarse == "center":
-            coarse = F.conv2d(codes, self.coarse_codes.double(), None, self.stride, 0, 1, self.groups)
-        else:
-            coarse = F.conv2d(codes, self.coarse_codes.double(), None, self.stride, self.padding, self.dilation,
-                              self.groups)
+        a = coarse_conv_args(self)
+        coarse = F.conv2d(codes, self.coarse_codes.double(), None, a["stride"], a["padding"], a["dilation"],
+                          a["groups"])
         return fine, coarse
 
     def branch_multipliers(self) -> tuple[Tensor, Tensor]:
