@@ -14,10 +14,11 @@ Throughput: ONNX Runtime CPU provider, 2 threads, random inputs of the model's s
 from __future__ import annotations
 
 import argparse
+import json
 import tempfile
 from pathlib import Path
 
-from common import kernel_counts, machine, repq, write_result
+from common import RESULTS, kernel_counts, machine, repq, write_result
 from repq.export import export_onnx, verify_against_simulation
 from repq.export.bench import throughput
 from zoo import select, zoo, zoo_checkpoint
@@ -34,9 +35,6 @@ def main() -> None:
     parser.add_argument("--render-only", action="store_true", help="rewrite cfws_deploy.md from cfws_deploy.json")
     args = parser.parse_args()
     if args.render_only:
-        import json
-
-        from common import RESULTS
         saved = json.loads((RESULTS / "cfws_deploy.json").read_text())
         write_result("cfws_deploy", render(saved["rows"], saved["command"], saved["machine"]), saved)
         return
@@ -68,9 +66,6 @@ def main() -> None:
 
     cmd = "python benchmarks/cfws_deploy_benchmark.py" + (" --quick" if args.quick else "")
     if args.only and not args.quick:   # re-measured models replace their rows; the others are kept
-        import json
-
-        from common import RESULTS
         saved = RESULTS / "cfws_deploy.json"
         fresh = {r["model"]: r for r in rows}
         kept = json.loads(saved.read_text())["rows"] if saved.exists() else []

@@ -14,17 +14,8 @@ from torch import nn
 
 from common import machine, repq, write_result
 from detection_common import detector_checkpoint
-from repq.quant.weights import IDENTITY_DIAGONAL_SHARE, carries_identity, diagonal_index
+from repq.quant.weights import IDENTITY_DIAGONAL_SHARE, carries_identity, identity_diagonal_share
 from zoo import select, zoo_checkpoint
-
-
-def diagonal_share(conv: nn.Conv2d) -> float | None:
-    """Share of output channels whose largest |w| is on the identity diagonal; None for a non-square/non-1x1 conv."""
-    w = conv.weight.detach()
-    if w.shape[-2:] != (1, 1) or w.shape[0] != w.shape[1] * conv.groups or w.shape[1] < 2:
-        return None
-    o, i = diagonal_index(w.shape)
-    return float((w.abs()[o, i, 0, 0] >= w.abs().flatten(1).amax(1)).float().mean())
 
 
 @torch.no_grad()
@@ -32,7 +23,7 @@ def rows_of(name: str, model: nn.Module) -> list[dict]:
     fused = repq.reparameterize(model)
     rows = []
     for layer, conv in fused.named_modules():
-        if isinstance(conv, nn.Conv2d) and (share := diagonal_share(conv)) is not None:
+        if isinstance(conv, nn.Conv2d) and (share := identity_diagonal_share(conv.weight, conv.groups)) is not None:
             rows.append({"model": name, "layer": layer, "shape": list(conv.weight.shape), "groups": conv.groups,
                          "share": share, "split": carries_identity(conv.weight.detach(), conv.groups)})
     return rows

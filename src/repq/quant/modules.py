@@ -16,8 +16,7 @@ from torch import Tensor, nn
 from repq.errors import RepqError
 from repq.quant.calibrators import CalibrationConfig, HistogramObserver, compute_amax
 from repq.quant.primitives import fake_quantize, int_range, symmetric_scale
-from repq.quant.weights import COARSE_LAYOUTS, QuantizedWeight, expand_diagonal
-from repq.reparam.fold import pad_to
+from repq.quant.weights import COARSE_LAYOUTS, QuantizedWeight
 
 _INT32_MIN, _INT32_MAX = -(2 ** 31), 2 ** 31 - 1
 
@@ -125,16 +124,7 @@ class QuantWeightMixin:
         dequantized."""
         if self.use_float_weight:
             return self.weight
-        shape = [-1] + [1] * (self.weight.dim() - 1)
-        w = self.weight_codes.float() * self.weight_scale.reshape(shape)
-        if self.coarse is not None:
-            coarse = self.coarse_codes.float() * self.coarse_scale.reshape(shape)
-            if self.coarse == "center":
-                coarse = pad_to(coarse, w.shape[-1])
-            elif self.coarse == "diagonal":
-                coarse = expand_diagonal(coarse, w.shape)
-            w = w + coarse
-        return w
+        return self.quantized_weight().dequantize()
 
     def bias_codes(self) -> tuple[Tensor, Tensor]:
         """Bias codes on the integer grid of the (fine) accumulator and their scale (input x weight scale): int32

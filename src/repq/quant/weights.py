@@ -73,15 +73,21 @@ def expand_diagonal(diagonal: Tensor, shape: torch.Size | tuple[int, ...]) -> Te
     return full
 
 
-def carries_identity(w: Tensor, groups: int = 1) -> bool:
-    """True for a 1x1 conv kernel (O = I, at least 2 inputs per group) whose diagonal holds the largest |w| in at
-    least IDENTITY_DIAGONAL_SHARE of the output channels: the signature of a merged identity branch."""
+def identity_diagonal_share(w: Tensor, groups: int = 1) -> float | None:
+    """Share of output channels whose largest |w| sits on the identity diagonal of a 1x1 conv kernel with O = I
+    (at least 2 inputs per group); None for any other kernel."""
     if w.dim() != 4 or w.shape[-2:] != (1, 1) or w.shape[1] < 2 or w.shape[0] != w.shape[1] * groups:
-        return False
+        return None
     o, i = diagonal_index(w.shape)
     magnitude = w.detach().abs()
-    on_diagonal = magnitude[o, i, 0, 0] >= magnitude.flatten(1).amax(dim=1)
-    return bool(on_diagonal.float().mean() >= IDENTITY_DIAGONAL_SHARE)
+    return float((magnitude[o, i, 0, 0] >= magnitude.flatten(1).amax(dim=1)).float().mean())
+
+
+def carries_identity(w: Tensor, groups: int = 1) -> bool:
+    """True for a 1x1 conv kernel whose diagonal holds the largest |w| in at least IDENTITY_DIAGONAL_SHARE of the
+    output channels: the signature of a merged identity branch."""
+    share = identity_diagonal_share(w, groups)
+    return share is not None and share >= IDENTITY_DIAGONAL_SHARE
 
 
 def _symmetric(w: Tensor, amax: Tensor, bits: int, rounding: str = "half_even") -> tuple[Tensor, Tensor]:
@@ -115,6 +121,17 @@ def quantize_minmax_at(w: Tensor, amax: Tensor, bits: int) -> QuantizedWeight:
     return QuantizedWeight(codes, scale)
 
 
+def _split(w: Tensor, taps: Tensor, put_back, bits: int, per_channel: bool, layout: str) -> QuantizedWeight:
+    """CFWS's split: the `taps` (O x ... x 1 x 1, where the merge adds the identity / 1x1 branches) get coarse codes
+    s_c n_c (round half up); `put_back(fine_input, residual)` writes taps - s_c n_c into a copy of the kernel, which
+    is quantized per channel as the fine part."""
+    coarse_codes, coarse_scale = _symmetric(taps, channel_amax(taps, per_channel), bits, rounding="half_up")
+    fine_input = w.clone()
+    put_back(fine_input, taps - dequantize(coarse_codes, coarse_scale, 0.0, axis=0))
+    fine_codes, fine_scale = _symmetric(fine_input, channel_amax(fine_input, True), bits)
+    return QuantizedWeight(fine_codes, fine_scale, coarse_codes, coarse_scale, layout=layout)
+
+
 def quantize_cfws(w: Tensor, bits: int = 8, per_channel: bool = True) -> QuantizedWeight:
     """Coarse & fine weight splitting of a k x k kernel (k odd, k > 1).
 
@@ -123,30 +140,23 @@ def quantize_cfws(w: Tensor, bits: int = 8, per_channel: bool = True) -> Quantiz
     """
     if w.dim() != 4 or w.shape[-1] != w.shape[-2] or w.shape[-1] % 2 == 0 or w.shape[-1] < 3:
         raise RepqError(f"CFWS needs a square odd k x k conv kernel with k >= 3, got shape {tuple(w.shape)}")
-    k = w.shape[-1]
-    c = k // 2
-    center = w[:, :, c:c + 1, c:c + 1]
-    coarse_codes, coarse_scale = _symmetric(center, channel_amax(center, per_channel), bits, rounding="half_up")
-    residual = center - dequantize(coarse_codes, coarse_scale, 0.0, axis=0)
-    fine_input = w.clone()
-    fine_input[:, :, c:c + 1, c:c + 1] = residual
-    fine_codes, fine_scale = _symmetric(fine_input, channel_amax(fine_input, True), bits)
-    return QuantizedWeight(fine_codes, fine_scale, coarse_codes, coarse_scale)
+    c = w.shape[-1] // 2
+
+    def put_back(fine_input: Tensor, residual: Tensor) -> None:
+        fine_input[:, :, c:c + 1, c:c + 1] = residual
+    return _split(w, w[:, :, c:c + 1, c:c + 1], put_back, bits, per_channel, "center")
 
 
 def quantize_cfws_diagonal(w: Tensor, bits: int = 8, per_channel: bool = True) -> QuantizedWeight:
     """CFWS on a 1x1 kernel that carries a merged identity (MobileOne's pointwise blocks): the merge adds the
-    identity's BN scale t0 on the diagonal, where a 3x3 kernel gets it at the center. The diagonal taps D get a
-    coarse code s_c n_c (round half up, one per output channel); D - s_c n_c goes back on the diagonal and the whole
-    kernel is quantized per channel as the fine part. The coarse part runs as a depthwise 1x1 conv: O extra
+    identity's BN scale t0 on the diagonal, where a 3x3 kernel gets it at the center. The diagonal taps get one
+    coarse code per output channel; the rest is CFWS's split. The coarse part runs as a depthwise 1x1 conv: O extra
     multiply-adds per pixel against O x I/g for the layer."""
     o, i = diagonal_index(w.shape)
-    diagonal = w[o, i].reshape(-1, 1, 1, 1)
-    coarse_codes, coarse_scale = _symmetric(diagonal, channel_amax(diagonal, per_channel), bits, rounding="half_up")
-    fine_input = w.clone()
-    fine_input[o, i] = (diagonal - dequantize(coarse_codes, coarse_scale, 0.0, axis=0)).reshape(-1, 1, 1)
-    fine_codes, fine_scale = _symmetric(fine_input, channel_amax(fine_input, True), bits)
-    return QuantizedWeight(fine_codes, fine_scale, coarse_codes, coarse_scale, layout="diagonal")
+
+    def put_back(fine_input: Tensor, residual: Tensor) -> None:
+        fine_input[o, i] = residual.reshape(-1, 1, 1)
+    return _split(w, w[o, i].reshape(-1, 1, 1, 1), put_back, bits, per_channel, "diagonal")
 
 
 def quantize_cfws_whole(w: Tensor, bits: int = 8, per_channel: bool = True) -> QuantizedWeight:
