@@ -88,6 +88,9 @@ CASES = [
     (["qat", "--checkpoint", "CKPT", "--data", "digits", "--method", "lsq", "--refit-every", "5", "--out", "NEW"],
      "--refit-every", "--method cluster only"),
     (["qat", "--checkpoint", "CKPT", "--data", "digits", "--w-bits", "1", "--out", "NEW"], "--w-bits", ">="),
+    (["qat", "--checkpoint", "CKPT", "--data", "digits", "--distill", "1", "--out", "NEW"], "--distill",
+     "applies to detectors"),
+    (["qat", "--checkpoint", "CKPT", "--data", "digits", "--distill", "-1", "--out", "NEW"], "--distill", ">="),
     (["ptq", "--checkpoint", "CKPT", "--data", "digits", "--skip-layers", "nothing.*"], "--skip-layers",
      "matches no layer"),
     # devices

@@ -291,6 +291,58 @@ def test_tiny_detector_loss_falls():
     assert last < 0.8 * first
 
 
+def test_prediction_distillation_matches_an_independent_computation():
+    from repq.detect.loss import prediction_distillation
+    gen = torch.Generator().manual_seed(4)
+    student = [torch.randn(2, 4 + 3, h, h, generator=gen) for h in (4, 2)]
+    teacher = [torch.randn(2, 4 + 3, h, h, generator=gen) for h in (4, 2)]
+    got = float(prediction_distillation(student, teacher, 3))
+    # numpy, anchor by anchor: BCE against the teacher's probabilities + L1 of the distances, weighted by the
+    # teacher's highest class probability, averaged over that weight
+    total_cls = total_box = total_w = 0.0
+    for s_map, t_map in zip(student, teacher):
+        s_np, t_np = s_map.double().numpy(), t_map.double().numpy()
+        for b in range(2):
+            for y in range(s_np.shape[2]):
+                for x in range(s_np.shape[3]):
+                    s_a, t_a = s_np[b, :, y, x], t_np[b, :, y, x]
+                    p = 1 / (1 + np.exp(-t_a[4:]))
+                    q = 1 / (1 + np.exp(-s_a[4:]))
+                    w = p.max()
+                    total_cls += w * -(p * np.log(q) + (1 - p) * np.log(1 - q)).sum()
+                    total_box += w * np.abs(s_a[:4] - t_a[:4]).sum()
+                    total_w += w
+    assert got == pytest.approx((total_cls + total_box) / max(total_w, 1.0), rel=1e-5)
+
+
+def test_qat_with_distillation_stays_closer_to_the_float_detector():
+    """The same QAT run with and without distillation: with it, the quantized detector's predictions end nearer the
+    float teacher's (the task loss alone pulls them elsewhere)."""
+    import copy
+
+    from repq.detect.loss import prediction_distillation
+    from repq.detect.training import DetectTrainConfig, train_detector
+    data = _tiny_set(16)
+    teacher = repq.create_model("yolov6_pico", num_classes=3).eval()
+    images = data.head(8)[0]
+    start = repq.prepare_qat(teacher, repq.QATConfig(method="lsq", w_bits=4, a_bits=4, num_samples=8), images)
+    start.num_classes, start.strides = teacher.num_classes, teacher.strides
+    with torch.no_grad():
+        floor = float(prediction_distillation(teacher(images), teacher(images), 3))   # the teacher's own entropy
+    gaps = {}
+    for weight in (0.0, 5.0):
+        qat = copy.deepcopy(start)
+        config = DetectTrainConfig(epochs=6, batch_size=8, lr=0.01, warmup_epochs=0.0, ema_decay=0.0,
+                                   distill=weight, augment=False)
+        history = train_detector(qat, data, config, progress=False, teacher=teacher)
+        assert all(np.isfinite(history["loss"]))
+        with torch.no_grad():
+            gaps[weight] = float(prediction_distillation(qat.eval()(images), teacher(images), 3)) - floor
+    assert gaps[5.0] < 0.5 * gaps[0.0], gaps
+    with pytest.raises(repq.RepqError, match="needs a teacher"):
+        train_detector(qat, data, config, progress=False)
+
+
 def test_near_zero_filters_keep_their_bias_exactly_after_quantization():
     """A head whose filters never trained (zero weights, bias 1): its weight scale must be widened so the int32 bias
     codes keep the bias (before, they saturated in the simulation and wrapped to negative in the export)."""
@@ -368,6 +420,12 @@ def test_cli_detection_train_ptq_export_eval(tmp_path, capsys, detect_dataset):
     assert set(rows) == {"quantized", "quantized in ONNX Runtime"}
     code, out, err = _cli(capsys, "eval", "--checkpoint", fp, "--data", data, "--min-map", 99)
     assert code == 1 and "--min-map" in err
+    code, out, err = _cli(capsys, "qat", "--checkpoint", fp, "--data", data, "--method", "lsq", "--epochs", 1,
+                          "--batch-size", 8, "--max-steps", 2, "--distill", 1.0, "--calib", 8, "--out",
+                          tmp_path / "qat.pt", "--json")
+    assert code == 0, err
+    result = json.loads(out)
+    assert {"fp", "start", "qat"} <= set(result) and "map" in result["qat"]
 
 
 def test_cli_detection_mistakes_are_one_line_errors(tmp_path, capsys, detect_dataset):

@@ -192,6 +192,43 @@ def test_edge_layers_keep_8_bits_by_default(trained_digits_model):
     assert all(m.weight_quantizer.codebook.numel() == 8 for m in layers[1:-1])
 
 
+class TwoHeads(torch.nn.Module):
+    """A stem, a shared trunk and two prediction heads whose outputs are concatenated (as a detector's class and
+    box maps are): the output layers are both heads, found through cat, an in-place ReLU and a reshape."""
+
+    def __init__(self):
+        super().__init__()
+        self.box = torch.nn.Conv2d(8, 4, 1)           # registered before the trunk: module order is not graph order
+        self.stem = torch.nn.Conv2d(3, 8, 3, padding=1)
+        self.trunk = torch.nn.Conv2d(8, 8, 3, padding=1)
+        self.cls = torch.nn.Conv2d(8, 2, 1)
+        self.unused_aux = torch.nn.Conv2d(8, 8, 1)     # runs, but its output reaches no network output
+
+    def forward(self, x):
+        y = torch.relu_(self.trunk(torch.relu(self.stem(x))))
+        self.unused_aux(y)
+        maps = torch.cat([self.box(y), torch.relu_(self.cls(y))], dim=1)
+        return {"maps": maps.flatten(2), "stride": 8}
+
+
+def test_edge_layers_follow_the_graph_not_the_module_order():
+    from repq.quant.edges import edge_layers
+    first, outputs = edge_layers(TwoHeads(), torch.randn(2, 3, 8, 8))
+    assert first == ["stem"] and outputs == ["box", "cls"]
+    seq = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.ReLU(), torch.nn.Flatten(), torch.nn.Linear(144, 3))
+    assert edge_layers(seq, torch.randn(1, 1, 8, 8)) == (["0"], ["3"])
+
+
+def test_every_detector_prediction_conv_is_an_edge_layer():
+    model = repq.create_model("yolov6_pico", num_classes=3)
+    qat = repq.prepare_qat(model, repq.QATConfig(method="lsq", w_bits=4, a_bits=4, num_samples=4),
+                           torch.randn(4, 3, 64, 64))
+    eight = sorted(n for n, b in qat.repq_qat["bits"].items() if b == [8, 8])
+    assert eight == sorted(["backbone.stem.rbr_reparam"] + [f"detect.{i}.{head}_pred" for i in range(3)
+                                                            for head in ("reg", "cls")])
+    assert sum(b == [4, 4] for b in qat.repq_qat["bits"].values()) == len(qat.repq_qat["bits"]) - 7
+
+
 @pytest.mark.parametrize("options, message", [(dict(method="kmeans"), "unknown QAT method"),
                                               (dict(w_bits=1), "between 2 and 8"),
                                               (dict(codebook="fixed"), "codebook must be"),

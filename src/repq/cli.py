@@ -388,6 +388,9 @@ def cmd_qat(args: argparse.Namespace) -> None:
         if out:
             _emit(args, out["result"], out["human"])
         return
+    if args.distill:
+        raise RepqError("--distill applies to detectors (the distillation of their dense predictions); drop it for "
+                        "a classifier")
     train_ds = _load_data(args, "train", payload)
     test_ds = _load_data(args, "test", payload)
     _check_data(payload, train_ds, args.allow_data_mismatch)
@@ -761,8 +764,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "int8 grid per layer (deployed as fused int8 convs) (default free)")
     p.add_argument("--lloyd-iters", type=positive_int, default=None,
                    help="cluster/refit: Lloyd iterations per re-fit (default 3)")
-    p.add_argument("--edge-bits", type=_edge_bits, default=8, help="bits of the first conv and last linear (0: as "
-                   "the rest)")
+    p.add_argument("--edge-bits", type=_edge_bits, default=8, help="bits of the input layer and of the output layers "
+                   "(the classifier; a detector's prediction convs) (0: as the rest)")
+    p.add_argument("--distill", type=nonnegative_float, default=0.0,
+                   help="detectors: weight of the distillation from the float model's predictions (0: off)")
     p.add_argument("--epochs", type=positive_int, default=2)
     p.add_argument("--batch-size", type=positive_int, default=128)
     p.add_argument("--lr", type=positive_float, default=0.01)

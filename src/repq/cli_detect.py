@@ -247,8 +247,9 @@ def qat(args: argparse.Namespace, model, payload: dict[str, Any], config, device
     train_config = DetectTrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                                      weight_decay=args.weight_decay, augment=not args.no_augment, seed=args.seed,
                                      max_steps_per_epoch=args.max_steps, amp=args.amp, warmup_epochs=0.0,
-                                     ema_decay=0.0)
-    history = train_detector(qat_model, train_ds, train_config, eval_data=test_ds, progress=not args.json)
+                                     ema_decay=0.0, distill=args.distill)
+    history = train_detector(qat_model, train_ds, train_config, eval_data=test_ds, progress=not args.json,
+                             teacher=model if args.distill else None)
     qmodel = repq.convert_qat(qat_model)
     if rank != 0:
         return {}

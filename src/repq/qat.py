@@ -22,6 +22,7 @@ from repq.errors import RepqError
 from repq.ptq import check_supported, fit_biases, replace_module
 from repq.quant.calibrators import ACTIVATION_METHODS
 from repq.quant.codebook import assign
+from repq.quant.edges import edge_layers
 from repq.quant.modules import (CodebookConv2d, CodebookLinear, QuantConv2d, QuantGlobalAvgPool, QuantLinear,
                                 is_global_avg_pool)
 from repq.quant.primitives import quantize
@@ -36,6 +37,7 @@ from repq.quant.qat_modules import (
 )
 from repq.quant.weights import QuantizedWeight
 from repq.reparam.model import fuse_blocks
+from repq.reparam.verify import guess_example
 
 QAT_METHODS = ("lsq", "cluster")
 
@@ -56,7 +58,9 @@ class QATConfig:
     weight_init: str = "mse"            # lsq: initial per-channel steps from this PTQ weight quantizer (minmax | mse)
     activation_init: str = "mse"        # initial activation steps from this PTQ calibrator
     unsigned_activations: bool = True   # non-negative (post-ReLU) inputs get unsigned codes: one more level bit
-    edge_bits: int | None = 8           # first conv and last linear layer at this width (None: same as the rest)
+    edge_bits: int | None = 8           # the input layer and the output layers (all that write a network output:
+                                        # the classifier; a detector's six prediction convs) at this width
+                                        # (None: same as the rest)
     quantize_pool: bool = False         # also quantize the global-pool input (at the last layer's width), trained
                                         # like the others: the last conv then runs fused in ONNX Runtime
     num_samples: int = 32
@@ -81,9 +85,24 @@ class QATConfig:
             raise RepqError("refit_every must be >= 0, lloyd_iters and num_samples >= 1")
 
 
-def _layer_bits(names: list[str], config: QATConfig) -> dict[str, tuple[int, int]]:
-    edges = {names[0], names[-1]} if config.edge_bits is not None else set()
+def _layer_bits(names: list[str], config: QATConfig, edges: set[str]) -> dict[str, tuple[int, int]]:
+    edges = edges if config.edge_bits is not None else set()
     return {n: (config.edge_bits, config.edge_bits) if n in edges else (config.w_bits, config.a_bits) for n in names}
+
+
+def _edges(fused: nn.Module, images: torch.Tensor | None, names: list[str]) -> tuple[list[str], list[str]]:
+    """The input and output layers (repq.quant.edges) traced on two calibration images; without images, on a guessed
+    32 x 32 input, falling back to the first and last registered layer (with a warning) if the model cannot run
+    on it."""
+    if images is not None:
+        return edge_layers(fused, images[:2])
+    try:
+        return edge_layers(fused, guess_example(fused))
+    except (RuntimeError, ValueError) as err:
+        warnings.warn(f"could not trace the output layers on a guessed 32x32 input ({str(err).splitlines()[0]}); "
+                      "keeping the first and last registered layers at edge_bits: pass calibration images to "
+                      "prepare_qat to trace them", stacklevel=3)
+        return names[:1], names[-1:]
 
 
 def prepare_qat(model: nn.Module, config: QATConfig | None = None, calib_data: Any = None) -> nn.Module:
@@ -100,7 +119,15 @@ def prepare_qat(model: nn.Module, config: QATConfig | None = None, calib_data: A
     names = [n for n, m in fused.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
     if not names:
         raise RepqError("the model has no Conv2d or Linear layer to quantize")
-    bits = _layer_bits(names, config)
+    images = None
+    if calib_data is not None:
+        images = take_images(calib_data, config.num_samples, config.seed)
+        if len(images) < config.num_samples:
+            warnings.warn(f"calibration data has {len(images)} images, fewer than the {config.num_samples} asked",
+                          stacklevel=2)
+        images = images.to(next(fused.parameters()).device)
+    first, last = _edges(fused, images, names)
+    bits = _layer_bits(names, config, set(first) | set(last))
     for name in names:
         layer = fused.get_submodule(name)
         w_bits, a_bits = bits[name]
@@ -116,21 +143,18 @@ def prepare_qat(model: nn.Module, config: QATConfig | None = None, calib_data: A
         cls = QATConv2d if isinstance(layer, nn.Conv2d) else QATLinear
         replace_module(fused, name, cls.from_float(layer, weight_q, input_q))
     pools = {}
-    if config.quantize_pool:   # the pool feeds the last layer: it takes that layer's activation width
-        pool_bits = bits[names[-1]][1]
+    if config.quantize_pool:   # the pool feeds the classifier: it takes the output layers' activation width
+        pool_bits = bits[last[-1] if last else names[-1]][1]
         for name in [n for n, m in fused.named_modules() if is_global_avg_pool(m)]:
             input_q = LSQQuantizer(pool_bits, signed=True, init=config.activation_init,
                                    allow_unsigned=config.unsigned_activations).to(next(fused.parameters()).device)
             input_q.name = name
             replace_module(fused, name, QATGlobalAvgPool(input_q))
             pools[name] = pool_bits
-    fused.repq_qat = {"qat": asdict(config), "bits": {n: list(b) for n, b in bits.items()}, "pools": pools}
-    if calib_data is not None:
-        images = take_images(calib_data, config.num_samples, config.seed)
-        if len(images) < config.num_samples:
-            warnings.warn(f"calibration data has {len(images)} images, fewer than the {config.num_samples} asked",
-                          stacklevel=2)
-        initialize_activations(fused, images.to(next(fused.parameters()).device))
+    fused.repq_qat = {"qat": asdict(config), "bits": {n: list(b) for n, b in bits.items()}, "pools": pools,
+                      "edges": {"input": first, "output": last}}
+    if images is not None:
+        initialize_activations(fused, images)
     return fused
 
 

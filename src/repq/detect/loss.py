@@ -63,3 +63,21 @@ class DetectionLoss:
         total = self.class_weight * class_loss + self.box_weight * box_loss
         return total, {"cls": float(class_loss.detach()), "box": float(box_loss.detach()),
                        "positives": int(fg.sum())}
+
+
+def prediction_distillation(student: Sequence[Tensor], teacher: Sequence[Tensor], num_classes: int) -> Tensor:
+    """Distillation of a detector's dense predictions from a teacher's (the float model during QAT): binary cross
+    entropy of the student's class logits against the teacher's class probabilities, plus the L1 distance between
+    their box distances (in strides), weighted per anchor by the teacher's highest class probability so that the
+    background does not drown the objects; both averaged over that weight. Why: the quantized student starts from
+    the teacher's weights, and the teacher's soft outputs carry more per image than the assigned hard targets
+    (its scores on every anchor, its boxes where it sees objects)."""
+    s_dist, s_logits, _ = flatten_levels(student, num_classes)
+    t_dist, t_logits, _ = flatten_levels([t.detach() for t in teacher], num_classes)
+    t_prob = t_logits.float().sigmoid()
+    weight = t_prob.max(dim=-1).values
+    normalizer = weight.sum().clamp(min=1.0)
+    class_term = (F.binary_cross_entropy_with_logits(s_logits.float(), t_prob, reduction="none").sum(-1)
+                  * weight).sum() / normalizer
+    box_term = ((s_dist.float() - t_dist.float()).abs().sum(-1) * weight).sum() / normalizer
+    return class_term + box_term

@@ -15,7 +15,7 @@ from torch import Tensor, nn
 from repq.checkpoint import save_checkpoint
 from repq.data.detection import DetectionDataset
 from repq.detect.boxes import postprocess
-from repq.detect.loss import DetectionLoss
+from repq.detect.loss import DetectionLoss, prediction_distillation
 from repq.detect.metrics import coco_map
 from repq.errors import RepqError
 from repq.training import TrainingRun, _lr_factor
@@ -35,6 +35,7 @@ class DetectTrainConfig:
     ema_tau: float = 500.0      # steps over which the decay ramps up from 0
     max_steps_per_epoch: int | None = None
     amp: str | None = None
+    distill: float = 0.0        # weight of the teacher's prediction distillation (needs a teacher; QAT: the FP model)
 
 
 def _ema(model: nn.Module, decay: float, tau: float) -> torch.optim.swa_utils.AveragedModel:
@@ -49,15 +50,26 @@ def _ema(model: nn.Module, decay: float, tau: float) -> torch.optim.swa_utils.Av
 
 def train_detector(model: nn.Module, data: DetectionDataset, config: DetectTrainConfig | None = None,
                    eval_data: DetectionDataset | None = None, out: str | None = None, resume: str | None = None,
-                   progress: bool = True, checkpoint_extra: dict[str, Any] | None = None) -> dict[str, Any]:
+                   progress: bool = True, checkpoint_extra: dict[str, Any] | None = None,
+                   teacher: nn.Module | None = None) -> dict[str, Any]:
     """Train `model` in place (its weights end as the moving average when `ema_decay` > 0); returns the history
-    (per-step loss, per-epoch mAP). With `out`, a resumable checkpoint is written after every epoch."""
+    (per-step loss, per-epoch mAP). With `out`, a resumable checkpoint is written after every epoch. With a
+    `teacher` and `config.distill` > 0, the loss adds the teacher's prediction distillation (QAT from the FP
+    model: `prediction_distillation`)."""
     config = config or DetectTrainConfig()
+    if config.distill < 0:
+        raise RepqError(f"distill must be >= 0, got {config.distill}")
+    if config.distill > 0 and teacher is None:
+        raise RepqError("distill > 0 needs a teacher model (for QAT: the float detector)")
     if getattr(model, "num_classes", data.num_classes) != data.num_classes:
         raise RepqError(f"the data has {data.num_classes} classes but the detector has {model.num_classes}; build it "
                         "with num_classes matching the data")
     criterion = DetectionLoss(data.num_classes, getattr(model, "strides", (8, 16, 32)))
     run = TrainingRun.start(model, len(data), config, resume, nesterov=True)
+    if teacher is not None and config.distill > 0:
+        teacher = teacher.to(run.device).eval()
+    else:
+        teacher = None
     ema = _ema(model, config.ema_decay, config.ema_tau) if config.ema_decay > 0 else None   # after the resume
     device, rank, world, optimizer, scaler, net = run.device, run.rank, run.world, run.optimizer, run.scaler, run.net
     steps_per_epoch, history = run.steps_per_epoch, run.history
@@ -81,7 +93,14 @@ def train_detector(model: nn.Module, data: DetectionDataset, config: DetectTrain
             images = images.to(device, non_blocking=True)
             with torch.autocast(device.type, dtype=run.amp_dtype, enabled=run.use_amp):
                 outputs = net(images)
+                if teacher is not None:
+                    with torch.no_grad():
+                        teacher_outputs = teacher(images)
             loss, info = criterion(outputs, targets)
+            if teacher is not None:
+                distilled = prediction_distillation(outputs, teacher_outputs, data.num_classes)
+                loss = loss + config.distill * distilled
+                info["distill"] = float(distilled.detach())
             if not torch.isfinite(loss.detach()):
                 raise RepqError(f"training diverged (loss {float(loss.detach())}) at epoch {epoch + 1}; lower --lr")
             optimizer.zero_grad(set_to_none=True)
