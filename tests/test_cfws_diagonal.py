@@ -50,16 +50,22 @@ def test_diagonal_split_matches_numpy_and_beats_minmax(groups, bits):
     assert err * 10 < float(((quantize_minmax(w, bits).dequantize() - w) ** 2).mean())
 
 
+@torch.no_grad()
+def trained_looking(model: nn.Module) -> nn.Module:
+    """BN scales around 1 and small conv weights, as after training: a merged identity then dominates the diagonal."""
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_var.uniform_(0.5, 2.0)
+            m.weight.uniform_(0.5, 1.5)
+        if isinstance(m, nn.Conv2d):
+            m.weight.mul_(0.1)
+    return model
+
+
 def test_identity_signature_on_merged_blocks_and_not_elsewhere():
     torch.manual_seed(0)
     block = MobileOneBlock(16, 16, kernel_size=1, stride=1, groups=1, branches=2).eval()
-    with torch.no_grad():   # trained-looking statistics: BN scales around 1, conv weights small
-        for m in block.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.running_var.uniform_(0.5, 2.0)
-                m.weight.uniform_(0.5, 1.5)
-            if isinstance(m, nn.Conv2d):
-                m.weight.mul_(0.1)
+    trained_looking(block)
     fused = reparameterize(nn.Sequential(block)).modules()
     conv = next(m for m in fused if isinstance(m, nn.Conv2d))
     assert carries_identity(conv.weight.detach(), conv.groups)
@@ -111,13 +117,7 @@ def test_diagonal_layers_simulate_integers_and_run_in_onnx_runtime(deploy, tmp_p
 @torch.no_grad()
 def test_mobileone_pointwise_layers_get_the_diagonal_split_and_round_trip(tmp_path):
     model = tiny("mobileone_s0", width_scale=0.25)
-    with torch.no_grad():   # trained-looking pointwise blocks: BN scales near 1, small conv weights
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.running_var.uniform_(0.5, 2.0)
-                m.weight.uniform_(0.5, 1.5)
-            if isinstance(m, nn.Conv2d):
-                m.weight.mul_(0.1)
+    trained_looking(model)
     images = torch.randn(8, 1, 16, 16)
     q = repq.quantize(model, images, repq.PTQConfig(num_samples=8, w_bits=4))
     layouts = [m.coarse for m in q.modules() if isinstance(m, QuantConv2d)]
