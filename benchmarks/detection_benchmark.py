@@ -23,6 +23,7 @@ import tempfile
 import time
 from collections import Counter
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -52,15 +53,27 @@ NAIVE = "min-max/tensor + min-max (naive)"
 SEEDED = (DEFAULT, BASELINE, NAIVE, "CFWS + improved KL (P1)")   # 3 calibration seeds; the other recipes seed 0
 LOW_BITS = {"W6A6": (6, 6), "W4A8": (4, 8)}
 ORT_METHODS = ("MinMax", "Entropy", "Percentile")
-# run -> (method, w_bits, a_bits, epochs, steps per epoch (None: all), detectors ("all" or "oabn"), lr, distill)
-QAT_RUNS = {"LSQ W6A6": ("lsq", 6, 6, 1, 120, "all", 0.002, 0.0),
-            "LSQ W4A4": ("lsq", 4, 4, 1, 120, "all", 0.002, 0.0),
-            "ClusterQAT W4A4": ("cluster", 4, 4, 1, 120, "all", 0.002, 0.0),
-            "ClusterQAT W4A4, 3 epochs": ("cluster", 4, 4, 3, None, "all", 0.002, 0.0),
-            "LSQ W4A4, 3 epochs": ("lsq", 4, 4, 3, None, "oabn", 0.002, 0.0),
-            "ClusterQAT W4A4, 3 epochs, lr 0.006": ("cluster", 4, 4, 3, None, "oabn", 0.006, 0.0),
-            "ClusterQAT W4A4, 3 epochs, lr 0.006, distillation 1": ("cluster", 4, 4, 3, None, "oabn", 0.006, 1.0),
-            "ClusterQAT W4A4, 10 epochs, lr 0.006, distillation 1": ("cluster", 4, 4, 10, None, "oabn", 0.006, 1.0)}
+class QATRun(NamedTuple):
+    method: str
+    w_bits: int
+    a_bits: int
+    epochs: int
+    steps: int | None = None   # per epoch (None: all)
+    detectors: str = "all"     # "all" or "oabn" (the OABN detector only)
+    lr: float = 0.002
+    distill: float = 0.0
+
+
+QAT_RUNS = {"LSQ W6A6": QATRun("lsq", 6, 6, 1, 120),
+            "LSQ W4A4": QATRun("lsq", 4, 4, 1, 120),
+            "ClusterQAT W4A4": QATRun("cluster", 4, 4, 1, 120),
+            "ClusterQAT W4A4, 3 epochs": QATRun("cluster", 4, 4, 3),
+            "LSQ W4A4, 3 epochs": QATRun("lsq", 4, 4, 3, detectors="oabn"),
+            "ClusterQAT W4A4, 3 epochs, lr 0.006": QATRun("cluster", 4, 4, 3, detectors="oabn", lr=0.006),
+            "ClusterQAT W4A4, 3 epochs, lr 0.006, distillation 1": QATRun("cluster", 4, 4, 3, detectors="oabn",
+                                                                          lr=0.006, distill=1.0),
+            "ClusterQAT W4A4, 10 epochs, lr 0.006, distillation 1": QATRun("cluster", 4, 4, 10, detectors="oabn",
+                                                                           lr=0.006, distill=1.0)}
 
 
 class Rows:
