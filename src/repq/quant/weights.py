@@ -19,7 +19,8 @@ WEIGHT_METHODS = ("minmax", "mse", "cfws", "cfws_whole")
 COARSE_LAYOUTS = ("center", "diagonal", "whole")
 # A 1x1 kernel "carries a merged identity" when its diagonal holds the largest |w| of at least this share of the
 # output channels. Chance puts it there in 1 / (inputs per group) of them; a merged identity (t0 added on the
-# diagonal) in most (measured: 46-97 % in MobileOne's pointwise blocks, at most 3 % in YOLOv6 head stems).
+# diagonal) in most (measured: 46-97 % in MobileOne's pointwise blocks, at most 5 % in the YOLOv6-style head stems;
+# docs/results/identity_diagonal.md).
 IDENTITY_DIAGONAL_SHARE = 0.25
 
 
@@ -161,10 +162,9 @@ def quantize_cfws_diagonal(w: Tensor, bits: int = 8, per_channel: bool = True) -
 
 def quantize_cfws_whole(w: Tensor, bits: int = 8, per_channel: bool = True) -> QuantizedWeight:
     """Ablation: the coarse part is the whole kernel quantized per channel, the fine part its rounding residual."""
-    coarse_codes, coarse_scale = _symmetric(w, channel_amax(w, per_channel), bits, rounding="half_up")
-    residual = w - dequantize(coarse_codes, coarse_scale, 0.0, axis=0)
-    fine_codes, fine_scale = _symmetric(residual, channel_amax(residual, True), bits)
-    return QuantizedWeight(fine_codes, fine_scale, coarse_codes, coarse_scale)
+    def put_back(fine_input: Tensor, residual: Tensor) -> None:
+        fine_input.copy_(residual)
+    return _split(w, w, put_back, bits, per_channel, "whole")
 
 
 def quantize_weight(w: Tensor, method: str, bits: int = 8, per_channel: bool = True, groups: int = 1
