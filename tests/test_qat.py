@@ -285,10 +285,13 @@ def test_torchrun_two_process_qat_writes_one_checkpoint(trained_digits_model, tm
     assert len(payload["history"]["loss"]) == 3 and payload["quant"]["qat"]["method"] == "cluster"
 
 
-def test_int8_grid_codebook_snaps_trains_and_deploys_as_fused_int8(trained_digits_model, digits, tmp_path, capsys):
+@pytest.mark.parametrize("a_bits", [8, 4])
+def test_int8_grid_codebook_snaps_trains_and_deploys_as_fused_int8(trained_digits_model, digits, tmp_path, capsys,
+                                                                   a_bits):
     """codebook_grid="int8": every centroid is a multiple of one per-layer scale (max |centroid| / 127), the
     converted layers hold int8 codes with at most 2^b distinct values, and ONNX Runtime runs them as QLinearConv
-    with the QAT model's accuracy (every conv, with the pool input quantized too)."""
+    with the QAT model's accuracy (every conv, with the pool input quantized too). 4-bit activations too: their
+    codes are clipped to 0..15 after the QuantizeLinear, which keeps each conv fused."""
     pytest.importorskip("onnxruntime")
     from repq.export import export_onnx, integer_kernels, run_onnx
     from repq.quant.qat_modules import snap_to_int8_grid
@@ -296,7 +299,7 @@ def test_int8_grid_codebook_snaps_trains_and_deploys_as_fused_int8(trained_digit
     scale = 0.5 / 127
     assert torch.allclose(snap_to_int8_grid(c), torch.round(c / scale) * scale) and snap_to_int8_grid(c)[-1] == 0.5
     train_ds, test_ds = digits
-    qat = repq.prepare_qat(trained_digits_model, repq.QATConfig(method="cluster", w_bits=4, a_bits=8,
+    qat = repq.prepare_qat(trained_digits_model, repq.QATConfig(method="cluster", w_bits=4, a_bits=a_bits,
                                                                 codebook_grid="int8", quantize_pool=True), train_ds)
     repq.train(qat, train_ds, repq.TrainConfig(epochs=1, lr=0.01, weight_decay=0.0, max_steps_per_epoch=5),
                progress=False)   # refits happen during training too: the grid must survive them

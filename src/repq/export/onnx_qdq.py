@@ -64,8 +64,10 @@ class _GraphBuilder:
 def _quantize_input(g: _GraphBuilder, layer: nn.Module, x: str, base: str,
                     signed_as_uint8: bool = False) -> tuple[str, str, str]:
     """QuantizeLinear of a layer's input: (codes, scale, zero point); `signed_as_uint8` stores signed codes c as
-    uint8 c + 128. Codes narrower than 8 bits travel in the 8-bit container, behind a Clip to their own range
-    (QuantizeLinear only clips to the container's)."""
+    uint8 c + 128. Codes narrower than 8 bits travel in the 8-bit container: an integer Clip after the
+    QuantizeLinear narrows them to their own range (QuantizeLinear only saturates to the container's). Clipping the
+    codes rather than the float input keeps the Q right after the producing conv, so ONNX Runtime still fuses that
+    conv into a QLinearConv (a float Clip in between would leave it a ConvInteger)."""
     q = layer.input_quantizer
     if q.bits > 8:
         raise RepqError(f"ONNX export supports activations up to 8 bits; '{base}' has {q.bits}")
@@ -75,9 +77,14 @@ def _quantize_input(g: _GraphBuilder, layer: nn.Module, x: str, base: str,
         zero = g.const(base + "_x_zero", np.array(0, dtype=np.int8))
     else:
         zero = g.const(base + "_x_zero", np.array(128 if q.signed else 0, dtype=np.uint8))
+    codes = g.node("QuantizeLinear", [x, scale, zero], base)
     if q.bits < 8:
-        x = _emit_clip(g, x, base, float(q.qmin) * scale_value, float(q.qmax) * scale_value)
-    return g.node("QuantizeLinear", [x, scale, zero], base), scale, zero
+        offset = 128 if q.signed and signed_as_uint8 else 0
+        dtype = np.int8 if q.signed and not signed_as_uint8 else np.uint8
+        lo, hi = (g.const(base + n, np.array(int(v) + offset, dtype=dtype)) for n, v in (("_qmin", q.qmin),
+                                                                                 ("_qmax", q.qmax)))
+        codes = g.node("Clip", [codes, lo, hi], base)
+    return codes, scale, zero
 
 
 def _weight_codes(g: _GraphBuilder, codes: torch.Tensor, base: str) -> str:
@@ -333,8 +340,8 @@ def _requantized_outputs(graph: torch.fx.Graph, modules: dict[str, nn.Module]) -
         module = modules[n.target] if n.op == "call_module" else None
         if not isinstance(module, _QUANT_INPUTS):
             return False
-        q = module.input_quantizer  # narrower codes put a Clip before the Q, which breaks the pattern too
-        return q.bits == 8 and not (after_relu and q.signed)
+        q = module.input_quantizer  # narrower codes are clipped after the Q, which keeps the pattern
+        return q.bits <= 8 and not (after_relu and q.signed)
 
     def users_of(n: torch.fx.Node) -> list[torch.fx.Node]:
         """Users, looking through nn.Identity / nn.Dropout (they emit no ONNX node)."""
