@@ -2,20 +2,22 @@
 `quantize_static` (MinMax, Entropy, Percentile; QDQ, per-channel int8 weights, uint8 activations) on the same
 32 calibration images.
 
-    python benchmarks/export_benchmark.py           # reference Fashion-MNIST RepVGG-A0 (~10 min on 2 cores)
+    python benchmarks/export_benchmark.py           # the zoo's strong reference, fmnist_a0_strong (~25 min)
     python benchmarks/export_benchmark.py --quick   # tiny digits model (seconds)
 """
 from __future__ import annotations
 
 import argparse
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
 
-from common import QUICK_REFERENCE, REFERENCE, kernel_counts, machine, reference_checkpoint, repq, write_result
+from common import kernel_counts, machine, repq, write_result
 from repq.export import export_onnx, run_onnx, top1, verify_against_simulation
+from repq.export.bench import layer_times, throughput
+from repq.quant.modules import QUANT_LAYERS
+from zoo import zoo, zoo_checkpoint
 
 # repq rows: (label, PTQConfig options on top of uint8 activations and a quantized pool input). The first row keeps
 # the pool input in float, the layout before `quantize_pool`: its last conv cannot be fused (ConvInteger).
@@ -31,23 +33,12 @@ RECIPES = [
                                                        "sequential": False}),
     ("cfws/channel + improved_kl (float pass)", {**DEPLOY, "weight": "cfws", "activation": "improved_kl",
                                                  "sequential": False}),
+    ("default (CFWS + auto + bias correction), exact", DEPLOY),
+    ("default (CFWS + auto + bias correction), two-branch", {**DEPLOY, "cfws_deploy": "two_branch"}),
 ]
-
-
-def throughput(path: Path, images: np.ndarray, batch: int, seconds: float) -> float:
-    """Images per second of ONNX Runtime (2 intra-op threads) on repeated batches of `batch` images."""
-    import onnxruntime as ort
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = 2
-    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    x = images[:batch].astype(np.float32)
-    for _ in range(3):
-        session.run(["logits"], {"input": x})
-    runs, start = 0, time.perf_counter()
-    while time.perf_counter() - start < seconds:
-        session.run(["logits"], {"input": x})
-        runs += 1
-    return runs * batch / (time.perf_counter() - start)
+# the rows whose layers are timed one by one (ONNX Runtime's profiler, batch 64)
+TIMED = ("minmax/channel + percentile", "default (CFWS + auto + bias correction), exact",
+         "default (CFWS + auto + bias correction), two-branch")
 
 
 def conv_kernels(path: Path) -> dict[str, int]:
@@ -78,9 +69,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true")
     args = parser.parse_args()
-    spec = QUICK_REFERENCE if args.quick else REFERENCE
+    name = "quick_a0" if args.quick else "fmnist_a0_strong"   # the zoo's strong reference
+    spec = zoo(args.quick)[name]
     seconds = 0.5 if args.quick else 5.0
-    model, _ = repq.load_checkpoint(reference_checkpoint(quick=args.quick))
+    model, _ = repq.load_checkpoint(zoo_checkpoint(name, quick=args.quick, progress=False))
     train_ds, test_ds = repq.load_dataset(spec["data"], "train"), repq.load_dataset(spec["data"], "test")
     images, labels = test_ds.normalize(test_ds.images).numpy(), test_ds.labels.numpy()
     calib = train_ds.calibration_images(32, seed=0)
@@ -88,28 +80,33 @@ def main() -> None:
     fused = repq.reparameterize(model)
     fp_path = export_onnx(fused, tmp / "fp32.onnx", calib[:1], allow_float=True)
     fp_top1 = top1(run_onnx(fp_path, images), labels)
-    speed = {"fp32": {b: throughput(fp_path, images, b, seconds) for b in (1, 64)}}
+    shape = list(images.shape[1:])
+    speed = {"fp32": {b: throughput(fp_path, shape, b, seconds, threads=2) for b in (1, 64)}}
+    timed: dict[str, dict[str, float]] = {}
     sizes = {"fp32": fp_path.stat().st_size}
     fp_float_convs = conv_kernels(fp_path)["float_convs"]
     rows = []
-    for i, (label, options) in enumerate(RECIPES[-1:] if args.quick else RECIPES):
+    for i, (label, options) in enumerate(RECIPES[-2:] if args.quick else RECIPES):
         q = repq.quantize(model, calib, repq.PTQConfig(**options))
         name = f"repq {label}"
         path = export_onnx(q, tmp / f"repq_{i}.onnx", calib[:1])
         check = verify_against_simulation(q, path, images, labels)
         rows.append({"name": name, "top1_sim": check["top1_repq"], "top1_ort": check["top1_onnxruntime"],
                      "max_logit_diff": check["max_logit_diff"], **conv_kernels(path), "bytes": path.stat().st_size})
-        speed[name] = {b: throughput(path, images, b, seconds) for b in (1, 64)}
+        speed[name] = {b: throughput(path, shape, b, seconds, threads=2) for b in (1, 64)}
+        if label in TIMED:
+            timed[label] = layer_times(path, [n for n, m in q.named_modules() if isinstance(m, QUANT_LAYERS)], shape,
+                                       64, runs=20, threads=2)
         print(rows[-1], speed[name], flush=True)
     peers = []
     for method in ("MinMax",) if args.quick else ("MinMax", "Entropy", "Percentile"):
         path = ort_quantize_static(fp_path, tmp / f"ort_{method}.onnx", calib.numpy(), method)
         peers.append({"name": f"ORT quantize_static {method}", "top1_ort": top1(run_onnx(path, images), labels),
                       **conv_kernels(path), "bytes": path.stat().st_size})
-        speed[peers[-1]["name"]] = {b: throughput(path, images, b, seconds) for b in (1, 64)}
+        speed[peers[-1]["name"]] = {b: throughput(path, shape, b, seconds, threads=2) for b in (1, 64)}
         print(peers[-1], flush=True)
     cmd = "python benchmarks/export_benchmark.py" + (" --quick" if args.quick else "")
-    lines = [f"# Deployment in ONNX Runtime: {spec['model']} {spec['model_kwargs']} ({spec['data']})", "",
+    lines = [f"# Deployment in ONNX Runtime: {name} ({spec['model']} {spec['model_kwargs']}, {spec['data']})", "",
              f"Command: `{cmd}` (32 calibration images, seed 0; full test split; int8 weights, uint8 activations "
              "(unsigned_activations=True), global-pool input quantized (quantize_pool=True) unless the row says so)",
              f"Machine: {machine()}; ONNX Runtime CPU provider, 2 threads", "",
@@ -125,10 +122,19 @@ def main() -> None:
         lines.append(f"| {r['name']} | {sim} | {r['top1_ort']:.2f} | {diff} | {r['QLinearConv']} | "
                      f"{r['ConvInteger']} | {r['float_convs']} | {r['bytes'] / 1e6:.2f} | {b1:.0f} | {b64:.0f} | "
                      f"{b64 / speed['fp32'][64]:.2f}x |")
+    if timed:
+        labels = list(timed)
+        lines += ["", "## Time per layer (ms per batch of 64, ONNX Runtime's profiler, 20 runs)", "",
+                  "A layer's time includes the QuantizeLinear of its input and, in the two-branch form, its "
+                  "QLinearAdd.", "", "| layer | " + " | ".join(labels) + " |", "|---|" + "---|" * len(labels)]
+        for layer in timed[labels[0]]:
+            lines.append(f"| {layer} | " + " | ".join(f"{timed[k].get(layer, 0.0):.3f}" for k in labels) + " |")
+        lines.append("| **total** | " + " | ".join(f"**{sum(timed[k].values()):.2f}**" for k in labels) + " |")
     text = "\n".join(lines) + "\n"
     print(text)
     if not args.quick:
         write_result("export", text, {"fp32_top1": fp_top1, "repq": rows, "ort_quantize_static": peers,
+                                      "layer_ms_batch64": timed,
                                       "throughput": {k: {str(b): v for b, v in d.items()} for k, d in speed.items()},
                                       "machine": machine()})
 

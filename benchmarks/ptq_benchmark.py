@@ -30,6 +30,7 @@ RECIPES: dict[str, tuple[dict, tuple[str, ...]]] = {
     "min-max/channel + percentile": ({**PLAIN, "weight": "minmax", "activation": "percentile"}, tuple(BITS)),
     "CFWS + improved KL (P1, float inputs)": ({**PLAIN, "activation": "improved_kl"}, tuple(BITS)),
     "CFWS + auto, no bias correction": (PLAIN, ("W8A8", "W6A6", "W4A8", "W4A4")),
+    "repq default, edge layers at 8 bits": ({"edge_bits": 8}, ("W4A4",)),
     "CFWS + improved KL (P1, sequential)": ({**PLAIN, "activation": "improved_kl", "sequential": True}, ("W8A8",)),
     "CFWS + former improved KL (separate norm, 256-2048 bins, sequential)": (
         {**PLAIN, "activation": "improved_kl", "sequential": True, "kl_normalization": "separate",

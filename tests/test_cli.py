@@ -62,6 +62,12 @@ def test_train_eval_ptq_json(trained_checkpoint, tmp_path, capsys):
     assert code == 0 and "cfws" in out and "minmax" in out and "FP top-1" in out
 
 
+def test_ptq_edge_bits(trained_checkpoint, capsys):
+    code, out, _ = run(capsys, "ptq", "--checkpoint", str(trained_checkpoint), "--data", "digits", "--calib", "8",
+                       "--w-bits", "4", "--a-bits", "4", "--edge-bits", "8", "--activation", "percentile")
+    assert code == 0 and "W4A4, edges 8" in out and "at 8 bits (--edge-bits): stage0.rbr_reparam, linear" in out
+
+
 def test_default_ptq_reports_the_calibrator_of_every_layer(trained_checkpoint, capsys):
     code, out, _ = run(capsys, "ptq", "--checkpoint", str(trained_checkpoint), "--data", "digits", "--calib", "16")
     assert code == 0 and "per-layer activation calibrator" in out and "guard:" in out

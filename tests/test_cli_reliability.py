@@ -93,6 +93,9 @@ CASES = [
     (["qat", "--checkpoint", "CKPT", "--data", "digits", "--distill", "-1", "--out", "NEW"], "--distill", ">="),
     (["ptq", "--checkpoint", "CKPT", "--data", "digits", "--skip-layers", "nothing.*"], "--skip-layers",
      "matches no layer"),
+    (["ptq", "--checkpoint", "CKPT", "--data", "digits", "--edge-bits", "1"], "--edge-bits", "2 to 16"),
+    (["ptq", "--checkpoint", "CKPT", "--data", "digits", "--edge-bits", "16", "--cfws-deploy", "two-branch"],
+     "--edge-bits", "at most 8"),
     # devices
     (["train", "--data", "digits", "--device", "tpu", "--out", "NEW"], "--device", "expected auto, cpu"),
     (["train", "--data", "digits", "--device", "meta", "--out", "NEW"], "--device", "cpu or cuda"),

@@ -170,6 +170,9 @@ def test_bench_reports_kernels_per_layer_and_an_fp32_twin(setup, tmp_path, weigh
     convs = [n for n, m in q.named_modules() if isinstance(m, nn.Conv2d)]
     assert {result["layers"][n] for n in convs} == {expected} and result["layers"]["linear"] == "QGemm"
     assert result["images_per_s"][8]["model"] > 0 and result["images_per_s"][8]["fp32"] > 0
+    timed = result["layer_ms"]
+    assert timed["batch"] == 8 and set(timed["layers"]) == {*result["layers"], "(other nodes)"}
+    assert all(t > 0 for t in timed["layers"].values())   # every layer's nodes were found in the profile
     twin = float_twin(q)   # the FP32 reference: plain float layers computing with the dequantized weights
     assert not any(hasattr(m, "input_quantizer") for m in twin.modules())
     x = calib[:4]

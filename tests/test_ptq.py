@@ -1,13 +1,15 @@
 """The PTQ pipeline: exact integer simulation, sequential calibration, accuracy, checkpoints, bad input."""
 import warnings
+from dataclasses import replace
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 import repq
-from repq.quant.modules import QuantConv2d, QuantLinear
+from repq.quant.modules import QuantConv2d, QuantGlobalAvgPool, QuantLinear
 from tests.conftest import randomize_bn, tiny
 
 
@@ -207,3 +209,42 @@ def test_other_families_quantize_and_round_trip(name, tmp_path):
     repq.save_checkpoint(tmp_path / "q.pt", q)
     loaded, _ = repq.load_checkpoint(tmp_path / "q.pt")
     assert torch.equal(loaded(x), q(x))
+
+
+def test_edge_bits_keep_the_input_and_output_layers_wide(tmp_path):
+    """PTQConfig(edge_bits=8) at W4A4: the stem and the classifier (and the quantized pool that feeds it) at 8 bits,
+    every other layer at 4; the stem's codes are numpy's per-channel 8-bit min-max codes."""
+    model = randomize_bn(tiny())
+    x = torch.randn(16, 1, 16, 16)
+    config = repq.PTQConfig(weight="minmax", activation="percentile", w_bits=4, a_bits=4, edge_bits=8,
+                            quantize_pool=True, bias_correction=False, num_samples=16)
+    q = repq.quantize(model, x, config)
+    layers = {n: m for n, m in q.named_modules() if isinstance(m, (QuantConv2d, QuantLinear))}
+    first, last = next(iter(layers)), "linear"
+    assert q.repq_quant["edges"] == {"input": [first], "output": [last]}
+    for name, layer in layers.items():
+        wide = name in (first, last)
+        assert (layer.w_bits, layer.input_quantizer.bits) == ((8, 8) if wide else (4, 4)), name
+        assert int(layer.weight_codes.abs().max()) == (127 if wide else 7), name
+    w = q.get_submodule(first).weight.detach().double().numpy().reshape(len(layers[first].weight_codes), -1)
+    scale = np.abs(w).max(axis=1, keepdims=True) / 127
+    expected = np.clip(np.round(w / scale), -127, 127)
+    np.testing.assert_array_equal(layers[first].weight_codes.reshape(len(w), -1).numpy(), expected)
+    assert next(m for m in q.modules() if isinstance(m, QuantGlobalAvgPool)).input_quantizer.bits == 8
+    repq.save_checkpoint(tmp_path / "q.pt", q)   # the per-layer widths survive the round trip
+    with torch.no_grad():
+        assert torch.equal(repq.load_checkpoint(tmp_path / "q.pt")[0](x), q(x))
+    plain = repq.quantize(model, x, replace(config, edge_bits=None))   # default: every layer at w_bits / a_bits
+    assert {m.w_bits for m in plain.modules() if isinstance(m, (QuantConv2d, QuantLinear))} == {4}
+    assert plain.repq_quant["edges"] is None
+    with pytest.raises(repq.RepqError, match="edge_bits must be between 2 and 16"):
+        repq.quantize(model, x, replace(config, edge_bits=1))
+
+
+def test_edge_bits_on_a_detector_cover_every_prediction_conv():
+    model = randomize_bn(repq.create_model("yolov6_pico", num_classes=3))
+    q = repq.quantize(model, torch.randn(4, 3, 64, 64), repq.PTQConfig(w_bits=4, a_bits=4, edge_bits=8, num_samples=4,
+                                                                       activation="percentile", bias_correction=False))
+    wide = {n for n, m in q.named_modules() if isinstance(m, QuantConv2d) and m.w_bits == 8}
+    preds = {f"detect.{i}.{kind}_pred" for i in range(3) for kind in ("cls", "reg")}
+    assert wide == preds | {"backbone.stem.rbr_reparam"}

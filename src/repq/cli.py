@@ -207,11 +207,13 @@ def _ptq_config(args: argparse.Namespace, options: dict[str, Any]):
                             unsigned_activations=not args.signed_activations, quantize_pool=args.quantize_pool,
                             bias_correction=not args.no_bias_correction,
                             skip_layers=tuple(n.strip() for n in args.skip_layers.split(",") if n.strip()),
-                            cfws_deploy=_cfws_deploy(args, options["weight"]), **options)
+                            cfws_deploy=_cfws_deploy(args, options["weight"]), edge_bits=args.edge_bits or None,
+                            **options)
     try:
         config.validate()
     except RepqError as err:   # name the flag, not the Python field
-        for field, flag in (("w_bits", "--w-bits"), ("a_bits", "--a-bits"), ("num_samples", "--calib"),
+        for field, flag in (("edge_bits", "--edge-bits"), ("w_bits", "--w-bits"), ("a_bits", "--a-bits"),
+                            ("num_samples", "--calib"),
                             ("activation method", "--activation"), ("weight method", "--weight"),
                             ("weight_granularity", "--granularity"), ("skip_layers", "--skip-layers"),
                             ("cfws_deploy", "--cfws-deploy")):
@@ -319,6 +321,7 @@ def cmd_ptq(args: argparse.Namespace) -> None:
                                             "mode": _calibration_mode(config)},
                             "layers": _layer_report(qmodel.repq_quant),
                             "float_layers": qmodel.repq_quant["float_layers"],
+                            "edge_bits": config.edge_bits, "edges": qmodel.repq_quant.get("edges"),
                             "fusion": qmodel.repq_quant["fusion"],
                             "guard": (qmodel.repq_quant.get("auto") or {}).get("guard")})
             last = qmodel
@@ -343,6 +346,10 @@ def cmd_ptq(args: argparse.Namespace) -> None:
               + (f" (relative difference {fusion['relative_diff']:.2g})" if fusion["relative_diff"] is not None
                  else ""))
     human += "\nkept in float: " + (", ".join(results[0]["float_layers"]) or "nothing")
+    if results[0]["edges"]:
+        edges = results[0]["edges"]
+        human += (f"\nat {results[0]['edge_bits']} bits (--edge-bits): "
+                  + ", ".join(dict.fromkeys(edges["input"] + edges["output"])))
     if args.out:
         human += (f"\nquantized checkpoint: {args.out}\nnext: repq export --checkpoint {args.out} --onnx "
                   f"<model.onnx> --data {args.data} --verify")
@@ -350,7 +357,8 @@ def cmd_ptq(args: argparse.Namespace) -> None:
 
 
 def _ptq_table(fp: dict[str, Any], results: list[dict[str, Any]]) -> str:
-    rows = [[r["weight"], r["weight_granularity"], r["activation"], f"W{r['w_bits']}A{r['a_bits']}", r["top1"],
+    rows = [[r["weight"], r["weight_granularity"], r["activation"],
+             f"W{r['w_bits']}A{r['a_bits']}" + (f", edges {r['edge_bits']}" if r.get("edge_bits") else ""), r["top1"],
              r["drop"], f"{r['ptq_seconds']:.1f}"] for r in results]
     calibration = results[0]["calibration"]
     return (f"FP top-1 {fp['top1']:.2f} ({fp['n']} test images, {calibration['images']} calibration images, seed "
@@ -576,7 +584,10 @@ def cmd_export(args: argparse.Namespace) -> None:
     if args.bench:
         from repq.export.bench import bench
         b = result["bench"] = bench(model, target, example, seconds=args.bench_seconds)
-        human += "\n\n" + format_table(["layer", "ONNX Runtime kernel"], list(b["layers"].items()))
+        timed = b["layer_ms"]
+        human += "\n\n" + format_table(
+            ["layer", "ONNX Runtime kernel", f"ms per batch of {timed['batch']}"],
+            [[n, b["layers"].get(n, "-"), f"{t:.3f}"] for n, t in timed["layers"].items()])
         human += "\n" + format_table(
             ["batch", "this model images/s", "FP32 twin images/s", "speed-up"],
             [[batch, f"{v['model']:.1f}", f"{v['fp32']:.1f}", f"{v['ratio']:.2f}x"]
@@ -819,6 +830,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--skip-layers", default="",
                    help="comma list of layers of the fused model to keep in float (names or patterns, e.g. "
                         "'linear' or 'stage4.*')")
+    p.add_argument("--edge-bits", type=_edge_bits, default=0,
+                   help="bits of the input layer and of the output layers (the classifier; a detector's prediction "
+                        "convs), e.g. 8 at W4A4 (default 0: as the rest)")
     p.add_argument("--sensitivity", action="store_true",
                    help="detectors: quantize one layer at a time and rank the layers by mAP loss")
     p.add_argument("--keep-sensitive", type=positive_int, default=None,

@@ -17,6 +17,7 @@ from torch import nn
 from repq.data.batches import take_images
 from repq.errors import RepqError
 from repq.quant.bias_correction import correct_bias
+from repq.quant.edges import edge_layers
 from repq.quant.calibrators import ACTIVATION_METHODS, KL_NORMALIZATIONS, SINGLE_METHODS, CalibrationConfig
 from repq.quant.modules import (ActQuantizer, CodebookConv2d, CodebookLinear, QuantConv2d,
                                 QuantGlobalAvgPool, QuantLinear, calibrate_branches, is_global_avg_pool)
@@ -64,6 +65,10 @@ class PTQConfig:
     batch_size: int = 32                 # calibration forward passes run in chunks of this many images
     quantize_pool: bool = False          # also quantize the global-pool input, as integer runtimes do: the last
                                          # conv then runs as a fused integer kernel (one more rounding point)
+    edge_bits: int | None = None         # the input layer and the output layers (the classifier; a detector's
+                                         # prediction convs: traced from the graph, repq.quant.edges) and a
+                                         # quantized pool at this width, the rest at w_bits / a_bits, as low-bit
+                                         # work usually does (e.g. 8 at W4A4). None: every layer at w_bits / a_bits
     skip_layers: tuple[str, ...] = ()    # layers of the fused model kept in float (names or fnmatch patterns,
                                          # e.g. "detect.*"); also how a layer repq cannot quantize is kept
     cfws_deploy: str = "exact"           # CFWS layers: "exact" (one int32 sum of both convs, float rescale: ONNX
@@ -83,8 +88,8 @@ class PTQConfig:
                             f"choose one of {', '.join(SINGLE_METHODS)}")
         if self.weight_granularity not in ("channel", "tensor"):
             raise RepqError(f"weight_granularity must be 'channel' or 'tensor', not '{self.weight_granularity}'")
-        for name in ("w_bits", "a_bits"):
-            if not 2 <= getattr(self, name) <= 16:
+        for name in ("w_bits", "a_bits") + (("edge_bits",) if self.edge_bits is not None else ()):
+            if not isinstance(getattr(self, name), int) or not 2 <= getattr(self, name) <= 16:
                 raise RepqError(f"{name} must be between 2 and 16, got {getattr(self, name)}")
         if self.num_samples < 1:
             raise RepqError(f"num_samples must be at least 1, got {self.num_samples}")
@@ -106,6 +111,8 @@ class PTQConfig:
                             "(use weight='cfws')")
         if self.cfws_deploy != "exact" and max(self.w_bits, self.a_bits) > 8:
             raise RepqError(f"cfws_deploy='{self.cfws_deploy}' runs int8 kernels: w_bits and a_bits must be at most 8")
+        if self.cfws_deploy != "exact" and (self.edge_bits or 0) > 8:
+            raise RepqError(f"cfws_deploy='{self.cfws_deploy}' runs int8 kernels: edge_bits must be at most 8")
         unknown = [c for c in self.auto_candidates if c not in CANDIDATES]
         if unknown or not self.auto_candidates:
             raise RepqError(f"auto_candidates must name some of {', '.join(CANDIDATES)}; "
@@ -204,24 +211,27 @@ def restore_quantized(fused: nn.Module, meta: dict[str, Any]) -> nn.Module:
     return fused.eval()
 
 
-def _quantize_weights(fused: nn.Module, config: PTQConfig, keep_float: set[str] = frozenset()
-                      ) -> tuple[dict, dict, dict]:
+def _quantize_weights(fused: nn.Module, config: PTQConfig, keep_float: set[str] = frozenset(),
+                      edges: tuple[list[str], list[str]] = ([], [])) -> tuple[dict, dict, dict]:
     """Swap every conv/linear of the fused float model (in place, except `keep_float`) for its quantized twin with
-    `config`'s weights, and the global pools too with `quantize_pool`; returns (layer specs, pool specs, name ->
-    new module)."""
+    `config`'s weights, and the global pools too with `quantize_pool`; the (input, output) `edges` layers, and the
+    pools, get `edge_bits` when it is set. Returns (layer specs, pool specs, name -> new module)."""
     per_channel = config.weight_granularity == "channel"
     names = [n for n, m in fused.named_modules() if isinstance(m, _PARAMETRIC) and n not in keep_float]
     if not names:
         raise RepqError("the model has no Conv2d or Linear layer to quantize")
-    qweights = {n: quantize_weight(fused.get_submodule(n).weight.detach(), config.weight, config.w_bits, per_channel,
+    wide = set(edges[0]) | set(edges[1]) if config.edge_bits is not None else set()
+    bits = {n: (config.edge_bits, config.edge_bits) if n in wide else (config.w_bits, config.a_bits) for n in names}
+    qweights = {n: quantize_weight(fused.get_submodule(n).weight.detach(), config.weight, bits[n][0], per_channel,
                                    getattr(fused.get_submodule(n), "groups", 1))
                 for n in names}
-    layers = {n: {"coarse": q.coarse_layout, "w_bits": config.w_bits, "a_bits": config.a_bits}
+    layers = {n: {"coarse": q.coarse_layout, "w_bits": bits[n][0], "a_bits": bits[n][1]}
               for n, q in qweights.items()}
     swapped = _swap_layers(fused, layers)
     for name, layer in swapped.items():
         layer.set_quantized_weight(qweights[name])
-    pools = {n: {"a_bits": config.a_bits} for n, m in fused.named_modules() if is_global_avg_pool(m)} \
+    pool_bits = config.edge_bits if config.edge_bits is not None else config.a_bits   # the pool feeds the classifier
+    pools = {n: {"a_bits": pool_bits} for n, m in fused.named_modules() if is_global_avg_pool(m)} \
         if config.quantize_pool else {}
     swapped.update(_swap_pools(fused, pools))
     return layers, pools, swapped
@@ -250,11 +260,16 @@ def quantize(model: nn.Module, calib_data: Any, config: PTQConfig | None = None)
     device = next(fused.parameters()).device
     images = images.to(device)
     float_copy = copy.deepcopy(fused) if config.activation == "auto" and config.guard else None
-    layers, pools, swapped = _quantize_weights(fused, config, keep_float)
+    edges = ([], [])
+    if config.edge_bits is not None:
+        first, last = edge_layers(fused, images[:2])
+        edges = ([n for n in first if n not in keep_float], [n for n in last if n not in keep_float])
+    layers, pools, swapped = _quantize_weights(fused, config, keep_float, edges)
     auto_record = None
     if config.activation == "auto":
         def build_baseline() -> nn.Module:   # the guard's baseline: per-channel min-max weights
-            _quantize_weights(float_copy, replace(config, weight="minmax", weight_granularity="channel"), keep_float)
+            _quantize_weights(float_copy, replace(config, weight="minmax", weight_granularity="channel"), keep_float,
+                              edges)
             return float_copy
         choices, guard_record = select_ranges(
             fused, images, config.calibration("auto"), config.calibration(config.input_activation),
@@ -280,6 +295,7 @@ def quantize(model: nn.Module, calib_data: Any, config: PTQConfig | None = None)
     fused.repq_quant = {"ptq": asdict(config), "layers": layers, "pools": pools, "calibration_images": len(images),
                         "input_shape": list(images.shape[1:]), "auto": auto_record, "bias_correction": shifts,
                         "fusion": fusion_summary(fusion), "float_layers": sorted(keep_float),
+                        "edges": {"input": edges[0], "output": edges[1]} if config.edge_bits is not None else None,
                         "bias_grid_widened": widened}
     return fused.eval()
 

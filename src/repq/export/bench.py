@@ -66,9 +66,40 @@ def throughput(path: str | Path, input_shape: list[int], batch: int, seconds: fl
     return batch * runs / (time.perf_counter() - start)
 
 
+def layer_times(path: str | Path, layer_names: list[str], input_shape: list[int], batch: int, runs: int = 10,
+                threads: int | None = None) -> dict[str, float]:
+    """Milliseconds per run that ONNX Runtime's profiler gives each layer's nodes (kernel times after graph
+    optimization; the exporter names nodes after their module, and a fused QDQ conv keeps its conv's name),
+    averaged over `runs` runs after 2 warm-up runs. A layer's nodes include the QuantizeLinear of its input and,
+    for a two-branch CFWS layer, its QLinearAdd. "(other nodes)" holds the rest: pooling, layout transposes."""
+    import json
+
+    with tempfile.TemporaryDirectory(prefix="repq-profile-") as tmp:
+        session = _session(path, threads=threads, profile_prefix=str(Path(tmp) / "profile"))
+        x = np.random.default_rng(0).standard_normal((batch, *input_shape)).astype(np.float32)
+        name = session.get_inputs()[0].name
+        for _ in range(runs + 2):
+            session.run(None, {name: x})
+        events = json.loads(Path(session.end_profiling()).read_text())
+    kernels = [e for e in events if e.get("cat") == "Node" and e["name"].endswith("_kernel_time")]
+    prefixes = sorted(((n.replace(".", "_") + "_", n) for n in layer_names), key=lambda p: -len(p[0]))
+    times: dict[str, float] = dict.fromkeys([*layer_names, "(other nodes)"], 0.0)
+    run, first = 0, kernels[0]["name"] if kernels else None
+    for event in kernels:
+        run += event["name"] == first      # the first node of the graph opens each run
+        if run <= 2:
+            continue
+        node = event["name"][:-len("_kernel_time")]
+        layer = next((n for prefix, n in prefixes if node.startswith(prefix)), "(other nodes)")
+        times[layer] += event["dur"] / 1000.0
+    return {k: v / max(1, run - 2) for k, v in times.items()}
+
+
 def bench(qmodel: nn.Module, path: str | Path, example: torch.Tensor, batches: tuple[int, ...] = (64, 1),
           seconds: float = 3.0) -> dict[str, Any]:
-    """Kernels per quantized layer and images/s of the exported model vs its FP32 twin at each batch size."""
+    """Kernels per quantized layer, images/s of the exported model vs its FP32 twin at each batch size, and the
+    time of each layer of the exported model at the largest batch. (Not of the twin: ONNX Runtime renames a float
+    conv fused with its activation after the activation, so its nodes cannot be told apart by name.)"""
     import onnx
 
     from repq.export.onnx_qdq import export_onnx
@@ -81,9 +112,12 @@ def bench(qmodel: nn.Module, path: str | Path, example: torch.Tensor, batches: t
         fp32 = export_onnx(float_twin(qmodel), Path(tmp) / "fp32.onnx", example.cpu(), allow_float=True)
         speed = {b: {"model": throughput(path, shape, b, seconds), "fp32": throughput(fp32, shape, b, seconds)}
                  for b in batches}
+        batch = max(batches)
+        times = layer_times(path, layer_names, shape, batch)
     for entry in speed.values():
         entry["ratio"] = entry["model"] / entry["fp32"]
     counts: dict[str, int] = {}
     for kind in kernels.values():
         counts[kind] = counts.get(kind, 0) + 1
-    return {"layers": kernels, "kernel_counts": counts, "images_per_s": speed, "input_shape": shape}
+    return {"layers": kernels, "kernel_counts": counts, "images_per_s": speed, "input_shape": shape,
+            "layer_ms": {"batch": batch, "layers": times}}

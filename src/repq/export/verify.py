@@ -11,7 +11,8 @@ import numpy as np
 from repq.errors import RepqError
 
 
-def _session(path: str | os.PathLike, optimized_out: str | None = None, threads: int | None = None):
+def _session(path: str | os.PathLike, optimized_out: str | None = None, threads: int | None = None,
+             profile_prefix: str | None = None):
     try:
         import onnxruntime as ort
     except ImportError:
@@ -23,6 +24,9 @@ def _session(path: str | os.PathLike, optimized_out: str | None = None, threads:
         options.intra_op_num_threads = threads
     if optimized_out:
         options.optimized_model_filepath = optimized_out
+    if profile_prefix:
+        options.enable_profiling = True
+        options.profile_file_prefix = profile_prefix
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
