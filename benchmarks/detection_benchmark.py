@@ -73,8 +73,6 @@ QAT_RUNS = {"LSQ W6A6": QATRun("lsq", 6, 6, 1, 120),
             "ClusterQAT W4A4, 3 epochs, lr 0.006, distillation 1": QATRun("cluster", 4, 4, 3, detectors="oabn",
                                                                           lr=0.006, distill=1.0),
             "ClusterQAT W4A4, 10 epochs, lr 0.006, distillation 1": QATRun("cluster", 4, 4, 10, detectors="oabn",
-                                                                           lr=0.006, distill=1.0),
-            "ClusterQAT W4A4, 20 epochs, lr 0.006, distillation 1": QATRun("cluster", 4, 4, 20, detectors="oabn",
                                                                            lr=0.006, distill=1.0)}
 
 

@@ -69,10 +69,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true")
     args = parser.parse_args()
-    name = "quick_a0" if args.quick else "fmnist_a0_strong"   # the zoo's strong reference
-    spec = zoo(args.quick)[name]
+    model_name = "quick_a0" if args.quick else "fmnist_a0_strong"   # the zoo's strong reference
+    spec = zoo(args.quick)[model_name]
     seconds = 0.5 if args.quick else 5.0
-    model, _ = repq.load_checkpoint(zoo_checkpoint(name, quick=args.quick, progress=False))
+    model, _ = repq.load_checkpoint(zoo_checkpoint(model_name, quick=args.quick, progress=False))
     train_ds, test_ds = repq.load_dataset(spec["data"], "train"), repq.load_dataset(spec["data"], "test")
     images, labels = test_ds.normalize(test_ds.images).numpy(), test_ds.labels.numpy()
     calib = train_ds.calibration_images(32, seed=0)
@@ -106,7 +106,7 @@ def main() -> None:
         speed[peers[-1]["name"]] = {b: throughput(path, shape, b, seconds, threads=2) for b in (1, 64)}
         print(peers[-1], flush=True)
     cmd = "python benchmarks/export_benchmark.py" + (" --quick" if args.quick else "")
-    lines = [f"# Deployment in ONNX Runtime: {name} ({spec['model']} {spec['model_kwargs']}, {spec['data']})", "",
+    lines = [f"# Deployment in ONNX Runtime: {model_name} ({spec['model']} {spec['model_kwargs']}, {spec['data']})", "",
              f"Command: `{cmd}` (32 calibration images, seed 0; full test split; int8 weights, uint8 activations "
              "(unsigned_activations=True), global-pool input quantized (quantize_pool=True) unless the row says so)",
              f"Machine: {machine()}; ONNX Runtime CPU provider, 2 threads", "",

@@ -17,8 +17,8 @@ from torch import nn
 from repq.data.batches import take_images
 from repq.errors import RepqError
 from repq.quant.bias_correction import correct_bias
-from repq.quant.edges import edge_layers
 from repq.quant.calibrators import ACTIVATION_METHODS, KL_NORMALIZATIONS, SINGLE_METHODS, CalibrationConfig
+from repq.quant.edges import edge_layers
 from repq.quant.modules import (ActQuantizer, CodebookConv2d, CodebookLinear, QuantConv2d,
                                 QuantGlobalAvgPool, QuantLinear, calibrate_branches, is_global_avg_pool)
 from repq.quant.selection import CANDIDATES, check_all_ran, observe, select_ranges
