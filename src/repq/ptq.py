@@ -18,7 +18,7 @@ from repq.data.batches import take_images
 from repq.errors import RepqError
 from repq.quant.bias_correction import correct_bias
 from repq.quant.calibrators import ACTIVATION_METHODS, KL_NORMALIZATIONS, SINGLE_METHODS, CalibrationConfig
-from repq.quant.edges import edge_layers
+from repq.quant.edges import edge_layers, layer_widths
 from repq.quant.modules import (ActQuantizer, CodebookConv2d, CodebookLinear, QuantConv2d,
                                 QuantGlobalAvgPool, QuantLinear, calibrate_branches, is_global_avg_pool)
 from repq.quant.selection import CANDIDATES, check_all_ran, observe, select_ranges
@@ -220,8 +220,7 @@ def _quantize_weights(fused: nn.Module, config: PTQConfig, keep_float: set[str] 
     names = [n for n, m in fused.named_modules() if isinstance(m, _PARAMETRIC) and n not in keep_float]
     if not names:
         raise RepqError("the model has no Conv2d or Linear layer to quantize")
-    wide = set(edges[0]) | set(edges[1]) if config.edge_bits is not None else set()
-    bits = {n: (config.edge_bits, config.edge_bits) if n in wide else (config.w_bits, config.a_bits) for n in names}
+    bits = layer_widths(names, config.w_bits, config.a_bits, config.edge_bits, set(edges[0]) | set(edges[1]))
     qweights = {n: quantize_weight(fused.get_submodule(n).weight.detach(), config.weight, bits[n][0], per_channel,
                                    getattr(fused.get_submodule(n), "groups", 1))
                 for n in names}

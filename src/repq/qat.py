@@ -22,7 +22,7 @@ from repq.errors import RepqError
 from repq.ptq import check_supported, fit_biases, replace_module
 from repq.quant.calibrators import ACTIVATION_METHODS
 from repq.quant.codebook import assign
-from repq.quant.edges import edge_layers
+from repq.quant.edges import edge_layers, layer_widths
 from repq.quant.modules import (CodebookConv2d, CodebookLinear, QuantConv2d, QuantGlobalAvgPool, QuantLinear,
                                 is_global_avg_pool)
 from repq.quant.primitives import quantize
@@ -85,11 +85,6 @@ class QATConfig:
             raise RepqError("refit_every must be >= 0, lloyd_iters and num_samples >= 1")
 
 
-def _layer_bits(names: list[str], config: QATConfig, edges: set[str]) -> dict[str, tuple[int, int]]:
-    edges = edges if config.edge_bits is not None else set()
-    return {n: (config.edge_bits, config.edge_bits) if n in edges else (config.w_bits, config.a_bits) for n in names}
-
-
 def _edges(fused: nn.Module, images: torch.Tensor | None, names: list[str]) -> tuple[list[str], list[str]]:
     """The input and output layers (repq.quant.edges) traced on two calibration images; without images, on a guessed
     32 x 32 input, falling back to the first and last registered layer (with a warning) if the model cannot run
@@ -127,7 +122,7 @@ def prepare_qat(model: nn.Module, config: QATConfig | None = None, calib_data: A
                           stacklevel=2)
         images = images.to(next(fused.parameters()).device)
     first, last = _edges(fused, images, names)
-    bits = _layer_bits(names, config, set(first) | set(last))
+    bits = layer_widths(names, config.w_bits, config.a_bits, config.edge_bits, set(first) | set(last))
     for name in names:
         layer = fused.get_submodule(name)
         w_bits, a_bits = bits[name]

@@ -55,3 +55,11 @@ def edge_layers(model: nn.Module, example: Tensor, layer_types: tuple[type, ...]
     position = {name: i for i, name in reversed(list(enumerate(order)))}
     outputs_sorted = sorted(set(found), key=lambda n: position.get(n, len(order)))
     return order[:1], outputs_sorted
+
+
+def layer_widths(names: list[str], w_bits: int, a_bits: int, edge_bits: int | None, edges: set[str]
+                 ) -> dict[str, tuple[int, int]]:
+    """(weight bits, activation bits) per layer: `edge_bits` for both on the `edges` layers when it is set,
+    `w_bits` / `a_bits` elsewhere (PTQConfig.edge_bits and QATConfig.edge_bits)."""
+    wide = edges if edge_bits is not None else set()
+    return {n: (edge_bits, edge_bits) if n in wide else (w_bits, a_bits) for n in names}
