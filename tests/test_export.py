@@ -135,6 +135,11 @@ def test_cli_export_verify(setup, tmp_path, capsys):
     result = json.loads(capsys.readouterr().out)["verify"]
     assert abs(result["top1_repq"] - result["top1_onnxruntime"]) <= 0.2 + 1e-9
     assert main(["export", "--checkpoint", str(tmp_path / "q.pt"), "--onnx", str(tmp_path / "q.pt")]) == 2
+    capsys.readouterr()
+    assert main(["export", "--checkpoint", str(tmp_path / "q.pt"), "--onnx", str(tmp_path / "b.onnx"), "--bench",
+                 "--bench-seconds", "0.1"]) == 0
+    out = capsys.readouterr().out   # a row per layer: its kernel and its time at batch 64
+    assert "ms per batch of 64" in out and "stage0.rbr_reparam" in out and "ConvInteger" in out
 
 
 @pytest.mark.parametrize("method", ["lsq", "cluster"])
