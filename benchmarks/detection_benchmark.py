@@ -11,7 +11,7 @@ activations, the same images); ONNX Runtime mAP of repq's exports (exact CFWS an
 simulation; per-layer sensitivity of the naive recipe and partial quantization (k most sensitive layers in float);
 QAT (LSQ, ClusterQAT) at W6A6 / W4A4: 120 steps of 32 images, and 3 epochs at W4A4, on the plain and (if trained)
 the OABN detector; on the OABN detector also a higher learning rate, distillation from the float detector and
-10 epochs. Edge layers (the stem and the six prediction convs) at 8 bits, as QATConfig's default.
+10 and 20 epochs. Edge layers (the stem and the six prediction convs) at 8 bits, as QATConfig's default.
 Rows are cached in runs/detect/rows.json (REPQ_CACHE), so an interrupted run resumes.
 """
 from __future__ import annotations
@@ -73,6 +73,8 @@ QAT_RUNS = {"LSQ W6A6": QATRun("lsq", 6, 6, 1, 120),
             "ClusterQAT W4A4, 3 epochs, lr 0.006, distillation 1": QATRun("cluster", 4, 4, 3, detectors="oabn",
                                                                           lr=0.006, distill=1.0),
             "ClusterQAT W4A4, 10 epochs, lr 0.006, distillation 1": QATRun("cluster", 4, 4, 10, detectors="oabn",
+                                                                           lr=0.006, distill=1.0),
+            "ClusterQAT W4A4, 20 epochs, lr 0.006, distillation 1": QATRun("cluster", 4, 4, 20, detectors="oabn",
                                                                            lr=0.006, distill=1.0)}
 
 
