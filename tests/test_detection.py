@@ -421,11 +421,16 @@ def test_cli_detection_train_ptq_export_eval(tmp_path, capsys, detect_dataset):
     code, out, err = _cli(capsys, "eval", "--checkpoint", fp, "--data", data, "--min-map", 99)
     assert code == 1 and "--min-map" in err
     code, out, err = _cli(capsys, "qat", "--checkpoint", fp, "--data", data, "--method", "lsq", "--epochs", 1,
-                          "--batch-size", 8, "--max-steps", 2, "--distill", 1.0, "--calib", 8, "--out",
-                          tmp_path / "qat.pt", "--json")
+                          "--batch-size", 8, "--max-steps", 2, "--distill", 1.0, "--calib", 8,
+                          "--affine-activations", "--out", tmp_path / "qat.pt", "--json")
     assert code == 0, err
     result = json.loads(out)
     assert {"fp", "start", "qat"} <= set(result) and "map" in result["qat"]
+    # The head's SiLU-fed convs got affine grids; their zero points survive the checkpoint.
+    loaded, payload = repq.load_checkpoint(tmp_path / "qat.pt")
+    spec = payload["quant"]["layers"]["detect.0.cls_conv.conv"]
+    assert spec["input_zero_point"] > 0 and not spec["input_signed"]
+    assert int(loaded.get_submodule("detect.0.cls_conv.conv").input_quantizer.zero_point) == spec["input_zero_point"]
 
 
 def test_cli_detection_mistakes_are_one_line_errors(tmp_path, capsys, detect_dataset):

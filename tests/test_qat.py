@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -82,6 +83,105 @@ def test_lsq_input_gradient_is_straight_through_inside_the_range_only():
     x = torch.tensor([-10.0, -0.3, 0.0, 0.6, 10.0], requires_grad=True)
     lsq_fake_quantize(x, torch.tensor(0.25), -4, 3, 1.0).sum().backward()
     assert x.grad.tolist() == [0.0, 1.0, 1.0, 1.0, 0.0]
+
+
+def _silu_like(n: int = 4000, seed: int = 3) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    return torch.nn.functional.silu(torch.randn(n, generator=gen) * 2.0)
+
+
+def test_affine_lsq_is_an_unsigned_grid_with_a_zero_point_and_lsq_plus_offset_gradient():
+    """LSQ+ on a SiLU-like input: unsigned 4-bit codes, zero point round(-min / step), forward equal to numpy's
+    (clip(round(x / s) + z, 0, 15) - z) * s; the offset's gradient is the gradient scale times the upstream
+    gradient summed over the clipped values (inside the range the output does not depend on the offset)."""
+    from repq.quant.qat_modules import LSQQuantizer
+    x = _silu_like()
+    q = LSQQuantizer(4, affine=True, init="minmax")
+    q.init_from(x)
+    s, z = float(q.current_step()), q.current_zero_point()
+    assert (float(q.qmin), float(q.qmax)) == (0.0, 15.0) and q.affine
+    assert s == pytest.approx((float(x.max()) - float(x.min())) / 15, rel=1e-6)
+    assert z == round(-float(x.min()) / s) and z >= 1
+    xn = x.double().numpy()
+    expected = (np.clip(np.round(xn / s) + z, 0, 15) - z) * s
+    np.testing.assert_allclose(q(x).detach().double().numpy(), expected, atol=1e-6)
+
+    probe = torch.cat([x, torch.tensor([-3.0, 50.0])])   # one value below the grid, one above
+    upstream = torch.randn(probe.shape, generator=torch.Generator().manual_seed(4))
+    (q(probe) * upstream).sum().backward()
+    codes = probe.double().numpy() / s + z
+    clipped = torch.from_numpy((codes < 0) | (codes > 15))
+    factor = 1.0 / (probe[0].numel() * 15) ** 0.5
+    assert float(q.offset.grad) == pytest.approx(factor * float(upstream[clipped].sum()), rel=1e-5)
+
+
+def test_affine_grid_halves_the_4_bit_error_of_a_silu_input_and_leaves_relu_inputs_alone():
+    """Why LSQ+ for SiLU inputs: the symmetric signed grid spends half its codes below -0.28, where nothing lies.
+    On a non-negative input the affine quantizer is the plain unsigned one (zero point 0)."""
+    from repq.quant.qat_modules import LSQQuantizer
+    x = _silu_like()
+    errors = {}
+    for affine in (False, True):
+        q = LSQQuantizer(4, affine=affine, init="mse", allow_unsigned=True)
+        q.init_from(x)
+        errors[affine] = float((q(x) - x).pow(2).mean().detach())
+    assert errors[True] < 0.5 * errors[False]
+    relu = LSQQuantizer(4, affine=True, allow_unsigned=True)
+    relu.init_from(torch.relu(x))
+    assert not relu.affine and relu.current_zero_point() == 0 and float(relu.qmin) == 0
+
+
+@pytest.mark.parametrize("method, grid", [("lsq", "free"), ("cluster", "int8"), ("cluster", "free")])
+def test_affine_activations_train_convert_and_run_fused_in_onnx_runtime(method, grid, tmp_path):
+    """A SiLU network: the SiLU-fed layers get zero points, the converted model equals the QAT model, and ONNX
+    Runtime reproduces it: integer layers with the conv whose affine input feeds a ReLU -> quantized layer fused
+    into a QLinearConv; free-codebook layers with the input clipped to the shifted range. (tests/test_detection.py
+    covers the command line and the checkpoint.)"""
+    pytest.importorskip("onnxruntime")
+    from repq.export import export_onnx, integer_kernels, run_onnx
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.SiLU(),
+                                torch.nn.Conv2d(8, 16, 3, padding=1), torch.nn.SiLU(),
+                                torch.nn.Conv2d(16, 16, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv2d(16, 4, 1))
+    x = torch.randn(32, 3, 12, 12)
+    target = model(x).detach()
+    config = repq.QATConfig(method=method, w_bits=4, a_bits=4, edge_bits=None, affine_activations=True,
+                            codebook_grid=grid)
+    qat = repq.prepare_qat(model, config, x)
+    optimizer = torch.optim.SGD(qat.parameters(), lr=0.01)
+    for _ in range(5):
+        loss = (qat.train()(x) - target).pow(2).mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    q = repq.convert_qat(qat.eval())
+    zero_points = {n: spec.get("input_zero_point", 0) for n, spec in q.repq_quant["layers"].items()}
+    assert zero_points["2"] > 0 and zero_points["4"] > 0 and zero_points["6"] == 0   # SiLU-fed; ReLU-fed
+    layer = q.get_submodule("4").input_quantizer
+    s, z = float(layer.scale), int(layer.zero_point)
+    h = torch.nn.functional.silu(q[2](torch.nn.functional.silu(q[0](x))))
+    codes = np.clip(np.round(h.detach().numpy() / s) + z, 0, 15)
+    np.testing.assert_allclose(layer(h).detach().numpy(), (codes - z) * s, atol=1e-6)
+    with torch.no_grad():
+        assert torch.allclose(q(x), qat(x), atol=1e-5)
+    path = export_onnx(q, tmp_path / "affine.onnx", x[:1])
+    assert integer_kernels(path).get("QLinearConv", 0) >= (0 if (method, grid) == ("cluster", "free") else 1)
+    with torch.no_grad():
+        np.testing.assert_allclose(run_onnx(path, x.numpy()), q(x).numpy(), atol=1e-4)
+
+
+def test_checkpoints_without_activation_zero_points_still_load(trained_digits_model, digits, tmp_path):
+    """Quantized checkpoints written before affine activations have no zero_point buffers: they read as 0."""
+    train_ds, test_ds = digits
+    q = repq.quantize(trained_digits_model, train_ds, repq.PTQConfig(activation="minmax", bias_correction=False))
+    repq.save_checkpoint(tmp_path / "q.pt", q)
+    payload = torch.load(tmp_path / "q.pt", weights_only=True)
+    payload["state_dict"] = {k: v for k, v in payload["state_dict"].items() if not k.endswith("zero_point")}
+    torch.save(payload, tmp_path / "old.pt")
+    loaded = repq.load_checkpoint(tmp_path / "old.pt")[0]
+    x = test_ds.head(64)[0]
+    with torch.no_grad():
+        assert torch.equal(loaded(x), q(x))
 
 
 def test_lsq_weight_quantizer_is_per_channel_with_at_most_2b_minus_1_levels(trained_digits_model):

@@ -121,12 +121,22 @@ def _check_values(payload: dict[str, Any], path: str) -> None:
             raise RepqError(f"{path} has an invalid input scale ({scale}) for '{name}'; the checkpoint is corrupt")
 
 
+def _add_zero_points(state: dict[str, torch.Tensor]) -> None:
+    """Activation quantizers saved before affine grids existed (scale, qmin, qmax; no zero_point) had zero point
+    0: give them that buffer, so older quantized checkpoints keep loading."""
+    for key in [k for k in state if k.endswith(".qmin")]:
+        prefix = key[:-len("qmin")]
+        if prefix + "scale" in state and prefix + "qmax" in state and prefix + "zero_point" not in state:
+            state[prefix + "zero_point"] = torch.zeros((), dtype=state[prefix + "scale"].dtype)
+
+
 def load_checkpoint(path: str | os.PathLike) -> tuple[nn.Module, dict[str, Any]]:
     """Rebuild the model a checkpoint describes (train-time, fused or quantized) in eval mode. The config is first
     built on the meta device (no memory) and compared with the state dict, so a config that claims a huge model
     is refused before anything is allocated."""
     payload = read_checkpoint(path)
     _check_values(payload, str(path))
+    _add_zero_points(payload["state_dict"])
     with torch.device("meta"):
         skeleton = _build(payload, str(path))
     expected = {k: tuple(v.shape) for k, v in skeleton.state_dict().items()}

@@ -238,14 +238,15 @@ def _layer_report(meta: dict[str, Any]) -> list[dict[str, Any]]:
     rows = []
     for name, spec in {**meta["layers"], **meta.get("pools", {})}.items():
         rows.append({"layer": name, "calibrator": spec.get("calibrator", ""), "amax": ranges[name],
-                     "signed": spec["input_signed"],
+                     "signed": spec["input_signed"], "zero_point": spec.get("input_zero_point", 0),
                      "guard_fallback": bool(choices.get(name, {}).get("guard_fallback", False))})
     return rows
 
 
 def _format_layer_report(result: dict[str, Any]) -> str:
     rows = [[r["layer"], r["calibrator"] + (" (guard)" if r["guard_fallback"] else ""), f"{r['amax']:.4g}",
-             "int" if r["signed"] else "uint"] for r in result["layers"]]
+             "int" if r["signed"] else "uint" + (f", zero point {r['zero_point']}" if r.get("zero_point") else "")]
+            for r in result["layers"]]
     text = format_table(["layer", "calibrator", "range", "codes"], rows)
     guard = result.get("guard")
     if guard:
@@ -381,7 +382,8 @@ def cmd_qat(args: argparse.Namespace) -> None:
     options = {o: getattr(args, o) if getattr(args, o) is not None else d for o, d in cluster_defaults.items()}
     config = repq.QATConfig(method=args.method, w_bits=args.w_bits, a_bits=args.a_bits,
                             edge_bits=args.edge_bits or None, num_samples=args.calib, seed=args.seed,
-                            quantize_pool=args.quantize_pool, **options)
+                            quantize_pool=args.quantize_pool, affine_activations=args.affine_activations,
+                            **options)
     try:
         config.validate()
     except RepqError as err:
@@ -787,6 +789,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--calib", type=positive_int, default=32, help="images that initialize the activation steps")
     p.add_argument("--quantize-pool", action="store_true",
                    help="also quantize (and train) the global-pool input, so the last conv runs fused in ONNX Runtime")
+    p.add_argument("--affine-activations", action="store_true",
+                   help="inputs with negative values (SiLU outputs) get unsigned codes with a learned zero point "
+                        "(LSQ+) instead of a signed symmetric grid")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-steps", type=positive_int, default=None, help="cap steps per epoch (smoke runs)")
     p.add_argument("--out", required=True, help="quantized checkpoint to write")

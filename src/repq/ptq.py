@@ -352,9 +352,10 @@ def _calibrate(model: nn.Module, images: torch.Tensor, config: PTQConfig) -> str
 
 
 def input_ranges(meta: dict[str, Any]) -> dict[str, float]:
-    """Layer (or pool) name -> the clipping threshold of its input quantizer, from a quantized model's metadata."""
+    """Layer (or pool) name -> the (upper) clipping threshold of its input quantizer, from a quantized model's
+    metadata."""
     ranges = {}
     for name, spec in {**meta["layers"], **meta.get("pools", {})}.items():
         levels = 2 ** (spec["a_bits"] - 1) - 1 if spec["input_signed"] else 2 ** spec["a_bits"] - 1
-        ranges[name] = spec["input_scale"] * levels
+        ranges[name] = spec["input_scale"] * (levels - spec.get("input_zero_point", 0))
     return ranges

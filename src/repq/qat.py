@@ -58,6 +58,8 @@ class QATConfig:
     weight_init: str = "mse"            # lsq: initial per-channel steps from this PTQ weight quantizer (minmax | mse)
     activation_init: str = "mse"        # initial activation steps from this PTQ calibrator
     unsigned_activations: bool = True   # non-negative (post-ReLU) inputs get unsigned codes: one more level bit
+    affine_activations: bool = False    # inputs with negative values (SiLU outputs) get unsigned codes with a
+                                        # learned zero point (LSQ+) instead of a signed symmetric grid
     edge_bits: int | None = 8           # the input layer and the output layers (all that write a network output:
                                         # the classifier; a detector's six prediction convs) at this width
                                         # (None: same as the rest)
@@ -133,7 +135,8 @@ def prepare_qat(model: nn.Module, config: QATConfig | None = None, calib_data: A
                                          config.lloyd_iters, int8_grid=config.codebook_grid == "int8"
                                          ).to(layer.weight.device)
         input_q = LSQQuantizer(a_bits, signed=True, init=config.activation_init,
-                               allow_unsigned=config.unsigned_activations).to(layer.weight.device)
+                               allow_unsigned=config.unsigned_activations,
+                               affine=config.affine_activations).to(layer.weight.device)
         input_q.name = name
         cls = QATConv2d if isinstance(layer, nn.Conv2d) else QATLinear
         replace_module(fused, name, cls.from_float(layer, weight_q, input_q))
@@ -142,7 +145,8 @@ def prepare_qat(model: nn.Module, config: QATConfig | None = None, calib_data: A
         pool_bits = bits[last[-1] if last else names[-1]][1]
         for name in [n for n, m in fused.named_modules() if is_global_avg_pool(m)]:
             input_q = LSQQuantizer(pool_bits, signed=True, init=config.activation_init,
-                                   allow_unsigned=config.unsigned_activations).to(next(fused.parameters()).device)
+                                   allow_unsigned=config.unsigned_activations,
+                                   affine=config.affine_activations).to(next(fused.parameters()).device)
             input_q.name = name
             replace_module(fused, name, QATGlobalAvgPool(input_q))
             pools[name] = pool_bits
@@ -173,11 +177,16 @@ def initialize_activations(qat_model: nn.Module, images: torch.Tensor) -> None:
 
 
 def _deploy_activation(q, act: LSQQuantizer, name: str) -> dict[str, Any]:
-    """Give the deploy quantizer `q` the trained LSQ step and code range of `act`; returns its metadata."""
+    """Give the deploy quantizer `q` the trained LSQ step, code range and zero point of `act`; returns its
+    metadata."""
+    q.name = name
+    if act.affine:
+        q.set_affine(float(act.current_step()), act.current_zero_point())
+        return {"input_scale": float(act.current_step()), "input_signed": False,
+                "input_zero_point": act.current_zero_point()}
     q.scale.copy_(act.current_step())
     q.qmin.copy_(act.qmin)
     q.qmax.copy_(act.qmax)
-    q.name = name
     return {"input_scale": float(act.current_step()), "input_signed": act.signed}
 
 

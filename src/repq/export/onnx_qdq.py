@@ -3,7 +3,8 @@
 The model is traced with torch.fx; each call becomes ONNX nodes. A quantized layer becomes
     Q(x) -> DQ -> Conv(DQ(int8 W), DQ(int32 b))            (+ Conv(DQ(int8 coarse center), 1x1) -> Add for CFWS)
 so the integer codes and scales of the simulation are written as they are (no re-quantization happens in export).
-Activations: unsigned codes as uint8 (zero point 0), signed codes as int8 (zero point 0), except at the input of a
+Activations: unsigned codes as uint8 (zero point 0, or an affine grid's zero point from QATConfig.affine_activations),
+signed codes as int8 (zero point 0), except at the input of a
 fused conv, where signed codes c travel as uint8 c + 128 with zero point 128 (the same values): ONNX Runtime on x86
 fuses QLinearConv only for uint8 inputs. Its u8 x s8 kernels may saturate int16 pair sums on CPUs without VNNI: the
 fused convs take that risk, as ONNX Runtime's own quantize_static graphs do (parity is measured in the tests and
@@ -75,8 +76,8 @@ def _quantize_input(g: _GraphBuilder, layer: nn.Module, x: str, base: str,
     scale = g.const(base + "_x_scale", np.array(scale_value, dtype=np.float32))
     if q.signed and not signed_as_uint8:
         zero = g.const(base + "_x_zero", np.array(0, dtype=np.int8))
-    else:
-        zero = g.const(base + "_x_zero", np.array(128 if q.signed else 0, dtype=np.uint8))
+    else:   # unsigned codes carry their zero point (0, or an affine grid's)
+        zero = g.const(base + "_x_zero", np.array(128 if q.signed else int(q.zero_point), dtype=np.uint8))
     codes = g.node("QuantizeLinear", [x, scale, zero], base)
     if q.bits < 8:
         offset = 128 if q.signed and signed_as_uint8 else 0
@@ -191,9 +192,9 @@ def _emit_codebook_layer(g: _GraphBuilder, layer: nn.Module, x: str, base: str) 
     q = layer.input_quantizer
     if q.bits > 8:
         raise RepqError(f"ONNX export supports activations up to 8 bits; '{base}' has {q.bits}")
-    scale = float(q.scale)
+    scale, zero = float(q.scale), float(q.zero_point)
     s = g.const(base + "_x_scale", np.array(scale, dtype=np.float32))
-    clipped = _emit_clip(g, x, base, float(q.qmin) * scale, float(q.qmax) * scale)
+    clipped = _emit_clip(g, x, base, (float(q.qmin) - zero) * scale, (float(q.qmax) - zero) * scale)
     codes = g.node("Round", [g.node("Div", [clipped, s], base)], base)
     xq = g.node("Mul", [codes, s], base)
     indices = g.const(base + "_w_indices", layer.weight_indices.cpu().numpy().astype(np.uint8))
@@ -341,7 +342,7 @@ def _requantized_outputs(graph: torch.fx.Graph, modules: dict[str, nn.Module]) -
         if not isinstance(module, _QUANT_INPUTS):
             return False
         q = module.input_quantizer  # narrower codes are clipped after the Q, which keeps the pattern
-        return q.bits <= 8 and not (after_relu and q.signed)
+        return q.bits <= 8 and not (after_relu and (q.signed or q.affine))
 
     def users_of(n: torch.fx.Node) -> list[torch.fx.Node]:
         """Users, looking through nn.Identity / nn.Dropout (they emit no ONNX node)."""
@@ -616,10 +617,10 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, example_input: torch.
 
 
 LUT_NOTE = ("ClusterQAT layers: weight[i] = codebook[indices[i]] (indices uint8, shape of the weight; codebook "
-            "float32, 2^b entries). A lookup-table runtime multiplies the quantized input codes by codebook entries "
-            "picked by the b-bit indices (or precomputes codebook x input-level products per layer), accumulates, "
-            "then scales by the input scale and adds the float bias. Runtimes without LUT kernels use the "
-            "dequantized weights (what the ONNX graph computes).")
+            "float32, 2^b entries). A lookup-table runtime multiplies the quantized input codes, minus "
+            "input_zero_point, by codebook entries picked by the b-bit indices (or precomputes codebook x "
+            "input-level products per layer), accumulates, then scales by the input scale and adds the float bias. "
+            "Runtimes without LUT kernels use the dequantized weights (what the ONNX graph computes).")
 
 
 def codebook_path(onnx_path: str | os.PathLike) -> Path:
@@ -636,6 +637,7 @@ def codebook_tables(model: nn.Module) -> dict[str, np.ndarray]:
             tables[f"{name}.indices"] = layer.weight_indices.cpu().numpy().astype(np.uint8)
             tables[f"{name}.codebook"] = layer.codebook.detach().cpu().numpy().astype(np.float32)
             tables[f"{name}.input_scale"] = np.array(float(layer.input_quantizer.scale), dtype=np.float32)
+            tables[f"{name}.input_zero_point"] = np.array(int(layer.input_quantizer.zero_point), dtype=np.int32)
             tables[f"{name}.bits"] = np.array([layer.w_bits, layer.input_quantizer.bits], dtype=np.int32)
     if tables:
         tables["note"] = np.array(LUT_NOTE)

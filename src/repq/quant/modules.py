@@ -22,14 +22,17 @@ _INT32_MIN, _INT32_MAX = -(2 ** 31), 2 ** 31 - 1
 
 
 class ActQuantizer(nn.Module):
-    """Per-tensor symmetric activation quantizer (zero point 0). Modes: "quant", "observe" (calibrate and pass the
-    float input on: one FP pass), "calibrate" (calibrate, then quantize: sequential PTQ), "off"."""
+    """Per-tensor activation quantizer: symmetric (zero point 0) on a signed or unsigned grid, or affine (unsigned
+    codes with a zero point, `set_affine`: LSQ+ QAT of inputs with a small negative tail such as SiLU outputs).
+    Modes: "quant", "observe" (calibrate and pass the float input on: one FP pass), "calibrate" (calibrate, then
+    quantize: sequential PTQ), "off"."""
 
     def __init__(self, bits: int = 8):
         super().__init__()
         self.bits = bits
         qmin, qmax = int_range(bits, signed=True)
         self.register_buffer("scale", torch.tensor(1.0))
+        self.register_buffer("zero_point", torch.tensor(0.0))
         self.register_buffer("qmin", torch.tensor(float(qmin)))
         self.register_buffer("qmax", torch.tensor(float(qmax)))
         self.mode = "quant"
@@ -40,6 +43,10 @@ class ActQuantizer(nn.Module):
     @property
     def signed(self) -> bool:
         return bool(self.qmin < 0)
+
+    @property
+    def affine(self) -> bool:
+        return bool(self.zero_point != 0)
 
     @torch.no_grad()
     def calibrate(self, x: Tensor) -> None:
@@ -58,7 +65,19 @@ class ActQuantizer(nn.Module):
         qmin, qmax = int_range(self.bits, signed=signed)
         self.qmin.fill_(qmin)
         self.qmax.fill_(qmax)
+        self.zero_point.zero_()
         self.scale.copy_(symmetric_scale(torch.tensor(float(amax)), qmax))
+
+    @torch.no_grad()
+    def set_affine(self, scale: float, zero_point: int) -> None:
+        """Unsigned codes c in [0, 2^b - 1] standing for (c - zero_point) x scale."""
+        qmin, qmax = int_range(self.bits, signed=False)
+        if not qmin <= zero_point <= qmax:
+            raise RepqError(f"'{self.name}': zero point {zero_point} outside the {self.bits}-bit unsigned range")
+        self.qmin.fill_(qmin)
+        self.qmax.fill_(qmax)
+        self.zero_point.fill_(float(zero_point))
+        self.scale.fill_(float(scale))
 
     def forward(self, x: Tensor) -> Tensor:
         if self.mode == "off":
@@ -67,10 +86,11 @@ class ActQuantizer(nn.Module):
             self.calibrate(x)
             if self.mode == "observe":
                 return x
-        return fake_quantize(x, self.scale, 0.0, int(self.qmin), int(self.qmax))
+        return fake_quantize(x, self.scale, self.zero_point, int(self.qmin), int(self.qmax))
 
     def extra_repr(self) -> str:
-        return f"bits={self.bits}, signed={self.signed}, scale={float(self.scale):.6g}"
+        zero = f", zero_point={int(self.zero_point)}" if self.affine else ""
+        return f"bits={self.bits}, signed={self.signed}, scale={float(self.scale):.6g}{zero}"
 
 
 class QuantWeightMixin:

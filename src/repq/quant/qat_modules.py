@@ -47,13 +47,24 @@ class LSQQuantizer(nn.Module):
 
     Activation steps start from a PTQ calibrator (`init` method) on the first batch seen in "observe" mode or,
     failing that, on the first training batch; under torchrun rank 0's value is broadcast.
+
+    `affine` (activations, LSQ+ of Bhalgat et al. 2020): an input with negative values gets unsigned codes with a
+    zero point and a learned offset (the grid's lower end) instead of a signed symmetric grid. A SiLU output lies
+    in [-0.28, max]: the symmetric grid spends half its codes on a side holding nothing below -0.28, so at 4 bits
+    its step is about twice the affine one. The zero point is rounded to an integer in the forward (straight
+    through), so the deployed integer layer computes the same values.
     """
 
     def __init__(self, bits: int, signed: bool = True, channels: int | None = None, narrow: bool = False,
-                 init: str = "mse", allow_unsigned: bool = False):
+                 init: str = "mse", allow_unsigned: bool = False, affine: bool = False):
         super().__init__()
+        if affine and channels:
+            raise ValueError("affine LSQ quantizes activations (per tensor) only")
         self.bits, self.narrow, self.init_method, self.allow_unsigned = bits, narrow, init, allow_unsigned
         self.step = nn.Parameter(torch.ones(channels) if channels else torch.tensor(1.0))
+        if affine:   # the grid's lower end, in input units, and whether the input had negatives (set at init)
+            self.offset = nn.Parameter(torch.tensor(0.0))
+            self.register_buffer("is_affine", torch.tensor(False))
         self.register_buffer("qmin", torch.tensor(0.0))
         self.register_buffer("qmax", torch.tensor(0.0))
         self.register_buffer("initialized", torch.tensor(False))
@@ -70,20 +81,48 @@ class LSQQuantizer(nn.Module):
     def signed(self) -> bool:
         return bool(self.qmin < 0)
 
+    @property
+    def affine(self) -> bool:
+        """True once initialized on an input with negative values (with `affine=True`)."""
+        return hasattr(self, "offset") and bool(self.is_affine)
+
     def current_step(self) -> Tensor:
         """The step the forward uses (|step|, off zero), detached: what the deploy layer stores."""
         return self.step.detach().abs().clamp_min(1e-12)
 
+    def _zero_point(self, offset: Tensor, step: Tensor) -> Tensor:
+        """Integer zero point -offset / step, rounded straight-through and kept inside the code range."""
+        return torch.clamp(round_ste(-offset / step), float(self.qmin), float(self.qmax))
+
+    def current_zero_point(self) -> int:
+        """The deployed zero point (0 unless the grid is affine)."""
+        if not self.affine:
+            return 0
+        with torch.no_grad():
+            return int(self._zero_point(self.offset, self.current_step()))
+
     @torch.no_grad()
     def init_from(self, x: Tensor) -> None:
-        """Step = amax / qmax with amax from the PTQ calibrator (activations: the sign of the data decides)."""
+        """Step = amax / qmax with amax from the PTQ calibrator (activations: the sign of the data decides). An
+        affine quantizer whose input has negative values starts with its lower end at the input's minimum and its
+        span from the calibrator on the input shifted by that minimum."""
         if not torch.isfinite(x).all():
             raise RepqError(f"NaN/Inf values at the input of '{self.name}' while initializing QAT; "
                             "check the model weights and the images")
-        signed = not (self.allow_unsigned and bool(x.min() >= 0))
+        low = float(x.min())
+        affine = hasattr(self, "offset") and low < 0
+        signed = not affine and not (self.allow_unsigned and low >= 0)
         self._set_range(signed)
-        amax = compute_amax(x, CalibrationConfig(method=self.init_method, bits=self.bits, signed=signed))
-        self.step.copy_(symmetric_scale(torch.tensor(amax), int(self.qmax)))
+        if hasattr(self, "offset"):
+            self.is_affine.fill_(affine)
+        if affine:
+            span = compute_amax(x - low, CalibrationConfig(method=self.init_method, bits=self.bits, signed=False))
+            step = symmetric_scale(torch.tensor(span), int(self.qmax))
+            self.step.copy_(step)
+            self.offset.fill_(-float(torch.clamp(torch.round(-low / step), 0, int(self.qmax))) * float(step))
+        else:
+            amax = compute_amax(x, CalibrationConfig(method=self.init_method, bits=self.bits, signed=signed))
+            self.step.copy_(symmetric_scale(torch.tensor(amax), int(self.qmax)))
         self.initialized.fill_(True)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -93,15 +132,21 @@ class LSQQuantizer(nn.Module):
         if not bool(self.initialized):
             self.init_from(x)
             if dist.is_initialized():
-                for t in (self.step.data, self.qmin, self.qmax):
+                extra = (self.offset.data, self.is_affine) if hasattr(self, "offset") else ()
+                for t in (self.step.data, self.qmin, self.qmax, *extra):
                     dist.broadcast(t, 0)
         # LSQ's gradient scale 1 / sqrt(N Qp), N = values per step (features per sample, or weights per channel).
         grad_factor = 1.0 / (x[0].numel() * float(self.qmax)) ** 0.5
+        if self.affine:
+            step = scale_grad(self.step, grad_factor).abs().clamp_min(1e-12)
+            zero = self._zero_point(scale_grad(self.offset, grad_factor), step)
+            return (round_ste(torch.clamp(x / step + zero, float(self.qmin), float(self.qmax))) - zero) * step
         axis = None if self.step.dim() == 0 else 0
         return lsq_fake_quantize(x, self.step, int(self.qmin), int(self.qmax), grad_factor, axis)
 
     def extra_repr(self) -> str:
-        return f"bits={self.bits}, signed={self.signed}"
+        affine = f", zero_point={self.current_zero_point()}" if self.affine else ""
+        return f"bits={self.bits}, signed={self.signed}{affine}"
 
 
 class CodebookQuantizer(nn.Module):
