@@ -40,15 +40,26 @@ def float_twin(qmodel: nn.Module) -> nn.Module:
     return twin
 
 
+def _layer_prefixes(layer_names: list[str]) -> list[tuple[str, str]]:
+    """(node-name prefix, layer) pairs, longest prefix first: the exporter names every node after its module (dots
+    become underscores), so a node belongs to the layer with the longest prefix it starts with."""
+    return sorted(((n.replace(".", "_") + "_", n) for n in layer_names), key=lambda p: -len(p[0]))
+
+
+def _owner(node_name: str, prefixes: list[tuple[str, str]]) -> str | None:
+    return next((layer for prefix, layer in prefixes if node_name.startswith(prefix)), None)
+
+
 def layer_kernels(optimized_nodes: list[Any], layer_names: list[str]) -> dict[str, str]:
-    """For each quantized layer, the kind of kernel its nodes became after ONNX Runtime's graph optimization
-    (the exporter names every node after its module: dots become underscores)."""
-    kernels = {}
-    for name in layer_names:
-        prefix = name.replace(".", "_") + "_"
-        ops = {n.op_type for n in optimized_nodes if n.name.startswith(prefix)}
-        kernels[name] = next((k for k in KERNEL_ORDER if k in ops), "+".join(sorted(ops)) or "?")
-    return kernels
+    """For each quantized layer, the kind of kernel its nodes became after ONNX Runtime's graph optimization."""
+    prefixes = _layer_prefixes(layer_names)
+    ops: dict[str, set[str]] = {name: set() for name in layer_names}
+    for node in optimized_nodes:
+        owner = _owner(node.name, prefixes)
+        if owner is not None:
+            ops[owner].add(node.op_type)
+    return {name: next((k for k in KERNEL_ORDER if k in kinds), "+".join(sorted(kinds)) or "?")
+            for name, kinds in ops.items()}
 
 
 def throughput(path: str | Path, input_shape: list[int], batch: int, seconds: float = 3.0,
@@ -82,7 +93,7 @@ def layer_times(path: str | Path, layer_names: list[str], input_shape: list[int]
             session.run(None, {name: x})
         events = json.loads(Path(session.end_profiling()).read_text())
     kernels = [e for e in events if e.get("cat") == "Node" and e["name"].endswith("_kernel_time")]
-    prefixes = sorted(((n.replace(".", "_") + "_", n) for n in layer_names), key=lambda p: -len(p[0]))
+    prefixes = _layer_prefixes(layer_names)
     times: dict[str, float] = dict.fromkeys([*layer_names, "(other nodes)"], 0.0)
     run, first = 0, kernels[0]["name"] if kernels else None
     for event in kernels:
@@ -90,7 +101,7 @@ def layer_times(path: str | Path, layer_names: list[str], input_shape: list[int]
         if run <= 2:
             continue
         node = event["name"][:-len("_kernel_time")]
-        layer = next((n for prefix, n in prefixes if node.startswith(prefix)), "(other nodes)")
+        layer = _owner(node, prefixes) or "(other nodes)"
         times[layer] += event["dur"] / 1000.0
     return {k: v / max(1, run - 2) for k, v in times.items()}
 
