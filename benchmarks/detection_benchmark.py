@@ -10,8 +10,9 @@ improved KL, seed 0 for the others) and repq's default and the baseline at W6A6 
 activations, the same images); ONNX Runtime mAP of repq's exports (exact CFWS and two-branch) beside the
 simulation; per-layer sensitivity of the naive recipe and partial quantization (k most sensitive layers in float);
 QAT (LSQ, ClusterQAT) at W6A6 / W4A4: 120 steps of 32 images, and 3 epochs at W4A4, on the plain and (if trained)
-the OABN detector; on the OABN detector also a higher learning rate, distillation from the float detector and
-10 and 20 epochs. Edge layers (the stem and the six prediction convs) at 8 bits, as QATConfig's default.
+the OABN detector; on the OABN detector also a higher learning rate, distillation from the float detector,
+10 and 20 epochs, and LSQ+ affine grids for the SiLU-fed head convs (QATConfig.affine_activations; the
+20-epoch run also with seed 1: other calibration images, data order and initialization). Edge layers (the stem and the six prediction convs) at 8 bits, as QATConfig's default.
 Rows are cached in runs/detect/rows.json (REPQ_CACHE), so an interrupted run resumes.
 """
 from __future__ import annotations
@@ -62,6 +63,8 @@ class QATRun(NamedTuple):
     detectors: str = "all"     # "all" or "oabn" (the OABN detector only)
     lr: float = 0.002
     distill: float = 0.0
+    affine: bool = False       # QATConfig.affine_activations (LSQ+ grids for the SiLU-fed head convs)
+    seed: int = 0              # calibration images, data order and initialization
 
 
 QAT_RUNS = {"LSQ W6A6": QATRun("lsq", 6, 6, 1, 120),
@@ -75,7 +78,13 @@ QAT_RUNS = {"LSQ W6A6": QATRun("lsq", 6, 6, 1, 120),
             "ClusterQAT W4A4, 10 epochs, lr 0.006, distillation 1": QATRun("cluster", 4, 4, 10, detectors="oabn",
                                                                            lr=0.006, distill=1.0),
             "ClusterQAT W4A4, 20 epochs, lr 0.006, distillation 1": QATRun("cluster", 4, 4, 20, detectors="oabn",
-                                                                           lr=0.006, distill=1.0)}
+                                                                           lr=0.006, distill=1.0),
+            "ClusterQAT W4A4, 3 epochs, lr 0.006, distillation 1, affine activations": QATRun(
+                "cluster", 4, 4, 3, detectors="oabn", lr=0.006, distill=1.0, affine=True),
+            "ClusterQAT W4A4, 20 epochs, lr 0.006, distillation 1, affine activations": QATRun(
+                "cluster", 4, 4, 20, detectors="oabn", lr=0.006, distill=1.0, affine=True),
+            "ClusterQAT W4A4, 20 epochs, lr 0.006, distillation 1, affine activations, seed 1": QATRun(
+                "cluster", 4, 4, 20, detectors="oabn", lr=0.006, distill=1.0, affine=True, seed=1)}
 
 
 class Rows:
@@ -226,27 +235,28 @@ def measure_qat(rows: Rows, name: str, train, val, quick: bool) -> None:
                                                 "history": fp_payload["history"]["epochs"]})
             rows.get(f"{detector}|W4A4|{DEFAULT}|0", lambda: metrics(evaluate_detection(
                 repq.quantize(fp_model, train.calibration_images(32, 0), repq.PTQConfig(w_bits=4, a_bits=4)), val)))
-        for run_name, (method, wb, ab, epochs, steps, which, lr, distill) in QAT_RUNS.items():
+        for run_name, (method, wb, ab, epochs, steps, which, lr, distill, affine, seed) in QAT_RUNS.items():
             if which == "oabn" and "oabn" not in detector:
                 continue
 
             def run(method=method, wb=wb, ab=ab, epochs=epochs, steps=steps, fp_model=fp_model, lr=lr,
-                    distill=distill):
-                torch.manual_seed(0)
-                config = repq.QATConfig(method=method, w_bits=wb, a_bits=ab)
-                qat = repq.prepare_qat(fp_model, config, train.calibration_images(config.num_samples, 0))
+                    distill=distill, affine=affine, seed=seed):
+                torch.manual_seed(seed)
+                config = repq.QATConfig(method=method, w_bits=wb, a_bits=ab, affine_activations=affine, seed=seed)
+                qat = repq.prepare_qat(fp_model, config, train.calibration_images(config.num_samples, seed))
                 qat.num_classes, qat.strides = fp_model.num_classes, fp_model.strides
                 start = metrics(evaluate_detection(qat, val))
                 budget = DetectTrainConfig(epochs=1 if quick else epochs, batch_size=32, lr=lr, warmup_epochs=0.0,
-                                           ema_decay=0.0, max_steps_per_epoch=4 if quick else steps, seed=0,
+                                           ema_decay=0.0, max_steps_per_epoch=4 if quick else steps, seed=seed,
                                            distill=distill)
                 began = time.perf_counter()
-                train_detector(qat, train, budget, progress=True, teacher=fp_model if distill else None)
+                history = train_detector(qat, train, budget, progress=True, teacher=fp_model if distill else None)
                 minutes = (time.perf_counter() - began) / 60
                 q = repq.convert_qat(qat)
                 steps_run = budget.epochs * (budget.max_steps_per_epoch or -(-len(train) // budget.batch_size))
                 return {**metrics(evaluate_detection(q, val)), "start_map": start["map"], "train_minutes": minutes,
-                        "steps": steps_run, "batch_size": budget.batch_size}
+                        "steps": steps_run, "batch_size": budget.batch_size,
+                        "epoch_images_per_s": [e["images_per_s"] for e in history["epochs"]]}
             rows.get(f"{detector}|qat|{run_name}", run)
 
 
@@ -340,18 +350,29 @@ def render(rows: dict, name: str, seeds, quick: bool) -> tuple[str, dict]:
             if r:
                 lines.append(f"| {k} | {r['map']:.2f} | {fp['map'] - r['map']:+.2f} |")
     qat_rows = [(k.split("|")[0], k.split("|")[2], v) for k, v in rows.items() if k.split("|")[1] == "qat"]
+    order = list(QAT_RUNS)
+    qat_rows.sort(key=lambda r: ("oabn" not in r[0], order.index(r[1]) if r[1] in order else len(order)))
     if qat_rows:
         lines += ["", "## QAT (short budget)", "",
                   "Edge layers at 8 bits (QATConfig's default: the stem and the six class / box prediction convs, "
                   "traced from the graph); SGD at lr 0.002 unless the run says otherwise, no warmup, no EMA; "
                   "'distillation 1' adds the float detector's prediction distillation with weight 1 "
-                  "(`repq qat --distill 1`).", "",
+                  "(`repq qat --distill 1`); 'affine activations' gives the inputs with negative values (the six "
+                  "SiLU-fed head convs) unsigned codes with a learned zero point, LSQ+ "
+                  "(`repq qat --affine-activations`).", "",
                   "| detector | FP mAP | run | PTQ start mAP | after QAT mAP | drop vs FP | steps x batch | minutes |",
                   "|---|---|---|---|---|---|---|---|"]
+        notes = []
         for detector, run, r in qat_rows:
             base = rows[f"{detector}|fp"]["map"]
+            mark = ""
+            if r.get("note"):
+                notes.append(r["note"])
+                mark = " " + "*" * len(notes)
             lines.append(f"| {detector} | {base:.2f} | {run} | {r['start_map']:.2f} | {r['map']:.2f} | "
-                         f"{base - r['map']:+.2f} | {r['steps']} x {r['batch_size']} | {r['train_minutes']:.1f} |")
+                         f"{base - r['map']:+.2f} | {r['steps']} x {r['batch_size']} | "
+                         f"{r['train_minutes']:.1f}{mark} |")
+        lines += [""] + [f"{'*' * (i + 1)} {note}" for i, note in enumerate(notes)] if notes else []
     return "\n".join(lines) + "\n", data
 
 
