@@ -181,9 +181,9 @@ def _deploy_activation(q, act: LSQQuantizer, name: str) -> dict[str, Any]:
     metadata."""
     q.name = name
     if act.affine:
-        q.set_affine(float(act.current_step()), act.current_zero_point())
-        return {"input_scale": float(act.current_step()), "input_signed": False,
-                "input_zero_point": act.current_zero_point()}
+        zero_point = act.current_zero_point()
+        q.set_affine(float(act.current_step()), zero_point)
+        return {"input_scale": float(act.current_step()), "input_signed": False, "input_zero_point": zero_point}
     q.scale.copy_(act.current_step())
     q.qmin.copy_(act.qmin)
     q.qmax.copy_(act.qmax)
