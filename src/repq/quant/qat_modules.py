@@ -30,11 +30,16 @@ def scale_grad(x: Tensor, factor: float | Tensor) -> Tensor:
 
 
 def lsq_fake_quantize(x: Tensor, step: Tensor, qmin: int, qmax: int, grad_factor: float,
-                      axis: int | None = None) -> Tensor:
+                      axis: int | None = None, offset: Tensor | None = None) -> Tensor:
     """LSQ (Esser et al. 2020): round(clamp(x / s, qmin, qmax)) * s with a straight-through round, so that
     d/ds = round(x/s) - x/s inside the range and qmin/qmax outside, scaled by `grad_factor`. The step is used as
-    |s| (kept off zero): an SGD step that overshoots zero reflects instead of flipping the quantizer's sign."""
+    |s| (kept off zero): an SGD step that overshoots zero reflects instead of flipping the quantizer's sign.
+    With `offset` (LSQ+, per tensor): (round(clamp(x / s + z, qmin, qmax)) - z) * s with the integer zero point
+    z = round(-offset / s), straight-through, its gradient scaled like the step's."""
     s = scale_grad(step, grad_factor).abs().clamp_min(1e-12)
+    if offset is not None:
+        zero = torch.clamp(round_ste(-scale_grad(offset, grad_factor) / s), qmin, qmax)
+        return (round_ste(torch.clamp(x / s + zero, qmin, qmax)) - zero) * s
     if axis is not None:
         shape = [1] * x.dim()
         shape[axis] = -1
@@ -90,16 +95,12 @@ class LSQQuantizer(nn.Module):
         """The step the forward uses (|step|, off zero), detached: what the deploy layer stores."""
         return self.step.detach().abs().clamp_min(1e-12)
 
-    def _zero_point(self, offset: Tensor, step: Tensor) -> Tensor:
-        """Integer zero point -offset / step, rounded straight-through and kept inside the code range."""
-        return torch.clamp(round_ste(-offset / step), float(self.qmin), float(self.qmax))
-
     def current_zero_point(self) -> int:
-        """The deployed zero point (0 unless the grid is affine)."""
+        """The deployed zero point (0 unless the grid is affine): round(-offset / step) inside the code range."""
         if not self.affine:
             return 0
-        with torch.no_grad():
-            return int(self._zero_point(self.offset, self.current_step()))
+        zero = torch.round(-self.offset.detach() / self.current_step())
+        return int(torch.clamp(zero, float(self.qmin), float(self.qmax)))
 
     @torch.no_grad()
     def init_from(self, x: Tensor) -> None:
@@ -137,12 +138,9 @@ class LSQQuantizer(nn.Module):
                     dist.broadcast(t, 0)
         # LSQ's gradient scale 1 / sqrt(N Qp), N = values per step (features per sample, or weights per channel).
         grad_factor = 1.0 / (x[0].numel() * float(self.qmax)) ** 0.5
-        if self.affine:
-            step = scale_grad(self.step, grad_factor).abs().clamp_min(1e-12)
-            zero = self._zero_point(scale_grad(self.offset, grad_factor), step)
-            return (round_ste(torch.clamp(x / step + zero, float(self.qmin), float(self.qmax))) - zero) * step
         axis = None if self.step.dim() == 0 else 0
-        return lsq_fake_quantize(x, self.step, int(self.qmin), int(self.qmax), grad_factor, axis)
+        return lsq_fake_quantize(x, self.step, int(self.qmin), int(self.qmax), grad_factor, axis,
+                                 offset=self.offset if self.affine else None)
 
     def extra_repr(self) -> str:
         affine = f", zero_point={self.current_zero_point()}" if self.affine else ""
