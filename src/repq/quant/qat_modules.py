@@ -15,7 +15,7 @@ from repq.errors import RepqError
 from repq.quant.calibrators import CalibrationConfig, compute_amax
 from repq.quant.codebook import assign, kmeans_1d, lloyd_steps
 from repq.quant.modules import conv_like, linear_like
-from repq.quant.primitives import int_range, symmetric_scale
+from repq.quant.primitives import asymmetric_params, int_range, symmetric_scale
 from repq.quant.weights import quantize_weight
 
 
@@ -34,12 +34,14 @@ def lsq_fake_quantize(x: Tensor, step: Tensor, qmin: int, qmax: int, grad_factor
     """LSQ (Esser et al. 2020): round(clamp(x / s, qmin, qmax)) * s with a straight-through round, so that
     d/ds = round(x/s) - x/s inside the range and qmin/qmax outside, scaled by `grad_factor`. The step is used as
     |s| (kept off zero): an SGD step that overshoots zero reflects instead of flipping the quantizer's sign.
-    With `offset` (LSQ+, per tensor): (round(clamp(x / s + z, qmin, qmax)) - z) * s with the integer zero point
+    With `offset` (LSQ+, per tensor): round(clamp(x / s, qmin - z, qmax - z)) * s with the integer zero point
     z = round(-offset / s), straight-through, its gradient scaled like the step's."""
     s = scale_grad(step, grad_factor).abs().clamp_min(1e-12)
     if offset is not None:
         zero = torch.clamp(round_ste(-scale_grad(offset, grad_factor) / s), qmin, qmax)
-        return (round_ste(torch.clamp(x / s + zero, qmin, qmax)) - zero) * s
+        # Clamped to [qmin - z, qmax - z] and rounded without adding z first: in float32, x / s + z can land on a
+        # tie the deployed quantizer (round(x / s) + z) never sees, and the two would disagree by one code.
+        return round_ste(torch.clamp(x / s, qmin - zero, qmax - zero)) * s
     if axis is not None:
         shape = [1] * x.dim()
         shape[axis] = -1
@@ -118,9 +120,9 @@ class LSQQuantizer(nn.Module):
             self.is_affine.fill_(affine)
         if affine:
             span = compute_amax(x - low, CalibrationConfig(method=self.init_method, bits=self.bits, signed=False))
-            step = symmetric_scale(torch.tensor(span), int(self.qmax))
+            step, zero_point = asymmetric_params(torch.tensor(low), torch.tensor(low + span), self.bits)
             self.step.copy_(step)
-            self.offset.fill_(-float(torch.clamp(torch.round(-low / step), 0, int(self.qmax))) * float(step))
+            self.offset.fill_(-float(zero_point) * float(step))
         else:
             amax = compute_amax(x, CalibrationConfig(method=self.init_method, bits=self.bits, signed=signed))
             self.step.copy_(symmetric_scale(torch.tensor(amax), int(self.qmax)))
