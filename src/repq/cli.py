@@ -677,8 +677,9 @@ def _common(p: argparse.ArgumentParser, writes: bool = True) -> None:
 
 def _data_args(p: argparse.ArgumentParser, required: bool = True, eval_batch: bool = True) -> None:
     p.add_argument("--data", required=required,
-                   help="fashion-mnist[:FOLDER] | digits | cifar10:PATH (in memory) | imagefolder:PATH (train/, "
-                        "val/) | filelist:PATH (train.txt, val.txt: 'path LABEL' lines) (streamed from disk); "
+                   help="fashion-mnist[:FOLDER] | digits | mnist[:FOLDER] | cifar10:PATH (in memory) | "
+                        "imagefolder:PATH (train/, val/) | filelist:PATH (train.txt, val.txt: 'path LABEL' lines) "
+                        "(streamed from disk); "
                         "detection: fashion-mnist-det | digits-det (composed scenes) | coco:DIR | yolo:DIR")
     p.add_argument("--task", default="auto", choices=["auto", "classify", "detect"],
                    help="auto: inferred from --data and the model (a detector checkpoint or --model yolov6_*)")

