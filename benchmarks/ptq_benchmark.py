@@ -23,13 +23,18 @@ from repq.io import atomic_write_text
 from zoo import select, zoo, zoo_checkpoint
 
 BITS = {"W8A8": (8, 8), "W6A6": (6, 6), "W4A8": (4, 8), "W4A4": (4, 4)}
-# recipe -> (PTQConfig options, bit-widths it runs at)
-PLAIN = {"bias_correction": False}
+# recipe -> (PTQConfig options, bit-widths it runs at). The baselines and P1's recipes are what they were before repq
+# had activation equalization and the affine input grid: none of either, P1's max-abs input.
+PLAIN = {"bias_correction": False, "equalize": False, "input_activation": "minmax"}
+DEFAULT = "repq default (equalization + CFWS + auto + bias correction)"
+BASELINE = "min-max/channel + percentile"
 RECIPES: dict[str, tuple[dict, tuple[str, ...]]] = {
-    "repq default (CFWS + auto + bias correction)": ({}, tuple(BITS)),
-    "min-max/channel + percentile": ({**PLAIN, "weight": "minmax", "activation": "percentile"}, tuple(BITS)),
+    DEFAULT: ({}, tuple(BITS)),
+    BASELINE: ({**PLAIN, "weight": "minmax", "activation": "percentile"}, tuple(BITS)),
     "CFWS + improved KL (P1, float inputs)": ({**PLAIN, "activation": "improved_kl"}, tuple(BITS)),
-    "CFWS + auto, no bias correction": (PLAIN, ("W8A8", "W6A6", "W4A8", "W4A4")),
+    "repq default, no equalization": ({"equalize": False}, tuple(BITS)),
+    "repq default, P1's max-abs input grid": ({"input_activation": "minmax"}, ("W8A8", "W6A6")),
+    "repq default, no bias correction": ({"bias_correction": False}, tuple(BITS)),
     "repq default, edge layers at 8 bits": ({"edge_bits": 8}, ("W4A4",)),
     "CFWS + improved KL (P1, sequential)": ({**PLAIN, "activation": "improved_kl", "sequential": True}, ("W8A8",)),
     "CFWS + former improved KL (separate norm, 256-2048 bins, sequential)": (
@@ -38,7 +43,6 @@ RECIPES: dict[str, tuple[dict, tuple[str, ...]]] = {
     "min-max/tensor + min-max (naive)": ({**PLAIN, "weight": "minmax", "weight_granularity": "tensor",
                                           "activation": "minmax"}, ("W8A8",)),
 }
-DEFAULT, BASELINE = "repq default (CFWS + auto + bias correction)", "min-max/channel + percentile"
 QUICK_RECIPES = (DEFAULT, BASELINE)
 PEERS = ("ORT quantize_static MinMax", "ORT quantize_static Entropy", "ORT quantize_static Percentile",
          "PyTorch FX PTQ (x86)", "NNCF PTQ (defaults)")

@@ -1,7 +1,7 @@
-"""PTQ wall time and memory: repq's default (CFWS + auto, guarded) vs improved KL alone, on a full RepVGG-A0 at
-28x28 (Fashion-MNIST calibration images) and at 224x224 (3 channels, 1000 classes, random images), both with random
-weights and non-trivial BN statistics (the work done does not depend on the values), 32 calibration images, plus
-256 images at 224x224.
+"""PTQ wall time and memory: repq's default (equalization + CFWS + auto, guarded) vs P1's improved KL alone, on a
+full RepVGG-A0 at 28x28 (Fashion-MNIST calibration images) and at 224x224 (3 channels, 1000 classes, random
+images), both with random weights and non-trivial BN statistics (the work done does not depend on the values), 32
+calibration images, plus 256 images at 224x224.
 
     python benchmarks/ptq_timing.py            # a few minutes on 2 cores
     python benchmarks/ptq_timing.py --quick    # tiny sizes (seconds)
@@ -17,7 +17,8 @@ import torch
 from common import machine, repq, write_result
 from zoo import zoo_checkpoint
 
-RECIPES = {"repq default (CFWS + auto)": {}, "CFWS + improved KL": {"activation": "improved_kl"}}
+DEFAULT, KL = "repq default", "CFWS + improved KL"
+RECIPES = {DEFAULT: {}, KL: {"activation": "improved_kl", "equalize": False, "input_activation": "minmax"}}
 
 
 def randomized_bn(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
@@ -63,23 +64,22 @@ def main() -> None:
     rows = []
     for label, model, images in cases:
         times = {name: time_quantize(model, images, options) for name, options in RECIPES.items()}
-        ratio = times["repq default (CFWS + auto)"] / times["CFWS + improved KL"]
+        ratio = times[DEFAULT] / times[KL]
         rows.append({"case": label, "images": len(images), **times, "ratio": ratio})
         print(rows[-1], flush=True)
     label, model, _ = cases[-1]
     many = torch.randn(256, *cases[-1][2].shape[1:])
     seconds = time_quantize(model, many, {})
-    rows.append({"case": label, "images": 256, "repq default (CFWS + auto)": seconds, "CFWS + improved KL": None,
-                 "ratio": None})
+    rows.append({"case": label, "images": 256, DEFAULT: seconds, KL: None, "ratio": None})
     cmd = "python benchmarks/ptq_timing.py" + (" --quick" if args.quick else "")
     lines = ["# PTQ wall time", "", f"Command: `{cmd}`", f"Machine: {machine()}", *([args.note] if args.note else []),
              "",
-             "| model | calibration images | default (CFWS + auto) s | CFWS + improved KL s | ratio |",
+             "| model | calibration images | repq default s | CFWS + P1's improved KL s | ratio |",
              "|---|---|---|---|---|"]
     for r in rows:
-        kl = "-" if r["CFWS + improved KL"] is None else f"{r['CFWS + improved KL']:.2f}"
+        kl = "-" if r[KL] is None else f"{r[KL]:.2f}"
         ratio = "-" if r["ratio"] is None else f"{r['ratio']:.2f}"
-        lines.append(f"| {r['case']} | {r['images']} | {r['repq default (CFWS + auto)']:.2f} | {kl} | {ratio} |")
+        lines.append(f"| {r['case']} | {r['images']} | {r[DEFAULT]:.2f} | {kl} | {ratio} |")
     lines += ["", f"Peak resident memory of the process: {peak_rss_gib():.2f} GiB."]
     text = "\n".join(lines) + "\n"
     print(text)

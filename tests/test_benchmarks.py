@@ -17,7 +17,8 @@ def cache(tmp_path_factory):
 @pytest.mark.slow
 @pytest.mark.parametrize("script,needle", [("train_reference.py", "fused (plain 3x3 convs)"),
                                            ("train_zoo.py", "| quick_efficientrep | efficientrep_n |"),
-                                           ("ptq_benchmark.py", "| W4A8 | repq default (CFWS + auto + bias correction) | 2 |"),
+                                           ("ptq_benchmark.py",
+                                            "| W4A8 | repq default (equalization + CFWS + auto + bias correction) | 2 |"),
                                            ("calibration_benchmark.py", "| stage4.0.rbr_reparam |"),
                                            ("ptq_timing.py", "| quick_a0 (digits 8x8) | 32 |"),
                                            ("export_benchmark.py", "ORT quantize_static MinMax"),

@@ -4,6 +4,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 import repq
 from repq.cli import build_parser, main
@@ -79,20 +80,34 @@ def test_default_ptq_reports_the_calibrator_of_every_layer(trained_checkpoint, c
     train_size = len(repq.load_dataset("digits", "train"))
     assert result["calibration"]["images"] == train_size and result["calibration"]["seed"] == 0   # what was used
     layers = {r["layer"]: r for r in result["layers"]}
-    assert layers["stage0.rbr_reparam"]["calibrator"] == "minmax"                       # the network input
+    first = layers["stage0.rbr_reparam"]                                               # the network input:
+    assert first["calibrator"] == "affine" and not first["signed"] and 0 < first["zero_point"] < 255   # affine
     from repq.quant.selection import CANDIDATES
     assert all(r["calibrator"] in CANDIDATES for name, r in layers.items() if name != "stage0.rbr_reparam")
     assert set(result["guard"]) >= {"baseline_error", "final_error", "fallbacks"}
     assert not layers["stage1.0.rbr_reparam"]["signed"]                  # post-ReLU: unsigned codes by default
     code, out, _ = run(capsys, "ptq", "--checkpoint", str(trained_checkpoint), "--data", "digits", "--calib", "16",
                        "--signed-activations", "--json")
-    assert code == 0 and all(r["signed"] for r in json.loads(out)["results"][0]["layers"])
+    assert code == 0 and all(r["signed"] for r in json.loads(out)["results"][0]["layers"])   # the input too
+    assert json.loads(out)["results"][0]["layers"][0]["calibrator"] == "minmax"              # P1's max-abs
+
+
+def test_ptq_reports_activation_equalization_and_its_switch(trained_checkpoint, capsys):
+    code, out, _ = run(capsys, "ptq", "--checkpoint", str(trained_checkpoint), "--data", "digits", "--calib", "16")
+    model = repq.load_checkpoint(trained_checkpoint)[0]
+    convs = sum(isinstance(m, torch.nn.Conv2d) for m in repq.reparameterize(model).modules())
+    assert code == 0 and f"activation equalization: {convs} conv pair(s)" in out   # a chain: every conv feeds one
+    code, out, _ = run(capsys, "ptq", "--checkpoint", str(trained_checkpoint), "--data", "digits", "--calib", "16",
+                       "--no-equalize", "--json")
+    result = json.loads(out)["results"][0]
+    assert code == 0 and result["equalization"]["pairs"] == 0 and "equalize=False" in result["equalization"]["text"]
 
 
 @pytest.mark.parametrize("argv,needle", [
     (["eval", "--checkpoint", "/nonexistent/x.pt", "--data", "digits"], "not found"),
     (["ptq", "--checkpoint", "CKPT", "--data", "digits", "--w-bits", "1"], "--w-bits: w_bits must be between"),
     (["ptq", "--checkpoint", "CKPT", "--data", "digits", "--activation", "entropy"], "--activation: unknown"),
+    (["ptq", "--checkpoint", "CKPT", "--data", "digits", "--input-activation", "max"], "--input-activation: unknown"),
     (["ptq", "--checkpoint", "CKPT", "--data", "digits", "--calib", "0"], "--calib:"),
     (["ptq", "--checkpoint", "CKPT", "--data", "digits", "--out", "CKPT"], "never overwritten"),
     (["ptq", "--checkpoint", "CKPT", "--data", "digits", "--weight", "minmax,cfws"], "--compare"),

@@ -50,7 +50,7 @@ def setup(trained_digits_model, digits):
 def test_parity_and_integer_kernels(setup, tmp_path, weight, unsigned):
     model, calib, test_ds = setup
     q = repq.quantize(model, calib, repq.PTQConfig(weight=weight, activation="percentile",
-                                                   unsigned_activations=unsigned))
+                                                   unsigned_activations=unsigned, input_activation="minmax"))
     path, kernels, n_convs = export_with_parity(q, tmp_path, calib, test_ds)
     assert not any(kernels.get(op, 0) for op in FLOAT_CONVS), kernels
     per_conv = 2 if weight != "minmax" else 1   # CFWS: fine 3x3 + coarse 1x1 integer convs
@@ -63,6 +63,23 @@ def test_parity_and_integer_kernels(setup, tmp_path, weight, unsigned):
         assert graph.node[0].op_type == "QuantizeLinear"
         zero = next(i for i in graph.initializer if i.name == graph.node[0].input[2])
         assert zero.data_type == onnx.TensorProto.UINT8 and onnx.numpy_helper.to_array(zero) == 128
+
+
+@pytest.mark.parametrize("deploy", ["exact", "two_branch"])
+def test_default_recipe_exports_with_parity(setup, tmp_path, deploy):
+    """repq's default (affine input grid, activation equalization, CFWS + auto + bias correction): the image enters
+    as uint8 codes with the input quantizer's own zero point, every conv is an integer kernel, ORT agrees."""
+    model, calib, test_ds = setup
+    q = repq.quantize(model, calib, repq.PTQConfig(quantize_pool=True, cfws_deploy=deploy))
+    assert q.repq_quant["equalization"]["pairs"]
+    first = q.get_submodule("stage0.rbr_reparam").input_quantizer
+    assert first.affine and not first.signed
+    path, kernels, n_convs = export_with_parity(q, tmp_path, calib, test_ds)
+    assert not any(kernels.get(op, 0) for op in FLOAT_CONVS), kernels
+    graph = onnx.load(str(path)).graph
+    assert graph.node[0].op_type == "QuantizeLinear"
+    zero = next(i for i in graph.initializer if i.name == graph.node[0].input[2])
+    assert zero.data_type == onnx.TensorProto.UINT8 and onnx.numpy_helper.to_array(zero) == int(first.zero_point)
 
 
 @pytest.mark.parametrize("unsigned", [False, True])

@@ -78,7 +78,8 @@ def test_calibration_order(sequential):
     net = plain_net()
     x = torch.randn(10, 1, 8, 8)
     q = repq.quantize(net, x, repq.PTQConfig(activation="minmax", num_samples=10, sequential=sequential,
-                                             unsigned_activations=False, bias_correction=False))
+                                             unsigned_activations=False, bias_correction=False,
+                                             input_activation="minmax", equalize=False))   # P1's sequencer
     s1 = float(x.abs().max()) / 127
     assert float(q[0].input_quantizer.scale) == pytest.approx(s1)
     if sequential:
@@ -94,10 +95,16 @@ def test_unsigned_activations_after_relu_only():
     assert repq.PTQConfig().unsigned_activations                 # the default
     signed = repq.quantize(net, torch.randn(4, 1, 8, 8), repq.PTQConfig(num_samples=4, unsigned_activations=False))
     assert signed[2].input_quantizer.signed and int(signed[2].input_quantizer.qmax) == 127
-    q = repq.quantize(net, torch.randn(4, 1, 8, 8), repq.PTQConfig(num_samples=4, unsigned_activations=True))
-    assert q[0].input_quantizer.signed          # the image has negative values
+    x = torch.randn(4, 1, 8, 8)
+    q = repq.quantize(net, x, repq.PTQConfig(num_samples=4, unsigned_activations=True, input_activation="minmax"))
+    assert q[0].input_quantizer.signed          # the image has negative values (on P1's max-abs input grid)
     assert not q[2].input_quantizer.signed      # post-ReLU
     assert int(q[2].input_quantizer.qmax) == 255
+    q = repq.quantize(net, x, repq.PTQConfig(num_samples=4))   # the default input grid: affine over [min, max]
+    first = q[0].input_quantizer
+    assert not first.signed and first.affine and int(first.qmax) == 255
+    assert float(first.scale) == pytest.approx(float(x.max() - x.min()) / 255, rel=1e-6)
+    assert int(first.zero_point) == round(float(-x.min()) / float(first.scale))
 
 
 @pytest.mark.slow

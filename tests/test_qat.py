@@ -173,7 +173,8 @@ def test_affine_activations_train_convert_and_run_fused_in_onnx_runtime(method, 
 def test_checkpoints_without_activation_zero_points_still_load(trained_digits_model, digits, tmp_path):
     """Quantized checkpoints written before affine activations have no zero_point buffers: they read as 0."""
     train_ds, test_ds = digits
-    q = repq.quantize(trained_digits_model, train_ds, repq.PTQConfig(activation="minmax", bias_correction=False))
+    q = repq.quantize(trained_digits_model, train_ds, repq.PTQConfig(activation="minmax", bias_correction=False,
+                                                                     input_activation="minmax"))   # as back then
     repq.save_checkpoint(tmp_path / "q.pt", q)
     payload = torch.load(tmp_path / "q.pt", weights_only=True)
     payload["state_dict"] = {k: v for k, v in payload["state_dict"].items() if not k.endswith("zero_point")}

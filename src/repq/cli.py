@@ -205,7 +205,9 @@ def _ptq_config(args: argparse.Namespace, options: dict[str, Any]):
 
     config = repq.PTQConfig(num_samples=args.calib, seed=args.seed, sequential=args.sequential,
                             unsigned_activations=not args.signed_activations, quantize_pool=args.quantize_pool,
-                            bias_correction=not args.no_bias_correction,
+                            bias_correction=not args.no_bias_correction, equalize=not args.no_equalize,
+                            input_activation=(args.input_activation
+                                              or ("minmax" if args.signed_activations else "affine")).replace("-", "_"),
                             skip_layers=tuple(n.strip() for n in args.skip_layers.split(",") if n.strip()),
                             cfws_deploy=_cfws_deploy(args, options["weight"]), edge_bits=args.edge_bits or None,
                             **options)
@@ -214,6 +216,7 @@ def _ptq_config(args: argparse.Namespace, options: dict[str, Any]):
     except RepqError as err:   # name the flag, not the Python field
         for field, flag in (("edge_bits", "--edge-bits"), ("w_bits", "--w-bits"), ("a_bits", "--a-bits"),
                             ("num_samples", "--calib"),
+                            ("input_activation", "--input-activation"),
                             ("activation method", "--activation"), ("weight method", "--weight"),
                             ("weight_granularity", "--granularity"), ("skip_layers", "--skip-layers"),
                             ("cfws_deploy", "--cfws-deploy")):
@@ -324,6 +327,7 @@ def cmd_ptq(args: argparse.Namespace) -> None:
                             "float_layers": qmodel.repq_quant["float_layers"],
                             "edge_bits": config.edge_bits, "edges": qmodel.repq_quant.get("edges"),
                             "fusion": qmodel.repq_quant["fusion"],
+                            "equalization": _equalization_summary(qmodel.repq_quant.get("equalization")),
                             "guard": (qmodel.repq_quant.get("auto") or {}).get("guard")})
             last = qmodel
     except KeyboardInterrupt:
@@ -346,6 +350,7 @@ def cmd_ptq(args: argparse.Namespace) -> None:
               f"{fusion['conv_bn_folded']} conv+BN fold(s), verified against the original"
               + (f" (relative difference {fusion['relative_diff']:.2g})" if fusion["relative_diff"] is not None
                  else ""))
+    human += "\nactivation equalization: " + results[0]["equalization"]["text"]
     human += "\nkept in float: " + (", ".join(results[0]["float_layers"]) or "nothing")
     if results[0]["edges"]:
         edges = results[0]["edges"]
@@ -355,6 +360,23 @@ def cmd_ptq(args: argparse.Namespace) -> None:
         human += (f"\nquantized checkpoint: {args.out}\nnext: repq export --checkpoint {args.out} --onnx "
                   f"<model.onnx> --data {args.data} --verify")
     _emit(args, {"command": "ptq", "fp": fp, "results": results, "checkpoint": args.out}, human)
+
+
+def _equalization_summary(record: dict[str, Any] | None) -> dict[str, Any]:
+    """What activation equalization did, for the report: the pairs rescaled, or why none was."""
+    record = record or {"pairs": {}, "skipped": "not recorded"}
+    pairs = record["pairs"]
+    if not pairs:
+        text = f"none ({record['skipped']})"
+    elif not record.get("kept", True):
+        text = (f"dropped: {len(pairs)} conv pair(s) were rescaled, but the guard found the network output closer "
+                "to float without it")
+    else:
+        scaled = sum(p["scaled_channels"] for p in pairs.values())
+        total = sum(p["channels"] for p in pairs.values())
+        text = (f"{len(pairs)} conv pair(s), {scaled} of {total} channels rescaled "
+                f"(largest scale {max(p['max_scale'] for p in pairs.values()):.3g})")
+    return {"pairs": len(pairs), "kept": bool(pairs) and record.get("kept", True), "text": text}
 
 
 def _ptq_table(fp: dict[str, Any], results: list[dict[str, Any]]) -> str:
@@ -821,9 +843,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-bias-correction", action="store_true",
                    help="skip the empirical per-channel bias correction (on by default)")
     p.add_argument("--bias-correction", action="store_true", help="deprecated, no effect: it is the default")
+    p.add_argument("--no-equalize", action="store_true",
+                   help="skip the per-channel activation equalization of conv -> ReLU -> conv pairs (on by default)")
+    p.add_argument("--input-activation", default=None,
+                   help="the network input's grid: affine (unsigned codes over its [min, max], the default: each "
+                        "value of an 8-bit image keeps its code) | minmax (P1's max-abs; the default with "
+                        "--signed-activations) | percentile | mse | kl | improved-kl")
     p.add_argument("--signed-activations", action="store_true",
-                   help="signed codes for every activation, as P1 (default: unsigned codes for non-negative, "
-                        "post-ReLU inputs: one more bit of resolution)")
+                   help="signed codes for every activation, the network input included (max-abs), as P1 (default: "
+                        "unsigned codes for non-negative, post-ReLU inputs: one more bit of resolution)")
     p.add_argument("--unsigned-activations", action="store_true",
                    help="deprecated, no effect: unsigned codes for non-negative inputs are the default")
     p.add_argument("--quantize-pool", action="store_true",

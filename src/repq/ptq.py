@@ -17,11 +17,12 @@ from torch import nn
 from repq.data.batches import take_images
 from repq.errors import RepqError
 from repq.quant.bias_correction import correct_bias
-from repq.quant.calibrators import ACTIVATION_METHODS, KL_NORMALIZATIONS, SINGLE_METHODS, CalibrationConfig
+from repq.quant.calibrators import ACTIVATION_METHODS, INPUT_METHODS, KL_NORMALIZATIONS, CalibrationConfig
 from repq.quant.edges import edge_layers, layer_widths
+from repq.quant.equalization import EqualizationRecord, equalize_activations
 from repq.quant.modules import (ActQuantizer, CodebookConv2d, CodebookLinear, QuantConv2d,
                                 QuantGlobalAvgPool, QuantLinear, calibrate_branches, is_global_avg_pool)
-from repq.quant.selection import CANDIDATES, check_all_ran, observe, select_ranges
+from repq.quant.selection import CANDIDATES, apply_grid, check_all_ran, input_grid, observe, select_ranges
 from repq.quant.weights import WEIGHT_METHODS, quantize_weight
 from repq.reparam.model import fuse_blocks, fused_blocks
 
@@ -45,7 +46,10 @@ class PTQConfig:
     sequential: bool = False             # single methods only: calibrate each layer on the already-quantized
                                          # output of the layers before it (P1's sequencer) instead of float inputs;
                                          # `auto` always uses float inputs
-    input_activation: str = "minmax"     # the network input (P1: max-abs)
+    input_activation: str = "affine"     # [choice] the network input: "affine" = unsigned codes spanning its [min,
+                                         # max] with a zero point, so each value of a normalized 8-bit image keeps
+                                         # its own code; or any single method on a symmetric grid ("minmax": P1's
+                                         # max-abs, which gives a normalized image's [0, max] 127 codes)
     unsigned_activations: bool = True    # [choice] unsigned codes ([0, 2^b - 1]) for inputs that are non-negative on
                                          # the calibration images (post-ReLU): a signed grid wastes one bit on them
                                          # (measured: W6A6 94.4 -> 97.5, W4A4 75.2 -> 88.9 on digits-A0). False:
@@ -62,6 +66,11 @@ class PTQConfig:
                                          # the network output better, judged on held-out calibration images
     bias_correction: bool = True         # [choice] empirical per-channel bias correction after calibration
                                          # (measured on the zoo: equal at W8A8, better at 6 and 4 bits)
+    equalize: bool = True                # [choice] per-channel activation equalization before quantizing
+                                         # (repq.quant.equalization): conv -> ReLU -> conv pairs rescaled so that
+                                         # small channels get more of the per-tensor activation grid, each scale
+                                         # set by a rounding-noise balance; needs per-channel weights. With the
+                                         # `auto` guard, dropped again where the network does worse than without
     batch_size: int = 32                 # calibration forward passes run in chunks of this many images
     quantize_pool: bool = False          # also quantize the global-pool input, as integer runtimes do: the last
                                          # conv then runs as a fused integer kernel (one more rounding point)
@@ -83,9 +92,9 @@ class PTQConfig:
         if self.activation not in ACTIVATION_METHODS:
             raise RepqError(f"unknown activation method '{self.activation}'; "
                             f"choose one of {', '.join(ACTIVATION_METHODS)}")
-        if self.input_activation not in SINGLE_METHODS:
+        if self.input_activation not in INPUT_METHODS:
             raise RepqError(f"unknown input_activation method '{self.input_activation}'; "
-                            f"choose one of {', '.join(SINGLE_METHODS)}")
+                            f"choose one of {', '.join(INPUT_METHODS)}")
         if self.weight_granularity not in ("channel", "tensor"):
             raise RepqError(f"weight_granularity must be 'channel' or 'tensor', not '{self.weight_granularity}'")
         for name in ("w_bits", "a_bits") + (("edge_bits",) if self.edge_bits is not None else ()):
@@ -211,16 +220,23 @@ def restore_quantized(fused: nn.Module, meta: dict[str, Any]) -> nn.Module:
     return fused.eval()
 
 
+def _widths(fused: nn.Module, config: PTQConfig, keep_float: set[str],
+            edges: tuple[list[str], list[str]]) -> dict[str, tuple[int, int]]:
+    """Name -> (weight bits, activation bits) of every conv/linear of the fused model that gets quantized."""
+    names = [n for n, m in fused.named_modules() if isinstance(m, _PARAMETRIC) and n not in keep_float]
+    if not names:
+        raise RepqError("the model has no Conv2d or Linear layer to quantize")
+    return layer_widths(names, config.w_bits, config.a_bits, config.edge_bits, set(edges[0]) | set(edges[1]))
+
+
 def _quantize_weights(fused: nn.Module, config: PTQConfig, keep_float: set[str] = frozenset(),
                       edges: tuple[list[str], list[str]] = ([], [])) -> tuple[dict, dict, dict]:
     """Swap every conv/linear of the fused float model (in place, except `keep_float`) for its quantized twin with
     `config`'s weights, and the global pools too with `quantize_pool`; the (input, output) `edges` layers, and the
     pools, get `edge_bits` when it is set. Returns (layer specs, pool specs, name -> new module)."""
     per_channel = config.weight_granularity == "channel"
-    names = [n for n, m in fused.named_modules() if isinstance(m, _PARAMETRIC) and n not in keep_float]
-    if not names:
-        raise RepqError("the model has no Conv2d or Linear layer to quantize")
-    bits = layer_widths(names, config.w_bits, config.a_bits, config.edge_bits, set(edges[0]) | set(edges[1]))
+    bits = _widths(fused, config, keep_float, edges)
+    names = list(bits)
     qweights = {n: quantize_weight(fused.get_submodule(n).weight.detach(), config.weight, bits[n][0], per_channel,
                                    getattr(fused.get_submodule(n), "groups", 1))
                 for n in names}
@@ -258,11 +274,34 @@ def quantize(model: nn.Module, calib_data: Any, config: PTQConfig | None = None)
     check_supported(fused, keep_float)
     device = next(fused.parameters()).device
     images = images.to(device)
-    float_copy = copy.deepcopy(fused) if config.activation == "auto" and config.guard else None
     edges = ([], [])
     if config.edge_bits is not None:
         first, last = edge_layers(fused, images[:2])
         edges = ([n for n in first if n not in keep_float], [n for n in last if n not in keep_float])
+    guarded = config.activation == "auto" and config.guard
+    plain = copy.deepcopy(fused) if config.equalize and guarded else None
+    quantized = _quantize_fused(fused, images, config, keep_float, edges, fusion)
+    record = quantized.repq_quant
+    if plain is not None and record["equalization"]["pairs"] and record["auto"]["guard"]["worse_than_baseline"]:
+        # the guard says the equalized network reconstructs its output worse than the plain baseline: quantize
+        # without equalization too and keep whichever does better on the held-out calibration images
+        alternative = _quantize_fused(plain, images, replace(config, equalize=False), keep_float, edges, fusion)
+        kept = min((quantized, alternative), key=lambda q: q.repq_quant["auto"]["guard"]["final_error"])
+        kept.repq_quant["equalization"] = dict(record["equalization"], kept=kept is quantized)
+        return kept
+    return quantized
+
+
+def _quantize_fused(fused: nn.Module, images: torch.Tensor, config: PTQConfig, keep_float: set[str],
+                    edges: tuple[list[str], list[str]], fusion: list[dict[str, Any]]) -> nn.Module:
+    """`quantize` on the verified fused float model (changed in place into the quantized one)."""
+    float_copy = copy.deepcopy(fused) if config.activation == "auto" and config.guard else None
+    equalization = EqualizationRecord(skipped="off (PTQConfig.equalize=False)")
+    if config.equalize and config.weight_granularity != "channel":
+        equalization.skipped = "per-tensor weights (a per-channel scale would change the producer's weight grid)"
+    elif config.equalize:
+        equalization = equalize_activations(fused, images, _widths(fused, config, keep_float, edges), config.weight,
+                                            config.unsigned_activations, keep_float, config.batch_size)
     layers, pools, swapped = _quantize_weights(fused, config, keep_float, edges)
     auto_record = None
     if config.activation == "auto":
@@ -290,12 +329,14 @@ def quantize(model: nn.Module, calib_data: Any, config: PTQConfig | None = None)
     for name, layer in swapped.items():
         q = layer.input_quantizer
         (pools if name in pools else layers)[name].update(input_scale=float(q.scale), input_signed=q.signed,
-                                                          calibrator=methods.get(name, config.input_activation))
+                                                          calibrator=methods.get(name, config.input_activation),
+                                                          **({"input_zero_point": int(q.zero_point)} if q.affine
+                                                             else {}))
     fused.repq_quant = {"ptq": asdict(config), "layers": layers, "pools": pools, "calibration_images": len(images),
                         "input_shape": list(images.shape[1:]), "auto": auto_record, "bias_correction": shifts,
                         "fusion": fusion_summary(fusion), "float_layers": sorted(keep_float),
                         "edges": {"input": edges[0], "output": edges[1]} if config.edge_bits is not None else None,
-                        "bias_grid_widened": widened}
+                        "bias_grid_widened": widened, "equalization": {**equalization.as_dict(), "kept": True}}
     return fused.eval()
 
 
@@ -326,8 +367,9 @@ def _calibrate(model: nn.Module, images: torch.Tensor, config: PTQConfig) -> str
         for i, q in enumerate(order):
             obs = observers[q]
             signed = not (config.unsigned_activations and obs.nonnegative)
-            method = config.input_activation if i == 0 else config.activation
-            q.set_range(obs.amax(replace(config.calibration(method), bits=q.bits, signed=signed)), signed)
+            cfg = replace(config.calibration(config.input_activation if i == 0 else config.activation), bits=q.bits,
+                          signed=signed)
+            apply_grid(q, input_grid(obs, cfg) if i == 0 else (obs.amax(cfg), signed, None))
         return order[0].name
     order: list[ActQuantizer] = []
 

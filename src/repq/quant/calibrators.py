@@ -21,6 +21,7 @@ from repq.errors import RepqError
 
 SINGLE_METHODS = ("minmax", "percentile", "mse", "kl", "improved_kl")
 ACTIVATION_METHODS = ("auto",) + SINGLE_METHODS
+INPUT_METHODS = ("affine",) + SINGLE_METHODS   # the network input: "affine" spans its [min, max] (repq.quant.selection)
 KL_NORMALIZATIONS = ("p1", "separate")
 
 

@@ -15,7 +15,7 @@ from torch import Tensor, nn
 
 from repq.errors import RepqError
 from repq.quant.calibrators import CalibrationConfig, HistogramObserver, compute_amax
-from repq.quant.primitives import fake_quantize, int_range, symmetric_scale
+from repq.quant.primitives import asymmetric_params, fake_quantize, int_range, symmetric_scale
 from repq.quant.weights import COARSE_LAYOUTS, QuantizedWeight
 
 _INT32_MIN, _INT32_MAX = -(2 ** 31), 2 ** 31 - 1
@@ -56,6 +56,9 @@ class ActQuantizer(nn.Module):
         if not torch.isfinite(x).all():
             raise RepqError(f"NaN/Inf activations at the input of '{self.name}' during calibration; "
                             "check the model weights and the calibration images")
+        if cfg.method == "affine":
+            self.set_min_max(float(x.min()), float(x.max()))
+            return
         signed = not (self.allow_unsigned and bool(x.min() >= 0))
         self.set_range(compute_amax(x, replace(cfg, bits=self.bits, signed=signed)), signed)
 
@@ -67,6 +70,18 @@ class ActQuantizer(nn.Module):
         self.qmax.fill_(qmax)
         self.zero_point.zero_()
         self.scale.copy_(symmetric_scale(torch.tensor(float(amax)), qmax))
+
+    @torch.no_grad()
+    def set_min_max(self, low: float, high: float) -> None:
+        """Unsigned codes spanning [min(low, 0), max(high, 0)] with an integer zero point (zero point 0, the plain
+        unsigned grid, when nothing is negative). Why, for the network input: a normalized 8-bit image takes 256
+        values per channel between its min and max, and this grid holds each of them (exactly for one channel),
+        where a symmetric signed grid gives [0, max] only 2^(b-1) - 1 codes."""
+        if low >= 0.0:
+            self.set_range(high, signed=False)
+            return
+        scale, zero_point = asymmetric_params(torch.tensor(low), torch.tensor(high), self.bits)
+        self.set_affine(float(scale), int(zero_point))
 
     @torch.no_grad()
     def set_affine(self, scale: float, zero_point: int) -> None:

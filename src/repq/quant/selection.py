@@ -125,6 +125,27 @@ def observe(model: nn.Module, images: Tensor, batch_size: int, bins: int
     return order, observers, activation_of
 
 
+# A quantizer's grid: (amax, signed, low). low None: symmetric, clipped at amax (signed or [0, amax]); otherwise affine
+# unsigned codes spanning [low, amax] (ActQuantizer.set_min_max).
+Grid = tuple[float, bool, "float | None"]
+
+
+def input_grid(observer: HistogramObserver, cfg: CalibrationConfig) -> Grid:
+    """The network input's grid under `cfg`: method "affine" spans the observed [min, max] (repq's default: every
+    value of a normalized 8-bit image gets its own code); any other method is a symmetric threshold."""
+    if cfg.method == "affine":
+        return observer.max, False, observer.min
+    return observer.amax(cfg), cfg.signed, None
+
+
+def apply_grid(q: ActQuantizer, grid: Grid) -> None:
+    amax, signed, low = grid
+    if low is None:
+        q.set_range(amax, signed)
+    else:
+        q.set_min_max(low, amax)
+
+
 def check_all_ran(quantizers: list[ActQuantizer], order: list[ActQuantizer]) -> None:
     missed = [q.name for q in quantizers if q not in order]
     if missed:
@@ -228,39 +249,59 @@ def folds(images: Tensor) -> list[tuple[Tensor, Tensor]]:
 
 @torch.no_grad()
 def held_out_error(net: nn.Module, splits: list[tuple[Tensor, Tensor]], references: list[list[Tensor]],
-                   batch_size: int, fold_ranges: list[dict[str, tuple[float, bool]]]) -> float:
+                   batch_size: int, fold_ranges: list[dict[str, Grid]]) -> float:
     """Network output error with every quantizer at its range fitted on one fold, measured on the other fold
     (mean over the folds)."""
     quantizers = {q.name: q for q in net.modules() if isinstance(q, ActQuantizer)}
     total = 0.0
     for (_, held), reference, ranges in zip(splits, references, fold_ranges):
-        for name, (amax, signed) in ranges.items():
-            quantizers[name].set_range(amax, signed)
+        for name, grid in ranges.items():
+            apply_grid(quantizers[name], grid)
         total += output_error(net, held, batch_size, reference)
     return total / len(splits)
 
 
 @torch.no_grad()
+def baseline_grids(net: nn.Module, images: Tensor, batch_size: int, base: CalibrationConfig,
+                   input_cfg: CalibrationConfig, allow_unsigned: bool) -> dict[str, Grid]:
+    """Quantizer name -> the baseline's grid (the network input as `input_cfg`, every other activation at
+    BASELINE_CANDIDATE), fitted on `net`'s own float activations over `images`."""
+    order, observers, _ = observe(net, images, batch_size, base.bins)
+    grids = {}
+    for i, q in enumerate(order):
+        signed = not (allow_unsigned and observers[q].nonnegative)
+        if i == 0:
+            grids[q.name] = input_grid(observers[q], replace(input_cfg, bits=q.bits, signed=signed))
+        else:
+            cfg = replace(base, bits=q.bits, signed=signed)
+            grids[q.name] = (candidate_ranges(observers[q], cfg, [BASELINE_CANDIDATE])[BASELINE_CANDIDATE], signed,
+                             None)
+    return grids
+
+
+@torch.no_grad()
 def guard(model: nn.Module, baseline: nn.Module, splits: list[tuple[Tensor, Tensor]], batch_size: int,
-          choices: dict[str, Choice], input_ranges: list[tuple[str, float, bool]]) -> dict:
-    """Compare the held-out network output error of the chosen calibrators with two baselines: the min-max weight
-    model with percentile ranges, and this model (its own weights) with percentile ranges everywhere. Where worse
-    than the better of the two, move layers one at a time (execution order) to the percentile range, keeping each
-    move that lowers the error; if that is still worse than percentile ranges everywhere, take those. Why: the
+          choices: dict[str, Choice], input_ranges: list[tuple[str, Grid]],
+          baseline_ranges: list[dict[str, Grid]]) -> dict:
+    """Compare the held-out network output error of the chosen calibrators with two baselines: the plain baseline
+    (`baseline`: min-max weights, percentile ranges fitted on its own activations, `baseline_ranges` per fold; the
+    float model before any equalization), and this model (its own weights) with percentile ranges everywhere. Where
+    worse than the better of the two, move layers one at a time (execution order) to the percentile range, keeping
+    each move that lowers the error; if that is still worse than percentile ranges everywhere, take those. Why: the
     per-layer choice looks at one consumer at a time; the guard looks at what the network outputs."""
     references = [float_outputs(model, held, batch_size) for _, held in splits]
 
-    def ranges(label_of: dict[str, str]) -> list[dict[str, tuple[float, bool]]]:
+    def ranges(label_of: dict[str, str]) -> list[dict[str, Grid]]:
         out = []
-        for f, (name, amax, signed) in enumerate(input_ranges):
-            fold = {name: (amax, signed)}
-            fold.update({n: (c.folds[f][label_of[n]], c.signed) for n, c in choices.items()})
+        for f, (name, grid) in enumerate(input_ranges):
+            fold = {name: grid}
+            fold.update({n: (c.folds[f][label_of[n]], c.signed, None) for n, c in choices.items()})
             out.append(fold)
         return out
 
     labels = {n: c.chosen for n, c in choices.items()}
     percentile_labels = dict.fromkeys(choices, BASELINE_CANDIDATE)
-    minmax_error = held_out_error(baseline, splits, references, batch_size, ranges(percentile_labels))
+    minmax_error = held_out_error(baseline, splits, references, batch_size, baseline_ranges)
     percentile_error = held_out_error(model, splits, references, batch_size, ranges(percentile_labels))
     base_error = min(minmax_error, percentile_error)
     error = first_error = held_out_error(model, splits, references, batch_size, ranges(labels))
@@ -291,7 +332,8 @@ def select_ranges(model: nn.Module, images: Tensor, base: CalibrationConfig, inp
                   allow_unsigned: bool, batch_size: int, labels: list[str],
                   baseline_builder: Callable[[], nn.Module] | None) -> tuple[dict[str, Choice], dict | None]:
     """Set every activation quantizer of the quantized `model` by the `auto` rule; return the per-layer choices and
-    the guard's record (None without a baseline). The network input keeps `input_cfg` (P1: max-abs).
+    the guard's record (None without a baseline). The network input keeps `input_cfg` (repq: affine min-max;
+    P1: max-abs).
 
     Each candidate is scored on all the calibration images. The guard judges the network held out: ranges fitted
     on half of the images, output error measured on the other half, both ways. Why: on the images it was fitted
@@ -308,7 +350,7 @@ def select_ranges(model: nn.Module, images: Tensor, base: CalibrationConfig, inp
     def cfg(q: ActQuantizer, config: CalibrationConfig = base) -> CalibrationConfig:
         return replace(config, bits=q.bits, signed=signed[q])
 
-    first.set_range(observers[first].amax(cfg(first, input_cfg)), signed[first])
+    apply_grid(first, input_grid(observers[first], cfg(first, input_cfg)))
     choices = {q: Choice(q.name, signed[q], candidate_ranges(observers[q], cfg(q), labels)) for q in rest}
     errors = score_candidates(model, images, batch_size, {q: c.candidates for q, c in choices.items()}, signed,
                               activation_of)
@@ -319,15 +361,17 @@ def select_ranges(model: nn.Module, images: Tensor, base: CalibrationConfig, inp
     record = None
     if baseline_builder is not None:
         splits = folds(images)
-        input_ranges = []
+        baseline = baseline_builder()
+        input_ranges, baseline_ranges = [], []
         for fit, _ in splits:       # the guard's ranges: fitted on one fold, judged on the other
             _, fold_observers, _ = observe(model, fit, batch_size, base.bins)
-            input_ranges.append((first.name, fold_observers[first].amax(cfg(first, input_cfg)), signed[first]))
+            input_ranges.append((first.name, input_grid(fold_observers[first], cfg(first, input_cfg))))
             for q in rest:          # the guard only moves a layer between its choice and percentile
                 needed = list(dict.fromkeys([choices[q].chosen, BASELINE_CANDIDATE]))
                 choices[q].folds.append(candidate_ranges(fold_observers[q], cfg(q), needed))
-        record = guard(model, baseline_builder(), splits, batch_size, by_name, input_ranges)
-    first.set_range(observers[first].amax(cfg(first, input_cfg)), signed[first])
+            baseline_ranges.append(baseline_grids(baseline, fit, batch_size, base, input_cfg, allow_unsigned))
+        record = guard(model, baseline, splits, batch_size, by_name, input_ranges, baseline_ranges)
+    apply_grid(first, input_grid(observers[first], cfg(first, input_cfg)))
     for q, choice in choices.items():
         q.set_range(choice.amax, choice.signed)
     return by_name, record
