@@ -36,16 +36,16 @@ DEMO_SETUPS = {
 STORY = [("minmax", "tensor", "minmax", 8, 8, False, "naive INT8 (per-tensor min-max)"),
          ("minmax", "channel", "percentile", 8, 8, False, "per-channel min-max + percentile"),
          ("cfws", "channel", "improved_kl", 8, 8, True, "P1: CFWS + improved KL (sequential)"),
-         ("cfws", "channel", "auto", 8, 8, False, "repq default: CFWS + auto + bias correction"),
+         ("cfws", "channel", "auto", 8, 8, False, "repq default: equalization + CFWS + auto + bias correction"),
          ("minmax", "channel", "percentile", 4, 8, False, "per-channel min-max + percentile"),
-         ("cfws", "channel", "auto", 4, 8, False, "repq default: CFWS + auto + bias correction")]
+         ("cfws", "channel", "auto", 4, 8, False, "repq default: equalization + CFWS + auto + bias correction")]
 
 
 def story(rows: list[dict[str, Any]], fp_top1: float) -> str:
     """What this run shows, from its own numbers: naive INT8 failing, or (where it holds) the outliers at 4 bits."""
     naive, default, base4, default4 = rows[0], rows[3], rows[4], rows[5]
-    text = (f"INT8, naive per-tensor min-max: {naive['top1']:.2f} (drop {naive['drop']:.2f}); repq's default (CFWS + "
-            f"auto + bias correction): {default['top1']:.2f} (drop {default['drop']:.2f})")
+    text = (f"INT8, naive per-tensor min-max: {naive['top1']:.2f} (drop {naive['drop']:.2f}); repq's default "
+            f"(equalization + CFWS + auto + bias correction): {default['top1']:.2f} (drop {default['drop']:.2f})")
     if naive["drop"] >= 5.0:
         return text + "\nnaive INT8 fails on this model: the merged kernels' outliers (analysis below)"
     return (text + f"\nnaive INT8 holds on this model (FP {fp_top1:.2f}); its outliers show at 4-bit weights: "
@@ -91,9 +91,10 @@ def run_demo(out: str = "runs/demo", data: str = "auto", epochs: int | None = No
         iterator = tqdm(STORY, desc="PTQ recipes", unit="recipe", leave=False, disable=None)
     for w, g, a, wb, ab, sequential, name in iterator:
         start = time.perf_counter()
+        # repq's default rows take PTQConfig's defaults; the others are the plain recipes as their users run them
+        plain = {} if a == "auto" else dict(bias_correction=False, equalize=False, input_activation="minmax")
         qmodel = repq.quantize(model, calib, repq.PTQConfig(weight=w, weight_granularity=g, activation=a,
-                                                            w_bits=wb, a_bits=ab, sequential=sequential,
-                                                            bias_correction=a == "auto"))   # the default: auto + BC
+                                                            w_bits=wb, a_bits=ab, sequential=sequential, **plain))
         seconds = time.perf_counter() - start
         top1 = repq.evaluate(qmodel, test_ds)["top1"]
         rows.append(dict(recipe=name, weight=w, granularity=g, activation=a, bits=f"W{wb}A{ab}",
