@@ -18,6 +18,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import torch
+
 from common import CACHE, machine, repq, write_result
 from repq.io import atomic_write_text
 from zoo import select, zoo, zoo_checkpoint
@@ -73,6 +75,37 @@ def run_peers(model, train_ds, test_ds, seed: int, quick: bool) -> dict[str, flo
     return out
 
 
+AGREEMENT_RECIPES = (DEFAULT, BASELINE)   # at W8A8: how many test predictions each one changes
+
+
+@torch.no_grad()
+def predictions(model, test_ds) -> torch.Tensor:
+    """The model's top-1 class for every test image, in order."""
+    model.eval()
+    return torch.cat([model(images).argmax(1) for images, _ in test_ds.batches(256)])
+
+
+def measure_agreement(name, model, train_ds, test_ds, seeds, rows, save) -> None:
+    """Share of test images on which the W8A8 default and the baseline predict what the float model predicts. Why:
+    a top-1 difference of a few hundredths of a point between two quantized models can be luck (each changes
+    ~1-2 % of the predictions, in both directions); agreement with the float model measures fidelity itself."""
+    fp_preds = None
+    for seed in seeds:
+        for recipe in AGREEMENT_RECIPES:
+            key = f"{name}|agreement|{recipe}|W8A8|{seed}"
+            if key in rows:
+                continue
+            if fp_preds is None:
+                fp_preds = predictions(repq.reparameterize(model), test_ds)
+            q = repq.quantize(model, train_ds.calibration_images(32, seed),
+                              repq.PTQConfig(num_samples=32, seed=seed, **RECIPES[recipe][0]))
+            preds = predictions(q, test_ds)
+            rows[key] = {"agreement": float((preds == fp_preds).double().mean() * 100),
+                         "top1": float((preds == test_ds.labels).double().mean() * 100)}
+            print(f"{name:28s} agreement {recipe[:40]:40s} seed {seed}: {rows[key]['agreement']:.2f} %", flush=True)
+            save()
+
+
 def measure(names, entries, seeds, recipes, rows, cache_path, quick, peers) -> None:
     for name in names:
         spec = entries[name]
@@ -105,6 +138,9 @@ def measure(names, entries, seeds, recipes, rows, cache_path, quick, peers) -> N
                           f"(FP {rows[fp_key]['top1']:.2f}) {seconds:5.1f} s", flush=True)
                     if not quick:
                         atomic_write_text(cache_path, json.dumps(rows, indent=1))
+        if not quick:
+            measure_agreement(name, model, train_ds, test_ds, seeds, rows,
+                              lambda: atomic_write_text(cache_path, json.dumps(rows, indent=1)))
         if peers:
             for seed in seeds:
                 key = f"{name}|peers|W8A8|{seed}"
@@ -154,6 +190,22 @@ def summarize(names, seeds, recipes, rows, peers) -> tuple[list[dict], list[dict
     return per_model, aggregate
 
 
+def summarize_agreement(names, seeds, rows) -> list[dict]:
+    out = []
+    for name in names:
+        got = {r: [rows.get(f"{name}|agreement|{r}|W8A8|{s}") for s in seeds] for r in AGREEMENT_RECIPES}
+        if any(v is None for vals in got.values() for v in vals):
+            continue
+        default, baseline = got[DEFAULT], got[BASELINE]
+        out.append({"model": name, "default": statistics.mean(v["agreement"] for v in default),
+                    "default_min": min(v["agreement"] for v in default),
+                    "baseline": statistics.mean(v["agreement"] for v in baseline),
+                    "baseline_min": min(v["agreement"] for v in baseline),
+                    "top1_diff": statistics.mean(v["top1"] for v in default)
+                    - statistics.mean(v["top1"] for v in baseline)})
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true")
@@ -186,6 +238,19 @@ def main() -> None:
         vs = "" if a["min_vs_baseline"] is None else f"{a['min_vs_baseline']:+.2f}"
         lines.append(f"| {a['bits']} | {a['recipe']} | {a['models']} | {a['mean_top1']:.2f} | {a['mean_drop']:+.2f} | "
                      f"{a['worst_drop']:+.2f} | {a['worst_model']} | {a['worst_seed_drop']:+.2f} | {vs} |")
+    agreement = summarize_agreement(names, seeds, rows)
+    if agreement:
+        lines += ["", "## Fidelity at W8A8: agreement with the float model's predictions", "",
+                  "Share of test images on which the quantized model predicts the float model's class (mean over the "
+                  "seeds, lowest seed beside it), and the top-1 difference default - baseline. A top-1 difference of a "
+                  "few hundredths can be luck; agreement measures how much each recipe changes.", "",
+                  "| model | default agreement % (lowest seed) | baseline agreement % (lowest seed) | "
+                  "top-1 default - baseline |", "|---|---|---|---|"]
+        for a in agreement:
+            lines.append(f"| {a['model']} | {a['default']:.2f} ({a['default_min']:.2f}) | {a['baseline']:.2f} "
+                         f"({a['baseline_min']:.2f}) | {a['top1_diff']:+.2f} |")
+        lines.append(f"| mean | {statistics.mean(a['default'] for a in agreement):.2f} | "
+                     f"{statistics.mean(a['baseline'] for a in agreement):.2f} | |")
     lines += ["", "## Per model", "", "| model | FP | bits | recipe | top-1 mean | per seed | drop mean | "
               "drop worst seed | PTQ s (max) |", "|---|---|---|---|---|---|---|---|---|"]
     for r in per_model:
@@ -197,7 +262,7 @@ def main() -> None:
     print(text)
     if not args.quick:
         write_result("ptq", text, {"aggregate": aggregate, "per_model": per_model, "seeds": seeds,
-                                   "machine": machine(), "rows": rows})
+                                   "agreement": agreement, "machine": machine(), "rows": rows})
 
 
 if __name__ == "__main__":
