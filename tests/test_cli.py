@@ -65,8 +65,11 @@ def test_train_eval_ptq_json(trained_checkpoint, tmp_path, capsys):
 
 def test_ptq_edge_bits(trained_checkpoint, capsys):
     code, out, _ = run(capsys, "ptq", "--checkpoint", str(trained_checkpoint), "--data", "digits", "--calib", "8",
-                       "--w-bits", "4", "--a-bits", "4", "--edge-bits", "8", "--activation", "percentile")
+                       "--w-bits", "4", "--a-bits", "4", "--activation", "percentile")   # 8 by default
     assert code == 0 and "W4A4, edges 8" in out and "at 8 bits (--edge-bits): stage0.rbr_reparam, linear" in out
+    code, out, _ = run(capsys, "ptq", "--checkpoint", str(trained_checkpoint), "--data", "digits", "--calib", "8",
+                       "--w-bits", "4", "--a-bits", "4", "--edge-bits", "0", "--activation", "percentile")
+    assert code == 0 and "W4A4" in out and "edges 8" not in out and "(--edge-bits)" not in out
 
 
 def test_default_ptq_reports_the_calibrator_of_every_layer(trained_checkpoint, capsys):

@@ -241,11 +241,36 @@ def test_edge_bits_keep_the_input_and_output_layers_wide(tmp_path):
     repq.save_checkpoint(tmp_path / "q.pt", q)   # the per-layer widths survive the round trip
     with torch.no_grad():
         assert torch.equal(repq.load_checkpoint(tmp_path / "q.pt")[0](x), q(x))
-    plain = repq.quantize(model, x, replace(config, edge_bits=None))   # default: every layer at w_bits / a_bits
+    plain = repq.quantize(model, x, replace(config, edge_bits=None))   # None: every layer at w_bits / a_bits
     assert {m.w_bits for m in plain.modules() if isinstance(m, (QuantConv2d, QuantLinear))} == {4}
     assert plain.repq_quant["edges"] is None
     with pytest.raises(repq.RepqError, match="edge_bits must be between 2 and 16"):
         repq.quantize(model, x, replace(config, edge_bits=1))
+
+
+def _widths(q) -> dict[str, tuple[int, int]]:
+    return {n: (m.w_bits, m.input_quantizer.bits) for n, m in q.named_modules()
+            if isinstance(m, (QuantConv2d, QuantLinear))}
+
+
+def test_edge_bits_default_is_a_floor_of_8():
+    """The default keeps the edge layers at 8 bits below 8 (W4A8: the stem and the classifier at W8A8, the rest at
+    W4A8; W8A4 likewise), and never narrows them: at W8A8 and W12A12 every layer keeps the configured width and
+    nothing is recorded as an edge."""
+    model = randomize_bn(tiny())
+    x = torch.randn(8, 1, 16, 16)
+    base = dict(weight="minmax", activation="percentile", bias_correction=False, num_samples=8)
+    assert repq.PTQConfig().edge_bits == 8
+    for w_bits, a_bits in ((4, 8), (8, 4), (6, 6)):
+        q = repq.quantize(model, x, repq.PTQConfig(w_bits=w_bits, a_bits=a_bits, **base))
+        widths = _widths(q)
+        first = next(iter(widths))
+        assert q.repq_quant["edges"] == {"input": [first], "output": ["linear"]}
+        assert {n: b for n, b in widths.items() if n in (first, "linear")} == {first: (8, 8), "linear": (8, 8)}
+        assert {b for n, b in widths.items() if n not in (first, "linear")} == {(w_bits, a_bits)}
+    for bits in (8, 12):
+        q = repq.quantize(model, x, repq.PTQConfig(w_bits=bits, a_bits=bits, **base))
+        assert set(_widths(q).values()) == {(bits, bits)} and q.repq_quant["edges"] is None
 
 
 def test_edge_bits_on_a_detector_cover_every_prediction_conv():
@@ -255,3 +280,44 @@ def test_edge_bits_on_a_detector_cover_every_prediction_conv():
     wide = {n for n, m in q.named_modules() if isinstance(m, QuantConv2d) and m.w_bits == 8}
     preds = {f"detect.{i}.{kind}_pred" for i in range(3) for kind in ("cls", "reg")}
     assert wide == preds | {"backbone.stem.rbr_reparam"}
+
+
+def test_effective_weight_follows_every_change_to_its_buffers():
+    """The dequantized weight is kept between forwards; each way its buffers change (set_quantized_weight, an
+    in-place edit, load_state_dict, a dtype change) gives numpy's codes x scale (+ coarse center) of the new
+    buffers, never the kept one."""
+    from repq.quant.weights import QuantizedWeight
+    config = repq.PTQConfig(num_samples=8, activation="percentile", bias_correction=False)
+    q = repq.quantize(randomize_bn(tiny()), torch.randn(8, 1, 16, 16), config)
+    layer = next(m for m in q.modules() if isinstance(m, QuantConv2d) and m.coarse == "center")
+
+    def expected() -> np.ndarray:
+        shape = (-1, 1, 1, 1)
+        fine = layer.weight_codes.double().numpy() * layer.weight_scale.double().numpy().reshape(shape)
+        coarse = layer.coarse_codes.double().numpy() * layer.coarse_scale.double().numpy().reshape(shape)
+        k = fine.shape[-1] // 2
+        fine[:, :, k:k + 1, k:k + 1] += coarse
+        return fine
+
+    def check() -> None:
+        np.testing.assert_allclose(layer.effective_weight().double().numpy(), expected(), rtol=1e-6, atol=1e-7)
+
+    check()
+    assert layer.effective_weight() is layer.effective_weight()      # kept between calls
+    before = layer.effective_weight().clone()
+    with torch.no_grad():
+        layer.weight_codes[0, 0, 0, 0] += 3                            # an in-place edit
+    check()
+    assert not torch.equal(layer.effective_weight(), before)
+    other = repq.quantize(randomize_bn(tiny()), torch.randn(8, 1, 16, 16), config)   # other BN statistics
+    before = layer.effective_weight().clone()
+    q.load_state_dict(other.state_dict())
+    check()
+    assert not torch.equal(layer.effective_weight(), before)
+    layer.set_quantized_weight(QuantizedWeight(-layer.weight_codes.float(), layer.weight_scale,
+                                               layer.coarse_codes.float(), layer.coarse_scale))
+    check()
+    key = layer._weight_key()
+    q.double()                                                          # new scale tensors: a new key
+    assert layer.weight_scale.dtype == torch.float64 and layer._weight_key() != key
+    check()

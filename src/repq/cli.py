@@ -381,7 +381,7 @@ def _equalization_summary(record: dict[str, Any] | None) -> dict[str, Any]:
 
 def _ptq_table(fp: dict[str, Any], results: list[dict[str, Any]]) -> str:
     rows = [[r["weight"], r["weight_granularity"], r["activation"],
-             f"W{r['w_bits']}A{r['a_bits']}" + (f", edges {r['edge_bits']}" if r.get("edge_bits") else ""), r["top1"],
+             f"W{r['w_bits']}A{r['a_bits']}" + (f", edges {r['edge_bits']}" if r.get("edges") else ""), r["top1"],
              r["drop"], f"{r['ptq_seconds']:.1f}"] for r in results]
     calibration = results[0]["calibration"]
     return (f"FP top-1 {fp['top1']:.2f} ({fp['n']} test images, {calibration['images']} calibration images, seed "
@@ -864,9 +864,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--skip-layers", default="",
                    help="comma list of layers of the fused model to keep in float (names or patterns, e.g. "
                         "'linear' or 'stage4.*')")
-    p.add_argument("--edge-bits", type=_edge_bits, default=0,
-                   help="bits of the input layer and of the output layers (the classifier; a detector's prediction "
-                        "convs), e.g. 8 at W4A4 (default 0: as the rest)")
+    p.add_argument("--edge-bits", type=_edge_bits, default=8,
+                   help="bits the input layer and the output layers (the classifier; a detector's prediction convs) "
+                        "keep at least, below --w-bits / --a-bits of 8, as 4-bit work and repq qat do (0: every "
+                        "layer at --w-bits / --a-bits)")
     p.add_argument("--sensitivity", action="store_true",
                    help="detectors: quantize one layer at a time and rank the layers by mAP loss")
     p.add_argument("--keep-sensitive", type=positive_int, default=None,

@@ -2,10 +2,11 @@
 (naive per-tensor INT8, the per-channel baseline, P1, repq's default; 8 and 4-bit weights), print the table,
 write the checkpoints, a markdown table, plots and the analysis report.
 
-Both setups use the zoo's digits_b0_quarter_ls recipe (RepVGG-B0 at quarter width, label smoothing, no
-augmentation). On digits (40 epochs) the merged kernels grow the outliers that make naive per-tensor INT8 collapse
-(the RepVGG failure users report); on Fashion-MNIST one epoch (about 1.5 minutes) leaves naive INT8 within a
-point of FP, and the outliers show at 4-bit weights instead. The demo says which from its own numbers. The zoo
+Both setups use the recipe of the zoo's mnist_b0_quarter_ls (RepVGG-B0 at quarter width, label smoothing, no
+augmentation; on the 8x8 digits it was the zoo's digits_b0_quarter_ls until 2026-12). On digits (40 epochs) the
+merged kernels grow the outliers that make naive per-tensor INT8 collapse (the RepVGG failure users report); on
+Fashion-MNIST one epoch (about 1.5 minutes) leaves naive INT8 within a point of FP, and the outliers show at 4-bit
+weights instead. The demo says which from its own numbers. The zoo
 (docs/results/ptq.md) shows how often and how badly this happens across models."""
 from __future__ import annotations
 

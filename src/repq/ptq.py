@@ -18,7 +18,7 @@ from repq.data.batches import take_images
 from repq.errors import RepqError
 from repq.quant.bias_correction import correct_bias
 from repq.quant.calibrators import ACTIVATION_METHODS, INPUT_METHODS, KL_NORMALIZATIONS, CalibrationConfig
-from repq.quant.edges import edge_layers, layer_widths
+from repq.quant.edges import edge_layers, layer_widths, widens_edges
 from repq.quant.equalization import EqualizationRecord, equalize_activations
 from repq.quant.modules import (ActQuantizer, CodebookConv2d, CodebookLinear, QuantConv2d,
                                 QuantGlobalAvgPool, QuantLinear, calibrate_branches, is_global_avg_pool)
@@ -74,10 +74,12 @@ class PTQConfig:
     batch_size: int = 32                 # calibration forward passes run in chunks of this many images
     quantize_pool: bool = False          # also quantize the global-pool input, as integer runtimes do: the last
                                          # conv then runs as a fused integer kernel (one more rounding point)
-    edge_bits: int | None = None         # the input layer and the output layers (the classifier; a detector's
+    edge_bits: int | None = 8            # the input layer and the output layers (the classifier; a detector's
                                          # prediction convs: traced from the graph, repq.quant.edges) and a
-                                         # quantized pool at this width, the rest at w_bits / a_bits, as low-bit
-                                         # work usually does (e.g. 8 at W4A4). None: every layer at w_bits / a_bits
+                                         # quantized pool at least this wide, the rest at w_bits / a_bits, as 4-bit
+                                         # work and repq's QAT do: below 8 bits it is what keeps the first conv (9
+                                         # weights per filter on a grey image) from costing points (methods.md).
+                                         # A floor: at W8A8 it changes nothing. None: every layer at w_bits / a_bits
     skip_layers: tuple[str, ...] = ()    # layers of the fused model kept in float (names or fnmatch patterns,
                                          # e.g. "detect.*"); also how a layer repq cannot quantize is kept
     cfws_deploy: str = "exact"           # CFWS layers: "exact" (one int32 sum of both convs, float rescale: ONNX
@@ -245,7 +247,9 @@ def _quantize_weights(fused: nn.Module, config: PTQConfig, keep_float: set[str] 
     swapped = _swap_layers(fused, layers)
     for name, layer in swapped.items():
         layer.set_quantized_weight(qweights[name])
-    pool_bits = config.edge_bits if config.edge_bits is not None else config.a_bits   # the pool feeds the classifier
+    # the pool feeds the classifier: as wide as the edges
+    pool_bits = max(config.edge_bits, config.a_bits) if widens_edges(config.edge_bits, config.w_bits, config.a_bits) \
+        else config.a_bits
     pools = {n: {"a_bits": pool_bits} for n, m in fused.named_modules() if is_global_avg_pool(m)} \
         if config.quantize_pool else {}
     swapped.update(_swap_pools(fused, pools))
@@ -275,7 +279,7 @@ def quantize(model: nn.Module, calib_data: Any, config: PTQConfig | None = None)
     device = next(fused.parameters()).device
     images = images.to(device)
     edges = ([], [])
-    if config.edge_bits is not None:
+    if widens_edges(config.edge_bits, config.w_bits, config.a_bits):
         first, last = edge_layers(fused, images[:2])
         edges = ([n for n in first if n not in keep_float], [n for n in last if n not in keep_float])
     guarded = config.activation == "auto" and config.guard
@@ -335,7 +339,7 @@ def _quantize_fused(fused: nn.Module, images: torch.Tensor, config: PTQConfig, k
     fused.repq_quant = {"ptq": asdict(config), "layers": layers, "pools": pools, "calibration_images": len(images),
                         "input_shape": list(images.shape[1:]), "auto": auto_record, "bias_correction": shifts,
                         "fusion": fusion_summary(fusion), "float_layers": sorted(keep_float),
-                        "edges": {"input": edges[0], "output": edges[1]} if config.edge_bits is not None else None,
+                        "edges": {"input": edges[0], "output": edges[1]} if widens_edges(config.edge_bits, config.w_bits, config.a_bits) else None,
                         "bias_grid_widened": widened, "equalization": {**equalization.as_dict(), "kept": True}}
     return fused.eval()
 

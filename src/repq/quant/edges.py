@@ -57,9 +57,16 @@ def edge_layers(model: nn.Module, example: Tensor, layer_types: tuple[type, ...]
     return order[:1], outputs_sorted
 
 
+def widens_edges(edge_bits: int | None, w_bits: int, a_bits: int) -> bool:
+    """Whether `edge_bits` makes the edge layers wider than the rest: it is a floor, so it never narrows them (at
+    W8A8 an edge_bits of 8 changes nothing, and nothing needs tracing)."""
+    return edge_bits is not None and edge_bits > min(w_bits, a_bits)
+
+
 def layer_widths(names: list[str], w_bits: int, a_bits: int, edge_bits: int | None, edges: set[str]
                  ) -> dict[str, tuple[int, int]]:
-    """(weight bits, activation bits) per layer: `edge_bits` for both on the `edges` layers when it is set,
-    `w_bits` / `a_bits` elsewhere (PTQConfig.edge_bits and QATConfig.edge_bits)."""
-    wide = edges if edge_bits is not None else set()
-    return {n: (edge_bits, edge_bits) if n in wide else (w_bits, a_bits) for n in names}
+    """(weight bits, activation bits) per layer: at least `edge_bits` for both on the `edges` layers when it is
+    set, `w_bits` / `a_bits` elsewhere (PTQConfig.edge_bits and QATConfig.edge_bits)."""
+    if not widens_edges(edge_bits, w_bits, a_bits):
+        return {n: (w_bits, a_bits) for n in names}
+    return {n: (max(edge_bits, w_bits), max(edge_bits, a_bits)) if n in edges else (w_bits, a_bits) for n in names}
