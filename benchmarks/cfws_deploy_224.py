@@ -15,13 +15,12 @@ from pathlib import Path
 
 import torch
 
-from common import kernel_counts, machine, repq, write_result
+from common import PLAIN, kernel_counts, machine, repq, write_result
 from repq.export import export_onnx
 from repq.export.bench import throughput
 
 RECIPES = {"CFWS exact": {"cfws_deploy": "exact"}, "CFWS two-branch": {"cfws_deploy": "two_branch"},
-           "min-max/channel + percentile": {"weight": "minmax", "activation": "percentile",
-                                            "bias_correction": False}}
+           "min-max/channel + percentile": {**PLAIN, "weight": "minmax", "activation": "percentile"}}
 
 
 def main() -> None:

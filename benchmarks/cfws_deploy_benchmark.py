@@ -7,7 +7,7 @@ runs, and throughput against FP32 and the per-channel min-max model.
     python benchmarks/cfws_deploy_benchmark.py --quick   # tiny zoo, prints only
     python benchmarks/cfws_deploy_benchmark.py --only M  # re-measure zoo entry M, keep the other rows
 
-Every model: repq's default recipe (CFWS + auto + bias correction), 32 calibration images (seed 0), unsigned
+Every model: repq's default recipe (equalization + CFWS + auto + bias correction), 32 calibration images (seed 0), unsigned
 activations and a quantized global-pool input (quantize_pool=True: the form ONNX Runtime fuses end to end).
 Throughput: ONNX Runtime CPU provider, 2 threads, random inputs of the model's shape, batch 64 and 1.
 """
@@ -18,13 +18,13 @@ import json
 import tempfile
 from pathlib import Path
 
-from common import RESULTS, kernel_counts, machine, repq, write_result
+from common import PLAIN, RESULTS, kernel_counts, machine, repq, write_result
 from repq.export import export_onnx, verify_against_simulation
 from repq.export.bench import throughput
 from zoo import select, zoo, zoo_checkpoint
 
 RECIPES = {"cfws exact": {"cfws_deploy": "exact"}, "cfws two-branch": {"cfws_deploy": "two_branch"},
-           "minmax/channel + percentile": {"weight": "minmax", "activation": "percentile", "bias_correction": False}}
+           "minmax/channel + percentile": {**PLAIN, "weight": "minmax", "activation": "percentile"}}
 
 
 def main() -> None:
@@ -87,7 +87,7 @@ def render(rows: list[dict], cmd: str, machine_line: str) -> str:
 
     lines = ["# CFWS at INT8 speed: exact vs two-branch deployment", "",
              f"Command: `{cmd}`", f"Machine: {machine_line}; ONNX Runtime CPU provider, 2 threads", "",
-             "Recipe: repq's default (CFWS + auto + bias correction), 32 calibration images (seed 0), quantize_pool; "
+             "Recipe: repq's default (equalization + CFWS + auto + bias correction), 32 calibration images (seed 0), quantize_pool; "
              "exact = one int32 sum of the fine 3x3 and coarse 1x1 convs (ConvInteger + float rescale in ONNX "
              "Runtime); two-branch = each conv requantized to int8, then an integer add (QLinearConv + "
              "QLinearAdd). Full test splits.", "",

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from common import kernel_counts, machine, repq, write_result
+from common import PLAIN, kernel_counts, machine, repq, write_result
 from repq.export import export_onnx, verify_against_simulation
 from repq.export.bench import throughput
 from zoo import select, zoo, zoo_checkpoint
@@ -34,8 +34,8 @@ def run_model(name: str, quick: bool, pairs: list[tuple[int, int]], steps: int, 
     shape = list(calib.shape[1:])
     fp_path = export_onnx(repq.reparameterize(model, calib[:2]), tmp / f"{name}_fp32.onnx", calib[:1],
                           allow_float=True)
-    minmax = repq.quantize(model, calib, repq.PTQConfig(weight="minmax", activation="percentile",
-                                                        bias_correction=False, quantize_pool=True))
+    minmax = repq.quantize(model, calib, repq.PTQConfig(**PLAIN, weight="minmax", activation="percentile",
+                                                        quantize_pool=True))
     mm_path = export_onnx(minmax, tmp / f"{name}_minmax.onnx", calib[:1])
     result = {"model": name, "fp_top1": repq.evaluate(model, test_ds)["top1"],
               "fp32_images_per_s": throughput(fp_path, shape, 64, seconds, threads=2),

@@ -20,6 +20,12 @@ from repq.io import atomic_write_text  # noqa: E402
 RESULTS = ROOT / "docs" / "results"
 CACHE = Path(os.environ.get("REPQ_CACHE", ROOT / "runs"))
 
+# What repq's PTQ default adds to a calibrator since 2026-12: activation equalization, the affine input grid and, below
+# 8 bits, 8-bit edge layers. Rows that name a single method turn them off (METHOD_ONLY; PLAIN: bias correction too),
+# so that they measure what their label says and the tables recorded before that change stay reproducible.
+METHOD_ONLY = {"equalize": False, "input_activation": "minmax", "edge_bits": None}
+PLAIN = {**METHOD_ONLY, "bias_correction": False}
+
 # The reference model of the PTQ / QAT / export benchmarks: RepVGG-A0 (full width, ImageNet stem) on Fashion-MNIST.
 REFERENCE = {"model": "repvgg_a0", "model_kwargs": {"num_classes": 10, "in_chans": 1, "small_input": False},
              "data": "fashion-mnist", "train": {"epochs": 6, "batch_size": 128, "lr": 0.1, "weight_decay": 1e-4,
@@ -91,5 +97,5 @@ def timed(fn, *args, **kwargs):
     return out, time.perf_counter() - start
 
 
-__all__ = ["CACHE", "OABN_VARIANTS", "QUICK_REFERENCE", "REFERENCE", "RESULTS", "machine", "reference_checkpoint",
+__all__ = ["CACHE", "METHOD_ONLY", "PLAIN", "OABN_VARIANTS", "QUICK_REFERENCE", "REFERENCE", "RESULTS", "machine", "reference_checkpoint",
            "reference_spec", "repq", "timed", "write_result"]

@@ -28,14 +28,13 @@ from typing import NamedTuple
 
 import torch
 
-from common import CACHE, machine, repq, write_result
+from common import CACHE, PLAIN, machine, repq, write_result
 from detection_common import DETECTORS, QUICK, detector_checkpoint
 from export_benchmark import ort_quantize_static
 from repq.data.detection import load_detection
 from repq.detect.training import DetectTrainConfig, evaluate_detection, train_detector
 from repq.io import atomic_write_text
 
-PLAIN = {"bias_correction": False}
 RECIPES = {   # name -> PTQConfig options
     "min-max/tensor + min-max (naive)": {**PLAIN, "weight": "minmax", "weight_granularity": "tensor",
                                          "activation": "minmax"},
@@ -47,9 +46,9 @@ RECIPES = {   # name -> PTQConfig options
     "CFWS + KL": {**PLAIN, "activation": "kl"},
     "CFWS + improved KL (P1)": {**PLAIN, "activation": "improved_kl"},
     "CFWS + auto": dict(PLAIN),
-    "repq default (CFWS + auto + bias correction)": {},
+    "repq default (equalization + CFWS + auto + bias correction)": {},
 }
-DEFAULT, BASELINE = "repq default (CFWS + auto + bias correction)", "min-max/channel + percentile"
+DEFAULT, BASELINE = "repq default (equalization + CFWS + auto + bias correction)", "min-max/channel + percentile"
 NAIVE = "min-max/tensor + min-max (naive)"
 SEEDED = (DEFAULT, BASELINE, NAIVE, "CFWS + improved KL (P1)")   # 3 calibration seeds; the other recipes seed 0
 LOW_BITS = {"W6A6": (6, 6), "W4A8": (4, 8)}

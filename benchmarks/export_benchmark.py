@@ -13,32 +13,35 @@ from pathlib import Path
 
 import numpy as np
 
-from common import kernel_counts, machine, repq, write_result
+from common import METHOD_ONLY, kernel_counts, machine, repq, write_result
 from repq.export import export_onnx, run_onnx, top1, verify_against_simulation
 from repq.export.bench import layer_times, throughput
 from repq.quant.modules import QUANT_LAYERS
 from zoo import zoo, zoo_checkpoint
 
 # repq rows: (label, PTQConfig options on top of uint8 activations and a quantized pool input). The first row keeps
-# the pool input in float, the layout before `quantize_pool`: its last conv cannot be fused (ConvInteger).
+# the pool input in float, the layout before `quantize_pool`: its last conv cannot be fused (ConvInteger). Rows that
+# name a method run without what the default adds to it (common.METHOD_ONLY).
 DEPLOY = {"unsigned_activations": True, "quantize_pool": True}
+METHOD = {**DEPLOY, **METHOD_ONLY}
+DEFAULT_EXACT = "default (equalization + CFWS + auto + bias correction), exact"
+DEFAULT_TWO_BRANCH = "default (equalization + CFWS + auto + bias correction), two-branch"
 RECIPES = [
     ("minmax/channel + percentile, pool not quantized",
-     {"weight": "minmax", "activation": "percentile", "unsigned_activations": True}),
-    ("minmax/tensor + minmax", {**DEPLOY, "weight": "minmax", "weight_granularity": "tensor", "activation": "minmax"}),
-    ("minmax/channel + percentile", {**DEPLOY, "weight": "minmax", "activation": "percentile"}),
-    ("mse/channel + mse", {**DEPLOY, "weight": "mse", "activation": "mse"}),
-    ("cfws/channel + percentile", {**DEPLOY, "weight": "cfws", "activation": "percentile"}),
-    ("cfws_whole/channel + improved_kl (float pass)", {**DEPLOY, "weight": "cfws_whole", "activation": "improved_kl",
+     {**METHOD_ONLY, "weight": "minmax", "activation": "percentile", "unsigned_activations": True}),
+    ("minmax/tensor + minmax", {**METHOD, "weight": "minmax", "weight_granularity": "tensor", "activation": "minmax"}),
+    ("minmax/channel + percentile", {**METHOD, "weight": "minmax", "activation": "percentile"}),
+    ("mse/channel + mse", {**METHOD, "weight": "mse", "activation": "mse"}),
+    ("cfws/channel + percentile", {**METHOD, "weight": "cfws", "activation": "percentile"}),
+    ("cfws_whole/channel + improved_kl (float pass)", {**METHOD, "weight": "cfws_whole", "activation": "improved_kl",
                                                        "sequential": False}),
-    ("cfws/channel + improved_kl (float pass)", {**DEPLOY, "weight": "cfws", "activation": "improved_kl",
+    ("cfws/channel + improved_kl (float pass)", {**METHOD, "weight": "cfws", "activation": "improved_kl",
                                                  "sequential": False}),
-    ("default (CFWS + auto + bias correction), exact", DEPLOY),
-    ("default (CFWS + auto + bias correction), two-branch", {**DEPLOY, "cfws_deploy": "two_branch"}),
+    (DEFAULT_EXACT, DEPLOY),
+    (DEFAULT_TWO_BRANCH, {**DEPLOY, "cfws_deploy": "two_branch"}),
 ]
 # the rows whose layers are timed one by one (ONNX Runtime's profiler, batch 64)
-TIMED = ("minmax/channel + percentile", "default (CFWS + auto + bias correction), exact",
-         "default (CFWS + auto + bias correction), two-branch")
+TIMED = ("minmax/channel + percentile", DEFAULT_EXACT, DEFAULT_TWO_BRANCH)
 
 
 def conv_kernels(path: Path) -> dict[str, int]:

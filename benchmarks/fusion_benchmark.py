@@ -153,7 +153,7 @@ def main() -> None:
              "Layouts: tests/third_party_layouts.py (reproductions with the projects' attribute names, forward "
              "rules and own deploy methods; random BN statistics). Fusion error: max |fused - original| / "
              "max |original| of the whole network in float64, after every fused block was checked the same way. "
-             "PTQ: repq's default (CFWS + auto + bias correction), 32 calibration images. Parity: ONNX Runtime vs "
+             "PTQ: repq's default (equalization + CFWS + auto + bias correction), 32 calibration images. Parity: ONNX Runtime vs "
              "repq's simulation (classifiers trained briefly on digits: argmax on the 360 test images; detectors: "
              "16 random images).", "",
              "| layout | source file | blocks fused (how) | conv+BN folded | fusion error | verify s | PTQ s | "

@@ -20,24 +20,25 @@ from pathlib import Path
 
 import torch
 
-from common import CACHE, machine, repq, write_result
+from common import CACHE, PLAIN, machine, repq, write_result
 from repq.io import atomic_write_text
 from zoo import select, zoo, zoo_checkpoint
 
 BITS = {"W8A8": (8, 8), "W6A6": (6, 6), "W4A8": (4, 8), "W4A4": (4, 4)}
 # recipe -> (PTQConfig options, bit-widths it runs at). The baselines and P1's recipes are what they were before repq
-# had activation equalization and the affine input grid: none of either, P1's max-abs input.
-PLAIN = {"bias_correction": False, "equalize": False, "input_activation": "minmax"}
+# had activation equalization, the affine input grid and 8-bit edge layers (common.PLAIN): none of them, P1's max-abs
+# input, every layer at the stated width; "repq default, every layer at W/A bits" is the default measured that way.
 DEFAULT = "repq default (equalization + CFWS + auto + bias correction)"
 BASELINE = "min-max/channel + percentile"
+EVERY_LAYER = "repq default, every layer at W/A bits (edge layers too)"
 RECIPES: dict[str, tuple[dict, tuple[str, ...]]] = {
     DEFAULT: ({}, tuple(BITS)),
     BASELINE: ({**PLAIN, "weight": "minmax", "activation": "percentile"}, tuple(BITS)),
     "CFWS + improved KL (P1, float inputs)": ({**PLAIN, "activation": "improved_kl"}, tuple(BITS)),
     "repq default, no equalization": ({"equalize": False}, tuple(BITS)),
-    "repq default, P1's max-abs input grid": ({"input_activation": "minmax"}, ("W8A8", "W6A6")),
+    "repq default, P1's max-abs input grid": ({"input_activation": "minmax"}, ("W8A8",)),
     "repq default, no bias correction": ({"bias_correction": False}, tuple(BITS)),
-    "repq default, edge layers at 8 bits": ({"edge_bits": 8}, ("W4A4",)),
+    EVERY_LAYER: ({"edge_bits": None}, ("W6A6", "W4A8", "W4A4")),
     "CFWS + improved KL (P1, sequential)": ({**PLAIN, "activation": "improved_kl", "sequential": True}, ("W8A8",)),
     "CFWS + former improved KL (separate norm, 256-2048 bins, sequential)": (
         {**PLAIN, "activation": "improved_kl", "sequential": True, "kl_normalization": "separate",

@@ -12,7 +12,7 @@ import json
 import sys
 import time
 
-from common import CACHE, OABN_VARIANTS, machine, reference_checkpoint, reference_spec, repq, write_result
+from common import CACHE, METHOD_ONLY, OABN_VARIANTS, machine, reference_checkpoint, reference_spec, repq, write_result
 
 from repq.io import atomic_write_text
 
@@ -67,8 +67,8 @@ def run_variant(oabn: str | None, args: argparse.Namespace) -> dict:
         row["fp"] = repq.evaluate(repq.reparameterize(model), test_ds)["top1"]
         print(f"{row['variant']}: FP (fused) {row['fp']:.2f}", flush=True)
     for bits, weight, granularity, activation, sequential in missing_ptq if not args.from_cache else []:
-        config = repq.PTQConfig(weight=weight, weight_granularity=granularity, activation=activation, w_bits=bits,
-                                a_bits=bits, sequential=sequential, seed=0)
+        config = repq.PTQConfig(**METHOD_ONLY, weight=weight, weight_granularity=granularity, activation=activation,
+                                w_bits=bits, a_bits=bits, sequential=sequential, seed=0)
         top1 = repq.evaluate(repq.quantize(model, calib, config), test_ds)["top1"]
         row["ptq"].append({"bits": bits, "weight": weight, "granularity": granularity, "activation": activation,
                            "calibration": "sequential" if sequential else "float pass", "top1": top1})
