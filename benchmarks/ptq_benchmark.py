@@ -232,7 +232,10 @@ def main() -> None:
              "zoo: docs/results/zoo.md)", f"Machine: {machine()}", "",
              "## Aggregate over the zoo", "",
              f"Drops are FP minus quantized top-1 in points; `vs baseline` is the smallest (quantized top-1 minus "
-             f"'{BASELINE}') over the models.", "",
+             f"'{BASELINE}') over the models. repq's default: activation equalization, CFWS weights, `auto` ranges "
+             "with the guard, bias correction, an affine input grid and, below 8 bits, 8-bit input and output "
+             "layers. The baselines and P1's recipes run without any of these (every layer at the stated width); "
+             f"'{EVERY_LAYER}' is the default measured that way.", "",
              "| bits | recipe | models | mean top-1 | mean drop | worst model drop | worst model | worst seed drop | "
              "min vs baseline |", "|---|---|---|---|---|---|---|---|---|"]
     for a in aggregate:
