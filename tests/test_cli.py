@@ -162,3 +162,15 @@ def test_demo_runs_end_to_end(tmp_path, capsys):
     for png in pngs:
         with open(png, "rb") as fh:
             assert fh.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_ptq_two_branch_reports_its_check(trained_checkpoint, capsys):
+    code, out, _ = run(capsys, "ptq", "--checkpoint", str(trained_checkpoint), "--data", "digits", "--calib", "8",
+                       "--cfws-deploy", "two-branch", "--json")
+    assert code == 0
+    result = json.loads(out)["results"][0]
+    check = result["two_branch_check"]
+    assert check["worse_than_baseline"] == (check["error"] > check["baseline_error"]) and check["baseline_error"] > 0
+    code, out, _ = run(capsys, "ptq", "--checkpoint", str(trained_checkpoint), "--data", "digits", "--calib", "8",
+                       "--cfws-deploy", "two-branch")
+    assert code == 0 and "two_branch CFWS check: network output error" in out

@@ -321,3 +321,26 @@ def test_effective_weight_follows_every_change_to_its_buffers():
     q.double()                                                          # new scale tensors: a new key
     assert layer.weight_scale.dtype == torch.float64 and layer._weight_key() != key
     check()
+
+
+def test_two_branch_check_compares_with_the_plain_int8_baseline():
+    """cfws_deploy='two_branch' records its network output error next to per-channel min-max INT8's, both recomputed
+    here from the float model's outputs, and warns exactly when it is the worse of the two; the exact form has no
+    such record."""
+    model = randomize_bn(tiny())
+    x = torch.randn(16, 1, 16, 16)
+    config = repq.PTQConfig(num_samples=16, activation="percentile", cfws_deploy="two_branch")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        q = repq.quantize(model, x, config)
+    check = q.repq_quant["two_branch_check"]
+    baseline = repq.quantize(model, x, repq.PTQConfig(num_samples=16, weight="minmax", activation="percentile",
+                                                      equalize=False, bias_correction=False))
+    with torch.no_grad():
+        reference = model.eval()(x)
+        error, base = float(((q(x) - reference) ** 2).mean()), float(((baseline(x) - reference) ** 2).mean())
+    assert check["error"] == pytest.approx(error, rel=1e-3) and check["baseline_error"] == pytest.approx(base, rel=1e-3)
+    assert check["worse_than_baseline"] == (error > base)
+    assert any("cfws_deploy='two_branch'" in str(w.message) for w in caught) == (error > base)
+    exact = repq.quantize(model, x, replace(config, cfws_deploy="exact"))
+    assert "two_branch_check" not in exact.repq_quant

@@ -328,6 +328,8 @@ def cmd_ptq(args: argparse.Namespace) -> None:
                             "edge_bits": config.edge_bits, "edges": qmodel.repq_quant.get("edges"),
                             "fusion": qmodel.repq_quant["fusion"],
                             "equalization": _equalization_summary(qmodel.repq_quant.get("equalization")),
+                            "cfws_deploy": config.cfws_deploy,
+                            "two_branch_check": qmodel.repq_quant.get("two_branch_check"),
                             "guard": (qmodel.repq_quant.get("auto") or {}).get("guard")})
             last = qmodel
     except KeyboardInterrupt:
@@ -351,6 +353,13 @@ def cmd_ptq(args: argparse.Namespace) -> None:
               + (f" (relative difference {fusion['relative_diff']:.2g})" if fusion["relative_diff"] is not None
                  else ""))
     human += "\nactivation equalization: " + results[0]["equalization"]["text"]
+    for r in results:
+        check = r["two_branch_check"]
+        if check:
+            human += (f"\n{r['cfws_deploy']} CFWS check: network output error {check['error']:.3g} on the calibration "
+                      f"images, per-channel min-max INT8 {check['baseline_error']:.3g}"
+                      + (": WORSE than the plain INT8 model; check the accuracy above before deploying, or use "
+                         "--cfws-deploy exact" if check["worse_than_baseline"] else ""))
     human += "\nkept in float: " + (", ".join(results[0]["float_layers"]) or "nothing")
     if results[0]["edges"]:
         edges = results[0]["edges"]

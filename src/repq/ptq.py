@@ -292,8 +292,35 @@ def quantize(model: nn.Module, calib_data: Any, config: PTQConfig | None = None)
         alternative = _quantize_fused(plain, images, replace(config, equalize=False), keep_float, edges, fusion)
         kept = min((quantized, alternative), key=lambda q: q.repq_quant["auto"]["guard"]["final_error"])
         kept.repq_quant["equalization"] = dict(record["equalization"], kept=kept is quantized)
-        return kept
+        quantized = kept
+    if any(spec.get("two_branch") for spec in quantized.repq_quant["layers"].values()):
+        quantized.repq_quant["two_branch_check"] = check_two_branch(model, quantized, images, config)
     return quantized
+
+
+@torch.no_grad()
+def check_two_branch(model: nn.Module, quantized: nn.Module, images: torch.Tensor, config: PTQConfig) -> dict:
+    """The network output error (mean squared difference from the float outputs, on the calibration images) of the
+    two-branch / residual CFWS model next to the plain INT8 baseline's: per-channel min-max weights, percentile
+    ranges, nothing else, which ONNX Runtime runs at least as fast. Why: rounding each branch to int8 before the
+    add can cost more than CFWS gains (on a zoo model, 9 pt below the exact form); a deployment worse than the
+    baseline is reported (a warning and `worse_than_baseline`), not left to be found after deploying."""
+    from repq.quant.selection import float_outputs, output_error
+    baseline = quantize(model, images, replace(config, weight="minmax", activation="percentile", equalize=False,
+                                               bias_correction=False, sequential=False, guard=False,
+                                               cfws_deploy="exact"))
+    # the float outputs from the baseline: without bias correction its float mode is the float network (bias
+    # correction changes the float biases the other model's float mode would use)
+    reference = float_outputs(baseline, images, config.batch_size)
+    errors = {key: output_error(net, images, config.batch_size, reference)
+              for key, net in (("error", quantized), ("baseline_error", baseline))}
+    worse = errors["error"] > errors["baseline_error"]
+    if worse:
+        warnings.warn(f"cfws_deploy='{config.cfws_deploy}': the network output error on the calibration images is "
+                      f"{errors['error'] / max(errors['baseline_error'], 1e-30):.1f}x that of per-channel min-max "
+                      "INT8 (which runs as fast); check its accuracy before deploying, or use cfws_deploy='exact'",
+                      stacklevel=3)
+    return {**errors, "worse_than_baseline": worse}
 
 
 def _quantize_fused(fused: nn.Module, images: torch.Tensor, config: PTQConfig, keep_float: set[str],
