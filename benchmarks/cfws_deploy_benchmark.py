@@ -61,6 +61,7 @@ def main() -> None:
             if label == "cfws two-branch":
                 row["verify"] = verify_against_simulation(q, path, test_ds)
                 row["kernels"] = kernel_counts(path)
+                row["check"] = q.repq_quant.get("two_branch_check")
         print(row, flush=True)
         rows.append(row)
 
@@ -74,6 +75,14 @@ def main() -> None:
     print(text)
     if not args.quick:
         write_result("cfws_deploy", text, {"command": cmd, "machine": machine(), "rows": rows})
+
+
+def _check(check: dict | None) -> str:
+    """The two-branch check of repq.quantize (rows measured before it existed have none)."""
+    if not check:
+        return "-"
+    ratio = check["error"] / check["baseline_error"] if check["baseline_error"] > 0 else float("inf")
+    return f"{ratio:.2f}x ({'yes' if check['worse_than_baseline'] else 'no'})"
 
 
 def render(rows: list[dict], cmd: str, machine_line: str) -> str:
@@ -93,8 +102,9 @@ def render(rows: list[dict], cmd: str, machine_line: str) -> str:
              "QLinearAdd). Full test splits.", "",
              "## Accuracy (top-1) and parity", "",
              "| model | FP | CFWS exact (sim) | CFWS two-branch (sim) | two-branch - exact | two-branch in ORT | "
-             "ORT - sim | same prediction | min-max/channel + percentile (sim) | kernels of the two-branch model |",
-             "|---|" + "---|" * 9]
+             "ORT - sim | same prediction | min-max/channel + percentile (sim) | kernels of the two-branch model | "
+             "quantize's check: output error two-branch / min-max (warned) |",
+             "|---|" + "---|" * 10]
     for r in rows:
         v, k = r["verify"], r["kernels"]
         lines.append(f"| {r['model']} | {r['fp32']:.2f} | {r['sim']['cfws exact']:.2f} | "
@@ -102,7 +112,7 @@ def render(rows: list[dict], cmd: str, machine_line: str) -> str:
                      f"{v['top1_onnxruntime']:.2f} | {v['top1_onnxruntime'] - v['top1_repq']:+.2f} | "
                      f"{v['argmax_agreement']:.2f}% | {r['sim']['minmax/channel + percentile']:.2f} | "
                      f"{k['QLinearConv']} QLinearConv, {k['QLinearAdd']} QLinearAdd, {k['ConvInteger']} ConvInteger, "
-                     f"{k['float_convs']} float conv |")
+                     f"{k['float_convs']} float conv | {_check(r.get('check'))} |")
     diffs = [r["sim"]["cfws two-branch"] - r["sim"]["cfws exact"] for r in rows]
     parity = [abs(r["verify"]["top1_onnxruntime"] - r["verify"]["top1_repq"]) for r in rows]
     over = [r["sim"]["cfws two-branch"] - r["sim"]["minmax/channel + percentile"] for r in rows]
