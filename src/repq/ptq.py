@@ -308,7 +308,7 @@ def check_two_branch(model: nn.Module, quantized: nn.Module, images: torch.Tenso
     from repq.quant.selection import float_outputs, output_error
     baseline = quantize(model, images, replace(config, weight="minmax", activation="percentile", equalize=False,
                                                bias_correction=False, sequential=False, guard=False,
-                                               cfws_deploy="exact"))
+                                               cfws_deploy="exact", num_samples=len(images)))
     # the float outputs from the baseline: without bias correction its float mode is the float network (bias
     # correction changes the float biases the other model's float mode would use)
     reference = float_outputs(baseline, images, config.batch_size)
