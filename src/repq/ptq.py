@@ -88,6 +88,11 @@ class PTQConfig:
                                          # | "residual" (TensorRT-style: the int8 coarse output enters the fine
                                          # conv's sum as its residual input)
 
+    @property
+    def widens_edges(self) -> bool:
+        """Whether the edge layers get more bits than the rest (edge_bits is a floor)."""
+        return widens_edges(self.edge_bits, self.w_bits, self.a_bits)
+
     def validate(self) -> None:
         if self.weight not in WEIGHT_METHODS:
             raise RepqError(f"unknown weight method '{self.weight}'; choose one of {', '.join(WEIGHT_METHODS)}")
@@ -247,9 +252,7 @@ def _quantize_weights(fused: nn.Module, config: PTQConfig, keep_float: set[str] 
     swapped = _swap_layers(fused, layers)
     for name, layer in swapped.items():
         layer.set_quantized_weight(qweights[name])
-    # the pool feeds the classifier: as wide as the edges
-    pool_bits = max(config.edge_bits, config.a_bits) if widens_edges(config.edge_bits, config.w_bits, config.a_bits) \
-        else config.a_bits
+    pool_bits = max(config.edge_bits or 0, config.a_bits)   # the pool feeds the classifier: as wide as the edges
     pools = {n: {"a_bits": pool_bits} for n, m in fused.named_modules() if is_global_avg_pool(m)} \
         if config.quantize_pool else {}
     swapped.update(_swap_pools(fused, pools))
@@ -279,7 +282,7 @@ def quantize(model: nn.Module, calib_data: Any, config: PTQConfig | None = None)
     device = next(fused.parameters()).device
     images = images.to(device)
     edges = ([], [])
-    if widens_edges(config.edge_bits, config.w_bits, config.a_bits):
+    if config.widens_edges:
         first, last = edge_layers(fused, images[:2])
         edges = ([n for n in first if n not in keep_float], [n for n in last if n not in keep_float])
     guarded = config.activation == "auto" and config.guard
@@ -366,7 +369,7 @@ def _quantize_fused(fused: nn.Module, images: torch.Tensor, config: PTQConfig, k
     fused.repq_quant = {"ptq": asdict(config), "layers": layers, "pools": pools, "calibration_images": len(images),
                         "input_shape": list(images.shape[1:]), "auto": auto_record, "bias_correction": shifts,
                         "fusion": fusion_summary(fusion), "float_layers": sorted(keep_float),
-                        "edges": {"input": edges[0], "output": edges[1]} if widens_edges(config.edge_bits, config.w_bits, config.a_bits) else None,
+                        "edges": {"input": edges[0], "output": edges[1]} if config.widens_edges else None,
                         "bias_grid_widened": widened, "equalization": {**equalization.as_dict(), "kept": True}}
     return fused.eval()
 

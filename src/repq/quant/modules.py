@@ -157,7 +157,7 @@ class QuantWeightMixin:
     def effective_weight(self) -> Tensor:
         """The weight the integer kernel multiplies by: coarse (padded center, expanded diagonal or whole) + fine,
         dequantized. Kept until one of the buffers it comes from changes: calibration runs the network dozens of
-        times with the same weights (a fifth of the default PTQ's time at 28x28 went to dequantizing them)."""
+        times with the same weights, and dequantizing them in every forward was a visible share of PTQ time."""
         if self.use_float_weight:
             return self.weight
         key = self._weight_key()
