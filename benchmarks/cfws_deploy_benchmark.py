@@ -25,6 +25,8 @@ from zoo import select, zoo, zoo_checkpoint
 
 RECIPES = {"cfws exact": {"cfws_deploy": "exact"}, "cfws two-branch": {"cfws_deploy": "two_branch"},
            "minmax/channel + percentile": {**PLAIN, "weight": "minmax", "activation": "percentile"}}
+# ablation, simulated only: every CFWS layer as two branches (no per-layer fallback to one min-max conv)
+EVERY_LAYER = {"cfws_deploy": "two_branch", "one_conv_fallback": False}
 
 
 def main() -> None:
@@ -62,6 +64,8 @@ def main() -> None:
                 row["verify"] = verify_against_simulation(q, path, test_ds)
                 row["kernels"] = kernel_counts(path)
                 row["check"] = q.repq_quant.get("two_branch_check")
+        q = repq.quantize(model, calib, repq.PTQConfig(quantize_pool=True, **EVERY_LAYER))
+        row["sim"]["two-branch every layer"] = repq.evaluate(q, test_ds)["top1"]
         print(row, flush=True)
         rows.append(row)
 
@@ -85,6 +89,18 @@ def _check(check: dict | None) -> str:
     return f"{ratio:.2f}x ({'yes' if check['worse_than_baseline'] else 'no'})"
 
 
+def _one_conv(check: dict | None) -> str:
+    """CFWS layers deployed as one min-max conv / all CFWS layers (rows measured before the fallback: -)."""
+    if not check or "one_conv_layers" not in check:
+        return "-"
+    kept = len(check["one_conv_layers"])
+    return f"{kept} / {kept + check['two_branch_layers']}"
+
+
+def _sim(row: dict, label: str) -> str:
+    return f"{row['sim'][label]:.2f}" if label in row["sim"] else "-"
+
+
 def render(rows: list[dict], cmd: str, machine_line: str) -> str:
     """The markdown page (also from a saved cfws_deploy.json: --render-only)."""
     def speed(row, label, batch):
@@ -99,18 +115,22 @@ def render(rows: list[dict], cmd: str, machine_line: str) -> str:
              "Recipe: repq's default (equalization + CFWS + auto + bias correction), 32 calibration images (seed 0), quantize_pool; "
              "exact = one int32 sum of the fine 3x3 and coarse 1x1 convs (ConvInteger + float rescale in ONNX "
              "Runtime); two-branch = each conv requantized to int8, then an integer add (QLinearConv + "
-             "QLinearAdd). Full test splits.", "",
+             "QLinearAdd), except the CFWS layers whose output (after their activation) one per-channel min-max "
+             "conv reconstructs better on the calibration images, deployed as that one conv (`one_conv_fallback`, "
+             "the default); two-branch every layer = the ablation without that fallback. Full test splits.", "",
              "## Accuracy (top-1) and parity", "",
              "| model | FP | CFWS exact (sim) | CFWS two-branch (sim) | two-branch - exact | two-branch in ORT | "
-             "ORT - sim | same prediction | min-max/channel + percentile (sim) | kernels of the two-branch model | "
+             "ORT - sim | same prediction | min-max/channel + percentile (sim) | two-branch every layer (sim) | "
+             "CFWS layers as one conv | kernels of the two-branch model | "
              "quantize's check: output error two-branch / min-max (warned) |",
-             "|---|" + "---|" * 10]
+             "|---|" + "---|" * 12]
     for r in rows:
         v, k = r["verify"], r["kernels"]
         lines.append(f"| {r['model']} | {r['fp32']:.2f} | {r['sim']['cfws exact']:.2f} | "
                      f"{r['sim']['cfws two-branch']:.2f} | {r['sim']['cfws two-branch'] - r['sim']['cfws exact']:+.2f} | "
                      f"{v['top1_onnxruntime']:.2f} | {v['top1_onnxruntime'] - v['top1_repq']:+.2f} | "
                      f"{v['argmax_agreement']:.2f}% | {r['sim']['minmax/channel + percentile']:.2f} | "
+                     f"{_sim(r, 'two-branch every layer')} | {_one_conv(r.get('check'))} | "
                      f"{k['QLinearConv']} QLinearConv, {k['QLinearAdd']} QLinearAdd, {k['ConvInteger']} ConvInteger, "
                      f"{k['float_convs']} float conv | {_check(r.get('check'))} |")
     diffs = [r["sim"]["cfws two-branch"] - r["sim"]["cfws exact"] for r in rows]

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
 import tempfile
 import time
@@ -89,22 +90,37 @@ def predictions(model, test_ds) -> torch.Tensor:
 def measure_agreement(name, model, train_ds, test_ds, seeds, rows, save) -> None:
     """Share of test images on which the W8A8 default and the baseline predict what the float model predicts. Why:
     a top-1 difference of a few hundredths of a point between two quantized models can be luck (each changes
-    ~1-2 % of the predictions, in both directions); agreement with the float model measures fidelity itself."""
+    ~1-2 % of the predictions, in both directions); agreement with the float model measures fidelity itself.
+    Also, per seed, the discordant test images (right under one recipe only) for McNemar's test."""
     fp_preds = None
     for seed in seeds:
+        pair_key = f"{name}|discordant|W8A8|{seed}"
+        if pair_key in rows and all(f"{name}|agreement|{r}|W8A8|{seed}" in rows for r in AGREEMENT_RECIPES):
+            continue
+        if fp_preds is None:
+            fp_preds = predictions(repq.reparameterize(model), test_ds)
+        correct = {}
         for recipe in AGREEMENT_RECIPES:
             key = f"{name}|agreement|{recipe}|W8A8|{seed}"
-            if key in rows:
-                continue
-            if fp_preds is None:
-                fp_preds = predictions(repq.reparameterize(model), test_ds)
             q = repq.quantize(model, train_ds.calibration_images(32, seed),
                               repq.PTQConfig(num_samples=32, seed=seed, **RECIPES[recipe][0]))
             preds = predictions(q, test_ds)
+            correct[recipe] = preds == test_ds.labels
             rows[key] = {"agreement": float((preds == fp_preds).double().mean() * 100),
-                         "top1": float((preds == test_ds.labels).double().mean() * 100)}
+                         "top1": float(correct[recipe].double().mean() * 100)}
             print(f"{name:28s} agreement {recipe[:40]:40s} seed {seed}: {rows[key]['agreement']:.2f} %", flush=True)
-            save()
+        rows[pair_key] = {"default_only": int((correct[DEFAULT] & ~correct[BASELINE]).sum()),
+                          "baseline_only": int((correct[BASELINE] & ~correct[DEFAULT]).sum())}
+        save()
+
+
+def mcnemar_p(b: int, c: int) -> float:
+    """Two-sided exact McNemar p-value: the discordant pairs split b / c under a fair coin."""
+    n = b + c
+    if n == 0:
+        return 1.0
+    tail = sum(math.comb(n, k) for k in range(min(b, c) + 1)) / 2 ** n
+    return min(1.0, 2 * tail)
 
 
 def measure(names, entries, seeds, recipes, rows, cache_path, quick, peers) -> None:
@@ -204,6 +220,10 @@ def summarize_agreement(names, seeds, rows) -> list[dict]:
                     "baseline_min": min(v["agreement"] for v in baseline),
                     "top1_diff": statistics.mean(v["top1"] for v in default)
                     - statistics.mean(v["top1"] for v in baseline)})
+        pairs = [rows.get(f"{name}|discordant|W8A8|{s}") for s in seeds]
+        if all(pairs):
+            b, c = (sum(p[k] for p in pairs) for k in ("default_only", "baseline_only"))
+            out[-1].update(default_only=b, baseline_only=c, p=mcnemar_p(b, c))
     return out
 
 
@@ -247,14 +267,18 @@ def main() -> None:
         lines += ["", "## Fidelity at W8A8: agreement with the float model's predictions", "",
                   "Share of test images on which the quantized model predicts the float model's class (mean over the "
                   "seeds, lowest seed beside it), and the top-1 difference default - baseline. A top-1 difference of a "
-                  "few hundredths can be luck; agreement measures how much each recipe changes.", "",
+                  "few hundredths can be luck; agreement measures how much each recipe changes. Discordant: test "
+                  "images right under one recipe only, summed over the seeds; p: two-sided exact McNemar test of "
+                  "default vs baseline on those (the seeds share the test images, so it is indicative).", "",
                   "| model | default agreement % (lowest seed) | baseline agreement % (lowest seed) | "
-                  "top-1 default - baseline |", "|---|---|---|---|"]
+                  "top-1 default - baseline | discordant: default only / baseline only | McNemar p |",
+                  "|---|---|---|---|---|---|"]
         for a in agreement:
+            pair = (f"{a['default_only']} / {a['baseline_only']} | {a['p']:.2f}" if "p" in a else "- | -")
             lines.append(f"| {a['model']} | {a['default']:.2f} ({a['default_min']:.2f}) | {a['baseline']:.2f} "
-                         f"({a['baseline_min']:.2f}) | {a['top1_diff']:+.2f} |")
+                         f"({a['baseline_min']:.2f}) | {a['top1_diff']:+.2f} | {pair} |")
         lines.append(f"| mean | {statistics.mean(a['default'] for a in agreement):.2f} | "
-                     f"{statistics.mean(a['baseline'] for a in agreement):.2f} | |")
+                     f"{statistics.mean(a['baseline'] for a in agreement):.2f} | | | |")
     lines += ["", "## Per model", "", "| model | FP | bits | recipe | top-1 mean | per seed | drop mean | "
               "drop worst seed | PTQ s (max) |", "|---|---|---|---|---|---|---|---|---|"]
     for r in per_model:

@@ -96,7 +96,8 @@ def test_diagonal_layers_simulate_integers_and_run_in_onnx_runtime(deploy, tmp_p
     model = pointwise_net()
     images = torch.randn(16, 3, 10, 10)
     with pytest.warns(UserWarning, match="no re-parameterizable block"):
-        q = repq.quantize(model, images, repq.PTQConfig(cfws_deploy=deploy, num_samples=16, w_bits=8))
+        q = repq.quantize(model, images, repq.PTQConfig(cfws_deploy=deploy, num_samples=16, w_bits=8,
+                                                            one_conv_fallback=False))
     layers = [q[2], q[4]]
     assert all(isinstance(m, QuantConv2d) and m.coarse == "diagonal" for m in layers)
     assert q.repq_quant["layers"]["2"]["coarse"] == "diagonal"

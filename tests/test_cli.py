@@ -171,6 +171,15 @@ def test_ptq_two_branch_reports_its_check(trained_checkpoint, capsys):
     result = json.loads(out)["results"][0]
     check = result["two_branch_check"]
     assert check["worse_than_baseline"] == (check["error"] > check["baseline_error"]) and check["baseline_error"] > 0
+    kept = [r["layer"] for r in result["layers"] if r["cfws_form"] == "single_conv"]
     code, out, _ = run(capsys, "ptq", "--checkpoint", str(trained_checkpoint), "--data", "digits", "--calib", "8",
                        "--cfws-deploy", "two-branch")
     assert code == 0 and "two_branch CFWS check: network output error" in out
+    summary = (f"two_branch CFWS: {check['two_branch_layers']} layer(s) as two branches, "
+               f"{len(check['one_conv_layers'])} as one min-max conv")
+    assert summary in out and all(name in out for name in check["one_conv_layers"])
+    assert sorted(kept) == check["one_conv_layers"] and "CFWS deployed as" in out
+    code, out, _ = run(capsys, "ptq", "--checkpoint", str(trained_checkpoint), "--data", "digits", "--calib", "8",
+                       "--cfws-deploy", "two-branch", "--no-one-conv-fallback", "--json")
+    check = json.loads(out)["results"][0]["two_branch_check"]
+    assert code == 0 and check["one_conv_layers"] == [] and check["two_branch_layers"] > 0

@@ -45,7 +45,8 @@ def quantized():
     images = torch.randn(24, 3, 12, 12)
     with pytest.warns(UserWarning, match="no re-parameterizable block"):
         q = repq.quantize(model, images, repq.PTQConfig(cfws_deploy="two_branch", activation="minmax",
-                                                        bias_correction=False, num_samples=24))
+                                                        bias_correction=False, num_samples=24,
+                                                        one_conv_fallback=False))
     return model, q, images
 
 
@@ -121,7 +122,8 @@ def test_residual_layout_for_tensorrt_style_runtimes(quantized, tmp_path):
     model, _, images = quantized
     with pytest.warns(UserWarning, match="no re-parameterizable block"):
         q = repq.quantize(model, images, repq.PTQConfig(cfws_deploy="residual", activation="minmax",
-                                                        bias_correction=False, num_samples=24))
+                                                        bias_correction=False, num_samples=24,
+                                                        one_conv_fallback=False))
     path = export_onnx(q, tmp_path / "residual.onnx", images[:1])
     graph = onnx.load(str(path)).graph
     producer = {out: n for n in graph.node for out in n.output}
@@ -144,3 +146,46 @@ def test_residual_layout_for_tensorrt_style_runtimes(quantized, tmp_path):
     expected = (fine_exact * (s_x * q[0].weight_scale.double()).reshape(1, -1, 1, 1)).float()
     assert torch.allclose(layer_out - expected, (layer_out - expected).div(q[0].branch_scales[1]).round()
                           * q[0].branch_scales[1], atol=1e-5)   # what is added is a whole number of int8 steps
+
+
+def _one_layer(in_channels: int, identity: bool) -> nn.Module:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(in_channels, 16, 3, padding=1), nn.ReLU()).eval()
+    if identity:   # a merged identity branch: a center tap 10x the largest other weight on each channel's own input
+        with torch.no_grad():
+            model[0].weight[:, :, 1, 1] += 10 * model[0].weight.abs().max() * torch.eye(16, in_channels)
+    return model
+
+
+@pytest.mark.parametrize("in_channels,identity,expected", [(16, True, "two_branch"), (3, False, "single_conv")])
+def test_one_conv_fallback_keeps_the_form_that_reconstructs_the_layer_better(in_channels, identity, expected):
+    """Per layer, the deployed form is whichever of two branches and one per-channel min-max conv puts the output
+    after the ReLU closer to the float weights' on the same quantized input. Both forms are built here on their
+    own (every layer two-branch; plain min-max weights) and their errors measured independently; the planted
+    layers make each form win once (a merged identity: CFWS pays; 27 weights per filter without one: it does not)."""
+    model = _one_layer(in_channels, identity)
+    images = torch.randn(24, in_channels, 8, 8).relu()
+    common = dict(activation="minmax", bias_correction=False, equalize=False, num_samples=24)
+    with pytest.warns(UserWarning, match="no re-parameterizable block"):
+        chosen = repq.quantize(model, images, repq.PTQConfig(cfws_deploy="two_branch", **common))
+        branches = repq.quantize(model, images, repq.PTQConfig(cfws_deploy="two_branch", one_conv_fallback=False,
+                                                               **common))
+        one_conv = repq.quantize(model, images, repq.PTQConfig(weight="minmax", **common))
+    q = chosen[0].input_quantizer
+    assert float(q.scale) == float(one_conv[0].input_quantizer.scale) == float(branches[0].input_quantizer.scale)
+    xq = torch.clamp(torch.round(images / q.scale), float(q.qmin), float(q.qmax)) * q.scale
+    with torch.no_grad():
+        target = torch.relu(torch.nn.functional.conv2d(xq, model[0].weight, model[0].bias, padding=1))
+        errors = {"two_branch": float(((branches(images) - target) ** 2).mean()),
+                  "single_conv": float(((one_conv(images) - target) ** 2).mean())}
+        kept = min(errors, key=errors.get)
+        assert kept == expected, errors
+        record = chosen.repq_quant["layers"]["0"]
+        assert record["branch_errors"]["deployed"] == kept
+        assert record["branch_errors"]["two_branch_error"] == pytest.approx(errors["two_branch"], rel=1e-4)
+        assert record["branch_errors"]["single_conv_error"] == pytest.approx(errors["single_conv"], rel=1e-4)
+        assert torch.equal(chosen(images), (branches if kept == "two_branch" else one_conv)(images))
+    assert chosen[0].two_branch == (kept == "two_branch") and record.get("two_branch", False) == chosen[0].two_branch
+    assert (chosen[0].coarse is None) == (kept == "single_conv")
+    check = chosen.repq_quant["two_branch_check"]
+    assert check["one_conv_layers"] == (["0"] if kept == "single_conv" else [])

@@ -210,6 +210,7 @@ def _ptq_config(args: argparse.Namespace, options: dict[str, Any]):
                                               or ("minmax" if args.signed_activations else "affine")).replace("-", "_"),
                             skip_layers=tuple(n.strip() for n in args.skip_layers.split(",") if n.strip()),
                             cfws_deploy=_cfws_deploy(args, options["weight"]), edge_bits=args.edge_bits or None,
+                            one_conv_fallback=not args.no_one_conv_fallback,
                             **options)
     try:
         config.validate()
@@ -233,7 +234,8 @@ def _calibration_mode(config) -> str:
 
 
 def _layer_report(meta: dict[str, Any]) -> list[dict[str, Any]]:
-    """One row per quantized layer and pool: the calibrator its input got, its range, a guard fallback."""
+    """One row per quantized layer and pool: the calibrator its input got, its range, a guard fallback, and for a
+    CFWS layer deployed in two branches (--cfws-deploy two-branch / residual) the form it kept."""
     from repq.ptq import input_ranges
 
     choices = (meta.get("auto") or {}).get("choices", {})
@@ -242,7 +244,8 @@ def _layer_report(meta: dict[str, Any]) -> list[dict[str, Any]]:
     for name, spec in {**meta["layers"], **meta.get("pools", {})}.items():
         rows.append({"layer": name, "calibrator": spec.get("calibrator", ""), "amax": ranges[name],
                      "signed": spec["input_signed"], "zero_point": spec.get("input_zero_point", 0),
-                     "guard_fallback": bool(choices.get(name, {}).get("guard_fallback", False))})
+                     "guard_fallback": bool(choices.get(name, {}).get("guard_fallback", False)),
+                     "cfws_form": spec.get("branch_errors", {}).get("deployed")})
     return rows
 
 
@@ -250,7 +253,13 @@ def _format_layer_report(result: dict[str, Any]) -> str:
     rows = [[r["layer"], r["calibrator"] + (" (guard)" if r["guard_fallback"] else ""), f"{r['amax']:.4g}",
              "int" if r["signed"] else "uint" + (f", zero point {r['zero_point']}" if r.get("zero_point") else "")]
             for r in result["layers"]]
-    text = format_table(["layer", "calibrator", "range", "codes"], rows)
+    headers = ["layer", "calibrator", "range", "codes"]
+    if any(r.get("cfws_form") for r in result["layers"]):
+        forms = {"single_conv": "one min-max conv", "two_branch": "two branches", "residual": "two branches"}
+        headers.append("CFWS deployed as")
+        for row, r in zip(rows, result["layers"]):
+            row.append(forms.get(r.get("cfws_form"), ""))
+    text = format_table(headers, rows)
     guard = result.get("guard")
     if guard:
         text += (f"\nguard: output MSE on held-out calibration images {guard['final_error']:.4g}; "
@@ -356,6 +365,10 @@ def cmd_ptq(args: argparse.Namespace) -> None:
     for r in results:
         check = r["two_branch_check"]
         if check:
+            kept = check.get("one_conv_layers", [])
+            human += (f"\n{r['cfws_deploy']} CFWS: {check.get('two_branch_layers', '?')} layer(s) as two branches, "
+                      f"{len(kept)} as one min-max conv (it reconstructed their output better)"
+                      + (f": {', '.join(kept)}" if kept else ""))
             human += (f"\n{r['cfws_deploy']} CFWS check: network output error {check['error']:.3g} on the calibration "
                       f"images, per-channel min-max INT8 {check['baseline_error']:.3g}"
                       + (": WORSE than the plain INT8 model; check the accuracy above before deploying, or use "
@@ -870,6 +883,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="CFWS layers: exact (one int32 sum, ConvInteger in ONNX Runtime: slow), two-branch (fine and "
                         "coarse convs each requantized to int8, then an integer add: fused QLinearConv + QLinearAdd) "
                         "or residual (TensorRT layout: the int8 coarse output is the fine conv's residual input)")
+    p.add_argument("--no-one-conv-fallback", action="store_true",
+                   help="with --cfws-deploy two-branch/residual: deploy every CFWS layer as two branches (default: a "
+                        "layer whose output one per-channel min-max conv reconstructs better on the calibration "
+                        "images becomes that one conv)")
     p.add_argument("--skip-layers", default="",
                    help="comma list of layers of the fused model to keep in float (names or patterns, e.g. "
                         "'linear' or 'stage4.*')")

@@ -21,8 +21,10 @@ from repq.quant.calibrators import ACTIVATION_METHODS, INPUT_METHODS, KL_NORMALI
 from repq.quant.edges import edge_layers, layer_widths, widens_edges
 from repq.quant.equalization import EqualizationRecord, equalize_activations
 from repq.quant.modules import (ActQuantizer, CodebookConv2d, CodebookLinear, QuantConv2d,
-                                QuantGlobalAvgPool, QuantLinear, calibrate_branches, is_global_avg_pool)
-from repq.quant.selection import CANDIDATES, apply_grid, check_all_ran, input_grid, observe, select_ranges
+                                QuantGlobalAvgPool, QuantLinear, calibrate_branches, exact_branches,
+                                is_global_avg_pool)
+from repq.quant.selection import (CANDIDATES, apply_grid, check_all_ran, following_activations, input_grid,
+                                  observe, select_ranges)
 from repq.quant.weights import WEIGHT_METHODS, quantize_weight
 from repq.reparam.model import fuse_blocks, fused_blocks
 
@@ -87,6 +89,10 @@ class PTQConfig:
                                          # integer add: fused QLinearConv + QLinearAdd, INT8 speed in ONNX Runtime)
                                          # | "residual" (TensorRT-style: the int8 coarse output enters the fine
                                          # conv's sum as its residual input)
+    one_conv_fallback: bool = True       # two_branch / residual: a CFWS layer whose output (after its activation)
+                                         # one per-channel min-max conv reconstructs better on the calibration
+                                         # images is deployed as that one conv (faster too); False: every CFWS
+                                         # layer as two branches
 
     @property
     def widens_edges(self) -> bool:
@@ -296,7 +302,7 @@ def quantize(model: nn.Module, calib_data: Any, config: PTQConfig | None = None)
         kept = min((quantized, alternative), key=lambda q: q.repq_quant["auto"]["guard"]["final_error"])
         kept.repq_quant["equalization"] = dict(record["equalization"], kept=kept is quantized)
         quantized = kept
-    if any(spec.get("two_branch") for spec in quantized.repq_quant["layers"].values()):
+    if any("branch_errors" in spec for spec in quantized.repq_quant["layers"].values()):
         quantized.repq_quant["two_branch_check"] = check_two_branch(model, quantized, images, config)
     return quantized
 
@@ -306,8 +312,10 @@ def check_two_branch(model: nn.Module, quantized: nn.Module, images: torch.Tenso
     """The network output error (mean squared difference from the float outputs, on the calibration images) of the
     two-branch / residual CFWS model next to the plain INT8 baseline's: per-channel min-max weights, percentile
     ranges, nothing else, which ONNX Runtime runs at least as fast. Why: rounding each branch to int8 before the
-    add can cost more than CFWS gains (on a zoo model, 9 pt below the exact form); a deployment worse than the
-    baseline is reported (a warning and `worse_than_baseline`), not left to be found after deploying."""
+    add can cost more than CFWS gains (on a zoo model, 9 pt below the exact form before the branch scales were
+    scored after the activation and the one-conv fallback existed); a deployment worse than the baseline is
+    reported (a warning and `worse_than_baseline`), not left to be found after deploying. Also lists the CFWS
+    layers deployed as one conv."""
     from repq.quant.selection import float_outputs, output_error
     baseline = quantize(model, images, replace(config, weight="minmax", activation="percentile", equalize=False,
                                                bias_correction=False, sequential=False, guard=False,
@@ -323,7 +331,10 @@ def check_two_branch(model: nn.Module, quantized: nn.Module, images: torch.Tenso
                       f"{errors['error'] / max(errors['baseline_error'], 1e-30):.1f}x that of per-channel min-max "
                       "INT8 (which runs as fast); check its accuracy before deploying, or use cfws_deploy='exact'",
                       stacklevel=3)
-    return {**errors, "worse_than_baseline": worse}
+    one_conv = sorted(n for n, spec in quantized.repq_quant["layers"].items()
+                      if spec.get("branch_errors", {}).get("deployed") == "single_conv")
+    two_branch = sum(1 for spec in quantized.repq_quant["layers"].values() if spec.get("two_branch"))
+    return {**errors, "worse_than_baseline": worse, "two_branch_layers": two_branch, "one_conv_layers": one_conv}
 
 
 def _quantize_fused(fused: nn.Module, images: torch.Tensor, config: PTQConfig, keep_float: set[str],
@@ -352,14 +363,29 @@ def _quantize_fused(fused: nn.Module, images: torch.Tensor, config: PTQConfig, k
     else:
         first = _calibrate(fused, images, config)
         methods = {n: config.activation for n in swapped if n != first}
-    shifts = correct_bias(fused, images) if config.bias_correction else None
-    widened = fit_biases(swapped)
-    if config.cfws_deploy != "exact":   # after the bias is final: the fine branch's range includes it
+    if config.cfws_deploy != "exact":
+        # each CFWS layer's deployed form first (two branches, or one conv where that reconstructs better), so that
+        # bias correction measures the network as deployed
         for name, layer in swapped.items():
             if isinstance(layer, QuantConv2d) and layer.coarse is not None:
                 layer.enable_two_branch(config.cfws_deploy)
                 layers[name].update(two_branch=True, branch_layout=config.cfws_deploy)
-        calibrate_branches(fused, images, config.batch_size)
+        activations = following_activations(fused, images[:config.batch_size])
+        per_channel = config.weight_granularity == "channel"
+        deployed = calibrate_branches(fused, images, config.batch_size, activations, per_channel,
+                                      fallback=config.one_conv_fallback)
+        for name, record in deployed.items():   # a layer kept as one conv: plain min-max weights, no coarse part
+            layers[name].update(branch_errors=record)
+            if record["deployed"] == "single_conv":
+                layers[name].update(coarse=None, two_branch=False)
+        if config.bias_correction:
+            exact_branches(fused)
+    shifts = correct_bias(fused, images) if config.bias_correction else None
+    widened = fit_biases(swapped)
+    if config.cfws_deploy != "exact" and shifts is not None:   # the fine branch's range includes the final bias
+        for name, record in calibrate_branches(fused, images, config.batch_size, activations, per_channel,
+                                               fallback=False).items():
+            layers[name].update(branch_errors=record)
     for name, layer in swapped.items():
         q = layer.input_quantizer
         (pools if name in pools else layers)[name].update(input_scale=float(q.scale), input_signed=q.signed,

@@ -6,7 +6,7 @@ Every number needed for export lives in buffers, so a checkpoint's state dict re
 from __future__ import annotations
 
 from dataclasses import replace
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -16,7 +16,7 @@ from torch import Tensor, nn
 from repq.errors import RepqError
 from repq.quant.calibrators import CalibrationConfig, HistogramObserver, compute_amax
 from repq.quant.primitives import asymmetric_params, fake_quantize, int_range, symmetric_scale
-from repq.quant.weights import COARSE_LAYOUTS, QuantizedWeight
+from repq.quant.weights import COARSE_LAYOUTS, QuantizedWeight, quantize_weight
 
 _INT32_MIN, _INT32_MAX = -(2 ** 31), 2 ** 31 - 1
 
@@ -317,7 +317,7 @@ class QuantConv2d(SimulatedConv2d, QuantWeightMixin):
             s_x = self.input_quantizer.scale.double()
             outs = ((fine * (s_x * self.weight_scale.double()).reshape(shape)).float(),
                     (coarse * (s_x * self.coarse_scale.double()).reshape(shape)).float())
-            self._calibration_step(*outs)
+            self._calibration_step(x, *outs)
             return outs[0] + outs[1]
         m_fine, m_coarse = self.branch_multipliers()
         q_coarse = torch.clamp(torch.round(coarse.float() * m_coarse.reshape(shape)), -128, 127)
@@ -328,69 +328,142 @@ class QuantConv2d(SimulatedConv2d, QuantWeightMixin):
         return q_fine * self.branch_scales[0] + q_coarse * self.branch_scales[1]
 
     @torch.no_grad()
-    def _calibration_step(self, fine: Tensor, coarse: Tensor) -> None:
-        """Pass 1 ("observe"): histograms of both branches. Pass 2 ("score"): the squared error of the layer output
-        (the requantized branches' sum against the exact sum) for every pair of candidate thresholds."""
+    def _calibration_step(self, x: Tensor, fine: Tensor, coarse: Tensor) -> None:
+        """Pass 1 ("observe"): histograms of both branches. Pass 2 ("score"): against the float weights on the same
+        quantized input, the squared error of what the next layer sees (the activation after the layer, which the
+        output grid absorbs, applied to the layer output) for every pair of candidate branch thresholds, and for
+        the plain one-conv alternative (the merged kernel on one min-max int8 grid). Scored on a seeded sample of
+        at most BRANCH_SCORE_SAMPLES output elements per batch (all of them when fewer)."""
         state = self.branch_calibration
+        if state.get("stage") == "exact":   # exact_branches: the exact sum, nothing recorded
+            return
         if state.get("stage", "observe") == "observe":
             observers = state.setdefault("observers", [HistogramObserver(), HistogramObserver()])
             for observer, out in zip(observers, (fine, coarse)):
                 observer.update(out, self.input_quantizer.name)
             return
-        exact = fine + coarse
+        xq = self.input_quantizer(x)
+        conv = (self.stride, self.padding, self.dilation, self.groups)
+        reference = F.conv2d(xq, self.weight, self.bias, *conv).flatten()
+        single = F.conv2d(xq, state["single_weight"], state["single_bias"], *conv).flatten()
+        fine, coarse = fine.flatten(), coarse.flatten()
+        if fine.numel() > BRANCH_SCORE_SAMPLES:
+            pick = torch.randint(fine.numel(), (BRANCH_SCORE_SAMPLES,), generator=state["generator"])
+            fine, coarse, reference, single = fine[pick], coarse[pick], reference[pick], single[pick]
+        act = state["activation"]
+        target = act(reference)
+        state["single_error"] += float((act(single) - target).double().pow(2).sum())
+        state["count"] += target.numel()
         q_fine = [torch.clamp(torch.round(fine / (a / 127.0)), -128, 127) * (a / 127.0) for a in state["fine"]] \
             if self.branch_layout == "two_branch" else [fine]
         q_coarse = [torch.clamp(torch.round(coarse / (a / 127.0)), -128, 127) * (a / 127.0) for a in state["coarse"]]
         for i, qf in enumerate(q_fine):
             for j, qc in enumerate(q_coarse):
-                state["errors"][i, j] += float(((qf + qc) - exact).double().pow(2).sum())
+                state["errors"][i, j] += float((act(qf + qc) - target).double().pow(2).sum())
 
-    def start_branch_scoring(self) -> None:
-        """Candidate thresholds per branch from its histogram: its maximum, high percentiles and the threshold of
-        least squared error of the branch alone."""
+    def start_branch_scoring(self, per_channel: bool = True) -> None:
+        """Candidate thresholds per branch from its histogram: its maximum, high percentiles, the threshold of
+        least squared error of the branch alone, and the maximum / sqrt(2)^k for k = 1..8. Why the short ones:
+        where the branches cancel (a large center tap against a large bias), the sum that survives the ReLU can
+        be a fraction of each branch's range, and clipping a branch where the sum is negative costs nothing.
+        Also prepares the one-conv alternative: the kernel on one min-max grid (`per_channel` or per tensor)."""
         candidates = []
         for observer in self.branch_calibration["observers"]:
-            amaxes = {observer.amax(CalibrationConfig(method="minmax", bits=8, signed=True)),
-                      observer.amax(CalibrationConfig(method="mse", bits=8, signed=True))}
+            top = observer.amax(CalibrationConfig(method="minmax", bits=8, signed=True))
+            amaxes = {top, observer.amax(CalibrationConfig(method="mse", bits=8, signed=True))}
             amaxes |= {observer.amax(CalibrationConfig(method="percentile", bits=8, signed=True, percentile=p))
                        for p in (99.9, 99.99, 99.999)}
+            amaxes |= {top * 2 ** (-k / 2) for k in range(1, 9)}
             candidates.append(sorted((a for a in amaxes if a > 0), reverse=True) or [1.0])   # largest first
         if self.branch_layout == "residual":   # the fine output is not requantized: one placeholder scale
             candidates[0] = [127.0]
+        single = quantize_weight(self.weight.detach(), "minmax", self.w_bits, per_channel)
+        single_bias = None
+        if self.bias is not None:
+            step = self.input_quantizer.scale * single.scale
+            single_bias = torch.round(self.bias.detach() / step) * step
         self.branch_calibration = {"stage": "score", "fine": candidates[0], "coarse": candidates[1],
-                                   "errors": np.zeros((len(candidates[0]), len(candidates[1])))}
+                                   "errors": np.zeros((len(candidates[0]), len(candidates[1]))),
+                                   "activation": self.branch_calibration.get("activation", _identity),
+                                   "generator": torch.Generator().manual_seed(0), "single": single,
+                                   "single_weight": single.dequantize().to(self.weight.dtype),
+                                   "single_bias": single_bias, "single_error": 0.0, "count": 0}
 
     @torch.no_grad()
-    def finish_branch_calibration(self) -> None:
-        """Keep the pair of thresholds with the least output error (ties: the larger, less clipping)."""
+    def finish_branch_calibration(self, fallback: bool = True) -> dict[str, Any]:
+        """Keep the pair of thresholds with the least output error (ties: the larger, less clipping), or, with
+        `fallback`, when the one-conv alternative did better still, deploy that instead (`drop_coarse`): the layer
+        then runs as one fused int8 conv, faster than two. Returns the layer's errors (mean squared, per output
+        element) and the form kept."""
         state = self.branch_calibration
         errors = state["errors"]
         i, j = np.unravel_index(np.argmin(errors), errors.shape)
-        self.branch_scales.copy_(torch.tensor([state["fine"][i] / 127.0, state["coarse"][j] / 127.0]))
+        count = max(1, state["count"])
+        record = {"two_branch_error": float(errors[i, j]) / count, "single_conv_error": state["single_error"] / count}
         self.branch_calibration = {}
+        if fallback and state["single_error"] < errors[i, j]:
+            self.drop_coarse(state["single"])
+            return {**record, "deployed": "single_conv"}
+        self.branch_scales.copy_(torch.tensor([state["fine"][i] / 127.0, state["coarse"][j] / 127.0]))
+        return {**record, "deployed": self.branch_layout}
+
+    @torch.no_grad()
+    def drop_coarse(self, qw: QuantizedWeight) -> None:
+        """Turn this CFWS layer into a plain one-conv layer with the (coarse-free) weights `qw`."""
+        if qw.coarse_layout is not None:
+            raise ValueError("drop_coarse takes a weight without a coarse part")
+        for name in ("coarse_codes", "coarse_scale", "branch_scales"):
+            if hasattr(self, name):
+                delattr(self, name)
+        self.__dict__.pop("branch_layout", None)
+        self.__dict__.pop("branch_calibration", None)
+        self.coarse = None
+        self.set_quantized_weight(qw)
+        self.fit_bias_to_int32()
+
+
+BRANCH_SCORE_SAMPLES = 1 << 16
+
+
+def _identity(x: Tensor) -> Tensor:
+    return x
+
+
+def exact_branches(model: nn.Module) -> None:
+    """Put every two-branch layer of `model` back to the exact sum of its branches (no int8 requantization) until
+    `calibrate_branches` sets their scales again. Why: bias correction runs between the choice of each layer's
+    form and the final branch scales; the bias it writes moves the fine branch, so scales chosen before it would
+    clip what it measured."""
+    for layer in model.modules():
+        if isinstance(layer, QuantConv2d) and layer.two_branch:
+            layer.branch_scales.zero_()
+            layer.branch_calibration = {"stage": "exact"}
 
 
 @torch.no_grad()
-def calibrate_branches(model: nn.Module, images: Tensor, batch_size: int) -> list[str]:
+def calibrate_branches(model: nn.Module, images: Tensor, batch_size: int,
+                       activations: dict[nn.Module, Callable[[Tensor], Tensor]] | None = None,
+                       per_channel: bool = True, fallback: bool = True) -> dict[str, dict[str, Any]]:
     """Set the int8 output scales of every two-branch layer: one pass gathers each branch's histogram, a second
-    scores candidate pairs of thresholds by the error of the layer output (the two requantized branches' sum)
-    on the same images. During both passes the branches are not requantized. Returns the layers' names."""
+    scores candidate pairs of thresholds by the error of the layer output (the two requantized branches' sum,
+    through the activation that follows the layer in `activations`, if any) on the same images, next to the
+    one-conv alternative; with `fallback`, a layer where that alternative does better becomes one conv (see
+    `finish_branch_calibration`). During both passes the branches are not requantized. Returns, per layer, its
+    errors and the form kept."""
     layers = {n: m for n, m in model.named_modules() if isinstance(m, QuantConv2d) and m.two_branch}
     for layer in layers.values():
         layer.branch_scales.zero_()
-        layer.branch_calibration = {"stage": "observe"}
+        layer.branch_calibration = {"stage": "observe", "activation": (activations or {}).get(layer, _identity)}
     was_training = model.training
     model.eval()
     for stage in ("observe", "score"):
         if stage == "score":
             for layer in layers.values():
-                layer.start_branch_scoring()
+                layer.start_branch_scoring(per_channel)
         for start in range(0, len(images), batch_size):
             model(images[start:start + batch_size])
     model.train(was_training)
-    for layer in layers.values():
-        layer.finish_branch_calibration()
-    return list(layers)
+    return {name: layer.finish_branch_calibration(fallback) for name, layer in layers.items()}
 
 
 class QuantLinear(SimulatedLinear, QuantWeightMixin):

@@ -83,6 +83,45 @@ class FloatMode:
                 m.use_float_weight = False
 
 
+class _ActivationTracker:
+    """Hooks that record, for each consumer layer, the element-wise activation module applied to its output (the
+    first time it runs; each output is kept alive until `remove` so that its id cannot be reused)."""
+
+    def __init__(self, model: nn.Module):
+        self.activation_of: dict[nn.Module, nn.Module] = {}
+        self._produced: dict[int, tuple[nn.Module, Tensor]] = {}
+        self._handles = [m.register_forward_hook(self._output_hook) for m in _consumers(model)]
+        self._handles += [m.register_forward_pre_hook(self._activation_hook) for m in model.modules()
+                          if isinstance(m, _ACTIVATIONS)]
+
+    def _output_hook(self, layer, args, output):
+        if isinstance(output, Tensor):
+            self._produced[id(output)] = (layer, output)
+
+    def _activation_hook(self, act, args):
+        entry = self._produced.get(id(args[0])) if args and isinstance(args[0], Tensor) else None
+        if entry is not None and entry[1] is args[0]:
+            self.activation_of.setdefault(entry[0], act)
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+        self._produced.clear()
+
+
+@torch.no_grad()
+def following_activations(model: nn.Module, images: Tensor) -> dict[nn.Module, nn.Module]:
+    """For each consumer layer, the element-wise activation applied to its output, from one float forward."""
+    tracker = _ActivationTracker(model)
+    try:
+        with FloatMode(model):
+            model(images)
+    finally:
+        tracker.remove()
+    return tracker.activation_of
+
+
 @torch.no_grad()
 def observe(model: nn.Module, images: Tensor, batch_size: int, bins: int
             ) -> tuple[list[ActQuantizer], dict[ActQuantizer, HistogramObserver], dict[nn.Module, nn.Module]]:
@@ -90,8 +129,6 @@ def observe(model: nn.Module, images: Tensor, batch_size: int, bins: int
     quantizers, and for each consumer layer the element-wise activation module applied to its output, if any."""
     order: list[ActQuantizer] = []
     observers: dict[ActQuantizer, HistogramObserver] = {}
-    produced: dict[int, tuple[nn.Module, Tensor]] = {}   # first batch only: id -> (layer, its output, kept alive
-    activation_of: dict[nn.Module, nn.Module] = {}        # so that an id cannot be reused by another tensor)
 
     def observe_hook(q: ActQuantizer, args):
         if q not in observers:
@@ -99,30 +136,18 @@ def observe(model: nn.Module, images: Tensor, batch_size: int, bins: int
             order.append(q)
         observers[q].update(args[0], q.name)
 
-    def output_hook(layer, args, output):
-        if isinstance(output, Tensor):
-            produced[id(output)] = (layer, output)
-
-    def activation_hook(act, args):
-        entry = produced.get(id(args[0])) if args and isinstance(args[0], Tensor) else None
-        if entry is not None and entry[1] is args[0]:
-            activation_of.setdefault(entry[0], act)
-
     handles = [q.register_forward_pre_hook(observe_hook) for q in model.modules() if isinstance(q, ActQuantizer)]
-    structure = [m.register_forward_hook(output_hook) for m in _consumers(model)]
-    structure += [m.register_forward_pre_hook(activation_hook) for m in model.modules() if isinstance(m, _ACTIVATIONS)]
+    tracker = _ActivationTracker(model)
     try:
         with FloatMode(model):
             for batch in chunks(images, batch_size):
                 model(batch)
-                for h in structure:       # the activations that follow each layer are known after one batch
-                    h.remove()
-                structure.clear()
-                produced.clear()
+                tracker.remove()   # the activations that follow each layer are known after one batch
     finally:
-        for h in handles + structure:
+        for h in handles:
             h.remove()
-    return order, observers, activation_of
+        tracker.remove()
+    return order, observers, tracker.activation_of
 
 
 # A quantizer's grid: (amax, signed, low). low None: symmetric, clipped at amax (signed or [0, amax]); otherwise affine
