@@ -189,3 +189,45 @@ def test_one_conv_fallback_keeps_the_form_that_reconstructs_the_layer_better(in_
     assert (chosen[0].coarse is None) == (kept == "single_conv")
     check = chosen.repq_quant["two_branch_check"]
     assert check["one_conv_layers"] == (["0"] if kept == "single_conv" else [])
+    assert check["two_branch_layers"] == (1 if kept == "two_branch" else 0)
+
+
+def test_one_conv_fallback_layers_round_trip_and_run_in_onnx_runtime(tmp_path):
+    """A network with layers of both forms: the checkpoint restores each layer's form bit-exactly, and ONNX Runtime
+    runs the one-conv layers as plain QLinearConv (no coarse conv, no add) and reproduces the simulation."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 16, 3, padding=1), nn.ReLU(),
+                          nn.Conv2d(16, 8, 3, padding=1)).eval()
+    with torch.no_grad():   # a merged identity on the middle conv only
+        model[2].weight[:, :, 1, 1] += 10 * model[2].weight.abs().max() * torch.eye(16)
+    images = torch.randn(24, 3, 12, 12)
+    with pytest.warns(UserWarning, match="no re-parameterizable block"):
+        q = repq.quantize(model, images, repq.PTQConfig(cfws_deploy="two_branch", num_samples=24))
+    forms = {n: spec["branch_errors"]["deployed"] for n, spec in q.repq_quant["layers"].items()
+             if "branch_errors" in spec}
+    assert forms["0"] == "single_conv" and forms["2"] == "two_branch", forms
+    import copy
+    import io
+
+    from repq.ptq import restore_quantized
+    buffer = io.BytesIO()   # what a checkpoint holds: the metadata and the state dict, loaded without pickled code
+    torch.save({"meta": q.repq_quant, "state": q.state_dict()}, buffer)
+    buffer.seek(0)
+    saved = torch.load(buffer, weights_only=True)
+    loaded = restore_quantized(copy.deepcopy(model), saved["meta"])
+    loaded.load_state_dict(saved["state"], strict=True)
+    loaded.eval()
+    assert loaded[0].coarse is None and not loaded[0].two_branch and loaded[2].two_branch
+    with torch.no_grad():
+        assert torch.equal(loaded(images), q(images))
+    path = export_onnx(q, tmp_path / "q.onnx", images[:1])
+    graph = onnx.load(str(path)).graph
+    assert not any(n.name.startswith("0_coarse") for n in graph.node)
+    assert any(n.name.startswith("2_coarse") for n in graph.node)
+    kernels = integer_kernels(path)
+    assert kernels.get("QLinearAdd", 0) == 1 and not kernels.get("Conv")
+    with torch.no_grad():
+        sim = q(images).numpy()
+    ort = run_onnx(path, images.numpy())
+    per_image = np.abs(ort - sim).reshape(len(sim), -1).max(1) / np.abs(sim).max()
+    assert (per_image < 1e-5).mean() >= 0.9, np.sort(per_image)[-5:]   # a rare requantization tie may round apart
