@@ -382,7 +382,7 @@ def _quantize_fused(fused: nn.Module, images: torch.Tensor, config: PTQConfig, k
             exact_branches(fused)
     shifts = correct_bias(fused, images) if config.bias_correction else None
     widened = fit_biases(swapped)
-    if config.cfws_deploy != "exact" and shifts is not None:   # the fine branch's range includes the final bias
+    if config.cfws_deploy != "exact" and (shifts is not None or widened):   # the fine branch includes the final bias
         for name, record in calibrate_branches(fused, images, config.batch_size, activations, per_channel,
                                                fallback=False).items():
             layers[name].update(branch_errors=record)
