@@ -91,6 +91,8 @@ CASES = [
     (["qat", "--checkpoint", "CKPT", "--data", "digits", "--distill", "1", "--out", "NEW"], "--distill",
      "applies to detectors"),
     (["qat", "--checkpoint", "CKPT", "--data", "digits", "--distill", "-1", "--out", "NEW"], "--distill", ">="),
+    (["qat", "--checkpoint", "CKPT", "--data", "digits", "--warmup-epochs", "-0.1", "--out", "NEW"],
+     "--warmup-epochs", ">="),
     (["ptq", "--checkpoint", "CKPT", "--data", "digits", "--skip-layers", "nothing.*"], "--skip-layers",
      "matches no layer"),
     (["ptq", "--checkpoint", "CKPT", "--data", "digits", "--edge-bits", "1"], "--edge-bits", "2 to 16"),

@@ -457,7 +457,8 @@ def cmd_qat(args: argparse.Namespace) -> None:
         rows.append(["FP (fused)", repq.evaluate(fused, test_ds)])
         rows.append(["PTQ start (QAT initialization)", repq.evaluate(qat_model, test_ds)])
     train_config = repq.TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
-                                    weight_decay=args.weight_decay, augment=not args.no_augment, seed=args.seed,
+                                    warmup_epochs=args.warmup_epochs, weight_decay=args.weight_decay,
+                                    augment=not args.no_augment, seed=args.seed,
                                     max_steps_per_epoch=args.max_steps, amp=args.amp)
     history = repq.train(qat_model, train_ds, train_config, eval_data=test_ds, progress=not args.json)
     qmodel = repq.convert_qat(qat_model)
@@ -829,6 +830,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=positive_int, default=2)
     p.add_argument("--batch-size", type=positive_int, default=128)
     p.add_argument("--lr", type=positive_float, default=0.01)
+    p.add_argument("--warmup-epochs", type=nonnegative_float, default=0.2,
+                   help="linear learning-rate warmup at the start (default 0.2 epoch): the fake-quantized network's "
+                        "first gradients are large, and without it lr 0.01 made ClusterQAT diverge on a zoo model "
+                        "(docs/results/cluster_grid.md)")
     p.add_argument("--weight-decay", type=nonnegative_float, default=0.0)
     p.add_argument("--no-augment", action="store_true")
     p.add_argument("--calib", type=positive_int, default=32, help="images that initialize the activation steps")
