@@ -35,6 +35,23 @@ def test_branch_contribution_is_the_folded_bn_scale(planted):
     assert contrib.one_by_one == pytest.approx(float(folded_1x1.abs().max()), rel=1e-5)
 
 
+def test_constant_input_channels_are_named_as_the_cause():
+    """A channel the previous ReLU never lets through: identity BN running var ~0, so gamma / sqrt(eps) ~ 316 gamma."""
+    from repq.analysis.report import diagnose
+    model = randomize_bn(tiny(), seed=12)
+    bn = model.get_submodule(PLANTED).rbr_identity
+    with torch.no_grad():
+        bn.weight.fill_(1.0)
+        bn.running_var.fill_(1.0)
+        bn.running_var[1] = 2e-10   # below eps: constant input
+        bn.running_var[3] = 2e-5    # small but above eps: not counted
+    contrib = {c.layer: c for c in branch_contributions(model)}[f"{PLANTED}.rbr_reparam"]
+    assert contrib.identity_constant_inputs == 1
+    assert contrib.identity == pytest.approx(1.0 / math.sqrt(2e-10 + bn.eps), rel=1e-6)
+    lines = diagnose(center_surround_stats(repq.reparameterize(model)), [contrib])
+    assert lines and lines[0].startswith(f"{PLANTED}.rbr_reparam") and "1 input channel(s) were constant" in lines[0]
+
+
 def test_center_surround_stats_by_hand(planted):
     fused = repq.reparameterize(planted)
     stats = {s.name: s for s in center_surround_stats(fused)}[f"{PLANTED}.rbr_reparam"]

@@ -709,7 +709,7 @@ def cmd_demo(args: argparse.Namespace) -> None:
     from repq.demo import run_demo
 
     check_output_folder(args.out, "--out", args.overwrite)
-    result, human = run_demo(args.out, data=args.data, epochs=args.epochs, progress=not args.json)
+    result, human = run_demo(args.out, data=args.data, epochs=args.epochs, seed=args.seed, progress=not args.json)
     _emit(args, result, human)
 
 
@@ -973,6 +973,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", default="auto", choices=["auto", "digits", "fashion-mnist"],
                    help="auto: Fashion-MNIST when installed, else the bundled digits")
     p.add_argument("--epochs", type=positive_int, default=None, help="training epochs (default depends on the data)")
+    p.add_argument("--seed", type=nonnegative_int, default=None,
+                   help="training seed (default 8); whether naive INT8 collapses depends on which channels die")
     p.add_argument("--out", default="runs/demo", help="folder for the checkpoints, table and plots")
     _common(p)
     p.set_defaults(func=cmd_demo)

@@ -41,6 +41,11 @@ class BranchContribution:
     identity: float            # t0 (on the diagonal), 0 without an identity branch
     t3_max: float
     t1_max: float
+    # identity-BN channels whose running variance is below the BN's eps: their input was (nearly) constant in
+    # training, typically a channel the previous ReLU never lets through. Their scale gamma / sqrt(var + eps) can reach
+    # gamma / sqrt(eps) (316 gamma at eps 1e-5): the fused weight multiplies a constant, so the float model does not
+    # care, but it sets the quantization range of its output channel (or of the whole tensor).
+    identity_constant_inputs: int = 0
 
     @property
     def dominant(self) -> str:
@@ -86,8 +91,10 @@ def branch_contributions(model: nn.Module) -> list[BranchContribution]:
         if not isinstance(block, RepVGGBlock):
             continue
         (k3, _), (k1, _) = block.rbr_dense.folded(), block.rbr_1x1.folded()
-        t0 = bn_scale(block.rbr_identity).abs().max() if block.rbr_identity is not None else torch.tensor(0.0)
+        identity = block.rbr_identity
+        t0 = bn_scale(identity).abs().max() if identity is not None else torch.tensor(0.0)
+        constant = int((identity.running_var < identity.eps).sum()) if identity is not None else 0
         out.append(BranchContribution(f"{name}.rbr_reparam", float(k3[:, :, 1, 1].abs().max()),
                                       float(k1.abs().max()), float(t0), float(bn_scale(block.rbr_dense.bn).abs().max()),
-                                      float(bn_scale(block.rbr_1x1.bn).abs().max())))
+                                      float(bn_scale(block.rbr_1x1.bn).abs().max()), constant))
     return out
