@@ -46,10 +46,36 @@ def test_constant_input_channels_are_named_as_the_cause():
         bn.running_var[1] = 2e-10   # below eps: constant input
         bn.running_var[3] = 2e-5    # small but above eps: not counted
     contrib = {c.layer: c for c in branch_contributions(model)}[f"{PLANTED}.rbr_reparam"]
-    assert contrib.identity_constant_inputs == 1
+    assert contrib.constant_inputs == 1
     assert contrib.identity == pytest.approx(1.0 / math.sqrt(2e-10 + bn.eps), rel=1e-6)
     lines = diagnose(center_surround_stats(repq.reparameterize(model)), [contrib])
     assert lines and lines[0].startswith(f"{PLANTED}.rbr_reparam") and "1 input channel(s) were constant" in lines[0]
+
+
+def test_mobileone_scale_branch_reading_a_dead_channel_is_named():
+    """The zoo's MobileOne collapse: a depthwise 1x1 scale branch whose BN saw running var 2e-10."""
+    from repq.analysis.report import diagnose
+    model = randomize_bn(repq.create_model("mobileone_s0", num_classes=10, in_chans=1, width_scale=0.25), seed=13)
+    name, block = next((n, m) for n, m in model.named_modules()
+                       if type(m).__name__ == "MobileOneBlock" and m.rbr_scale is not None and m.rbr_conv[0].conv.groups > 1)
+    bn = block.rbr_scale.bn
+    with torch.no_grad():
+        bn.weight[2], bn.running_var[2] = 1.0, 2e-10
+        block.rbr_scale.conv.weight[2] = 0.76
+    contrib = {c.layer: c for c in branch_contributions(model)}[f"{name}.conv"]
+    assert contrib.constant_inputs >= 1 and contrib.dominant == "1x1"
+    assert contrib.one_by_one == pytest.approx(0.76 / math.sqrt(2e-10 + bn.eps), rel=1e-5)
+    with torch.no_grad():   # the fused center tap, summed by hand from the branches' BN statistics
+        expected = 0.76 * 1.0 / math.sqrt(2e-10 + bn.eps) + sum(
+            float(b.conv.weight[2, 0, 1, 1] * b.bn.weight[2] / torch.sqrt(b.bn.running_var[2] + b.bn.eps))
+            for b in block.rbr_conv)
+        if block.rbr_skip is not None:
+            skip = block.rbr_skip
+            expected += float(skip.weight[2] / torch.sqrt(skip.running_var[2] + skip.eps))
+    fused = repq.reparameterize(model)
+    assert dict(fused.named_modules())[f"{name}.conv"].weight[2, 0, 1, 1].item() == pytest.approx(expected, rel=1e-5)
+    lines = diagnose(center_surround_stats(fused), [contrib])
+    assert any(line.startswith(f"{name}.conv") and "were constant in training" in line for line in lines)
 
 
 def test_center_surround_stats_by_hand(planted):

@@ -104,10 +104,10 @@ def diagnose(stats, contributions: list[BranchContribution]) -> list[str]:
         if c is not None:
             line += (f"; cause: {c.dominant} branch (center contributions 3x3 {c.dense_center:.3g}, "
                      f"1x1 {c.one_by_one:.3g}, identity BN scale {c.identity:.3g})")
-            if c.dominant == "identity" and c.identity_constant_inputs:
-                line += (f"; {c.identity_constant_inputs} input channel(s) were constant in training (identity BN "
-                         "running variance below its eps, e.g. a channel the ReLU never lets through): their weight "
-                         "multiplies a constant, yet sets the quantization range")
+            if c.dominant != "3x3" and c.constant_inputs:
+                line += (f"; {c.constant_inputs} input channel(s) were constant in training (BN running variance "
+                         "below its eps, e.g. a channel the ReLU never lets through): their weight multiplies a "
+                         "constant, yet sets the quantization range")
         lines.append(line)
     return lines
 

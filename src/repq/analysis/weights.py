@@ -41,11 +41,12 @@ class BranchContribution:
     identity: float            # t0 (on the diagonal), 0 without an identity branch
     t3_max: float
     t1_max: float
-    # identity-BN channels whose running variance is below the BN's eps: their input was (nearly) constant in
-    # training, typically a channel the previous ReLU never lets through. Their scale gamma / sqrt(var + eps) can reach
-    # gamma / sqrt(eps) (316 gamma at eps 1e-5): the fused weight multiplies a constant, so the float model does not
-    # care, but it sets the quantization range of its output channel (or of the whole tensor).
-    identity_constant_inputs: int = 0
+    # channels of a branch that reads a single input channel (the identity BN, or a depthwise 1x1 branch's BN) whose
+    # running variance is below the BN's eps: that input was (nearly) constant in training, typically a channel the
+    # previous ReLU never lets through. Their scale gamma / sqrt(var + eps) can reach gamma / sqrt(eps) (316 gamma at
+    # eps 1e-5): the fused weight multiplies a constant, so the float model does not care, but it sets the
+    # quantization range of its output channel (or of the whole tensor).
+    constant_inputs: int = 0
 
     @property
     def dominant(self) -> str:
@@ -81,20 +82,36 @@ def center_surround_stats(model: nn.Module) -> list[LayerWeightStats]:
     return stats
 
 
+def _constant_channels(bn: nn.BatchNorm2d | None) -> int:
+    return int((bn.running_var < bn.eps).sum()) if bn is not None else 0
+
+
 @torch.no_grad()
 def branch_contributions(model: nn.Module) -> list[BranchContribution]:
-    """For every training-time RepVGG block: what each branch adds to the fused center taps."""
+    """For every training-time RepVGG block and k x k MobileOne block: what each branch adds to the fused center
+    taps ("1x1" is MobileOne's scale branch, "3x3" the sum of its k x k branches)."""
     from repq.models.blocks import RepVGGBlock
+    from repq.models.mobileone import MobileOneBlock
 
     out = []
     for name, block in model.named_modules():
-        if not isinstance(block, RepVGGBlock):
-            continue
-        (k3, _), (k1, _) = block.rbr_dense.folded(), block.rbr_1x1.folded()
-        identity = block.rbr_identity
-        t0 = bn_scale(identity).abs().max() if identity is not None else torch.tensor(0.0)
-        constant = int((identity.running_var < identity.eps).sum()) if identity is not None else 0
-        out.append(BranchContribution(f"{name}.rbr_reparam", float(k3[:, :, 1, 1].abs().max()),
-                                      float(k1.abs().max()), float(t0), float(bn_scale(block.rbr_dense.bn).abs().max()),
-                                      float(bn_scale(block.rbr_1x1.bn).abs().max()), constant))
+        if isinstance(block, RepVGGBlock):
+            (k3, _), (k1, _) = block.rbr_dense.folded(), block.rbr_1x1.folded()
+            identity = block.rbr_identity
+            t0 = bn_scale(identity).abs().max() if identity is not None else torch.tensor(0.0)
+            out.append(BranchContribution(f"{name}.rbr_reparam", float(k3[:, :, 1, 1].abs().max()),
+                                          float(k1.abs().max()), float(t0),
+                                          float(bn_scale(block.rbr_dense.bn).abs().max()),
+                                          float(bn_scale(block.rbr_1x1.bn).abs().max()), _constant_channels(identity)))
+        elif isinstance(block, MobileOneBlock) and block.rbr_scale is not None:
+            kk = sum(branch.folded()[0] for branch in block.rbr_conv)
+            c = kk.shape[-1] // 2
+            (k1, _), skip = block.rbr_scale.folded(), block.rbr_skip
+            t0 = bn_scale(skip).abs().max() if skip is not None else torch.tensor(0.0)
+            scale_conv = block.rbr_scale.conv
+            depthwise = scale_conv.groups == scale_conv.in_channels == scale_conv.out_channels
+            constant = _constant_channels(skip) + (_constant_channels(block.rbr_scale.bn) if depthwise else 0)
+            out.append(BranchContribution(f"{name}.conv", float(kk[:, :, c, c].abs().max()), float(k1.abs().max()),
+                                          float(t0), max(float(bn_scale(b.bn).abs().max()) for b in block.rbr_conv),
+                                          float(bn_scale(block.rbr_scale.bn).abs().max()), constant))
     return out
