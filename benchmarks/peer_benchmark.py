@@ -82,7 +82,11 @@ def main() -> None:
     cmd = "python benchmarks/peer_benchmark.py" + (" --quick" if args.quick else "")
     lines = [f"# repq vs peer PTQ tools: {spec['model']} {spec['model_kwargs']} ({spec['data']}), W8A8", "",
              f"Command: `{cmd}` (the same 32 calibration images per seed for every tool, seeds {seeds}; "
-             "full test split)", f"Machine: {machine()}", f"Float (fused) top-1: **{fp:.2f}**", "",
+             "full test split)", f"Machine: {machine()}", "",
+             "One model (the export/QAT reference). The same peers on the 10 models of the zoo, 3 seeds each, are in "
+             "docs/results/ptq.md (`python benchmarks/ptq_benchmark.py --peers`); one model's differences of a "
+             "tenth of a point are within the seeds' spread.", "",
+             f"Float (fused) top-1: **{fp:.2f}**", "",
              "| method | top-1 mean | ± std | drop vs FP |", "|---|---|---|---|"]
     for name, values in scores.items():
         spread = statistics.pstdev(values) if len(values) > 1 else 0.0
