@@ -51,25 +51,32 @@ def make_folder(root: Path, val_images: int, train_per_class: int, seed: int = 0
     return root
 
 
-def run_measured(argv: list[str]) -> tuple[dict, float, float, float]:
+def run_measured(argv: list[str]) -> tuple[dict, float, float, float, list[float]]:
     """(the command's --json output, its wall seconds, the peak memory of its process tree in MiB as the sum of
-    proportional set sizes (pages shared with forked workers counted once), the peak RSS of the command alone)."""
+    proportional set sizes (pages shared with forked workers counted once), the peak RSS of the command alone, and
+    the tree's peak in each quarter of the run's wall time: flat quarters mean memory does not grow with the
+    images read, whatever the run's length)."""
     import psutil
     start = time.perf_counter()
     proc = psutil.Popen([*REPQ, *argv, "--json"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    peak_pss = peak_rss = 0
+    peak_rss = 0
+    series: list[tuple[float, int]] = []
     while proc.poll() is None:
         try:
             peak_rss = max(peak_rss, proc.memory_info().rss)
             tree = [proc, *proc.children(recursive=True)]
-            peak_pss = max(peak_pss, sum(p.memory_full_info().pss for p in tree))
+            series.append((time.perf_counter() - start, sum(p.memory_full_info().pss for p in tree)))
         except psutil.Error:
             pass
         time.sleep(0.1)
     out, err = proc.communicate()
     if proc.returncode != 0:
         raise SystemExit(f"repq {' '.join(argv)} failed: {err.strip().splitlines()[-1] if err.strip() else ''}")
-    return json.loads(out.strip().splitlines()[-1]), time.perf_counter() - start, peak_pss / 2**20, peak_rss / 2**20
+    seconds = time.perf_counter() - start
+    quarters = [max((m for s, m in series if q * seconds / 4 <= s < (q + 1) * seconds / 4), default=0) / 2**20
+                for q in range(4)]
+    peak_pss = max((m for _, m in series), default=0)
+    return json.loads(out.strip().splitlines()[-1]), seconds, peak_pss / 2**20, peak_rss / 2**20, quarters
 
 
 def pipeline_throughput(folder: Path, size: int, workers: int, images: int) -> float:
@@ -113,13 +120,15 @@ def main() -> None:
     memory = []
     for n, folder in folders.items():
         data = ["--data", f"imagefolder:{folder}", "--image-size", str(image_size)]
-        ev, ev_s, ev_mb, ev_main = run_measured(["eval", "--checkpoint", str(small), *data, "--batch-size", "64"])
+        ev, ev_s, ev_mb, ev_main, ev_q = run_measured(["eval", "--checkpoint", str(small), *data,
+                                                       "--batch-size", "64"])
         out = work / f"small_int8_{n}.pt"
-        pq, pq_s, pq_mb, pq_main = run_measured(["ptq", "--checkpoint", str(small), *data, "--batch-size", "64",
-                                                 "--out", str(out), "--overwrite"])
+        pq, pq_s, pq_mb, pq_main, pq_q = run_measured(["ptq", "--checkpoint", str(small), *data, "--batch-size",
+                                                       "64", "--out", str(out), "--overwrite"])
         memory.append({"images": n, "eval_peak_mib": ev_mb, "eval_main_rss_mib": ev_main, "eval_seconds": ev_s,
                        "eval_n": ev["results"]["train"]["n"], "ptq_peak_mib": pq_mb, "ptq_main_rss_mib": pq_main,
-                       "ptq_seconds": pq_s, "ptq_n": pq["fp"]["n"]})
+                       "ptq_seconds": pq_s, "ptq_n": pq["fp"]["n"], "eval_quarter_peaks_mib": ev_q,
+                       "ptq_quarter_peaks_mib": pq_q})
         print(f"{n} images: eval {ev_mb:.0f} MiB ({ev_s:.0f} s), ptq {pq_mb:.0f} MiB ({pq_s:.0f} s)", flush=True)
 
     biggest = folders[max(sizes)]
@@ -170,6 +179,12 @@ def render(r: dict) -> str:
               f"MiB for eval, {big['ptq_peak_mib'] - small['ptq_peak_mib']:+.0f} MiB for ptq (the peak of a "
               f"{big['images'] // small['images']}x longer run of the same batches); nothing is held per image but its "
               "path and label."]
+    if all("eval_quarter_peaks_mib" in m for m in memory):
+        lines += ["", "Peak (command + workers, MiB) within each quarter of the run's wall time: growth with the "
+                  "images read would show as rising quarters.", "",
+                  "| val images | repq eval, quarters 1-4 | repq ptq, quarters 1-4 |", "|---|---|---|"]
+        lines += [f"| {m['images']} | {' / '.join(f'{v:.0f}' for v in m['eval_quarter_peaks_mib'])} | "
+                  f"{' / '.join(f'{v:.0f}' for v in m['ptq_quarter_peaks_mib'])} |" for m in memory]
     lines += ["", f"## Data pipeline throughput ({image_size}x{image_size}, decode + resize + center crop + "
               "normalize, batch 64)", "", "| DataLoader workers | images/s |", "|---|---|"]
     lines += [f"| {w} | {v:.0f} |" for w, v in r["pipeline_images_per_s"].items()]
