@@ -13,6 +13,7 @@ throughput in ONNX Runtime (2 threads, batch 64) against the fused FP32 model.
 from __future__ import annotations
 
 import argparse
+import sys
 import tempfile
 from pathlib import Path
 
@@ -24,8 +25,8 @@ from repq.export.bench import throughput
 from zoo import select, zoo, zoo_checkpoint
 
 
-def run_model(name: str, quick: bool, pairs: list[tuple[int, int]], steps: int, seconds: float, tmp: Path
-              ) -> dict:
+def run_model(name: str, quick: bool, pairs: list[tuple[int, int]], steps: int, seconds: float, tmp: Path,
+              warmup: float = 0.2) -> dict:
     """FP32 and per-channel min-max PTQ (W8A8, the fused baseline) speeds, then the free and int8-grid ClusterQAT
     runs at each W/A pair."""
     spec = zoo(quick)[name]
@@ -48,7 +49,7 @@ def run_model(name: str, quick: bool, pairs: list[tuple[int, int]], steps: int, 
             qat = repq.prepare_qat(model, repq.QATConfig(method="cluster", w_bits=w_bits, a_bits=a_bits,
                                                          codebook_grid=grid, quantize_pool=True), calib)
             repq.train(qat, train_ds, repq.TrainConfig(epochs=1, lr=0.01, weight_decay=0.0, seed=0,
-                                                       warmup_epochs=0.2, max_steps_per_epoch=steps),
+                                                       warmup_epochs=warmup, max_steps_per_epoch=steps),
                        progress=False)
             q = repq.convert_qat(qat)
             path = export_onnx(q, tmp / f"{name}_w{w_bits}a{a_bits}_{grid}.onnx", calib[:1])
@@ -75,6 +76,9 @@ def main() -> None:
     parser.add_argument("--only", default="", help="comma-separated zoo entries (default: the OABN twin, P2's "
                         "pipeline, and the strong reference, whose FP32 speed is bound by arithmetic rather than by "
                         "ONNX Runtime's per-node cost)")
+    parser.add_argument("--warmup-epochs", type=float, default=0.2,
+                        help="linear lr warmup of each QAT run (default 0.2, `repq qat`'s); any other value prints "
+                             "its table without writing docs/results (0 reproduces the divergence in methods.md)")
     args = parser.parse_args()
     names = select(args.only, args.quick, ["quick_a0"] if args.quick else ["fmnist_a0_half_oabn", "fmnist_a0_strong"])
     specs = zoo(args.quick)
@@ -82,11 +86,11 @@ def main() -> None:
     steps = 20 if args.quick else args.max_steps
     seconds = 0.3 if args.quick else 3.0
     tmp = Path(tempfile.mkdtemp(prefix="repq-cluster-grid-"))
-    results = [run_model(name, args.quick, pairs, steps, seconds, tmp) for name in names]
-    cmd = "python benchmarks/cluster_grid_benchmark.py" + (" --quick" if args.quick else "")
+    results = [run_model(name, args.quick, pairs, steps, seconds, tmp, args.warmup_epochs) for name in names]
+    cmd = " ".join(["python benchmarks/cluster_grid_benchmark.py", *sys.argv[1:]])
     lines = ["# ClusterQAT on the int8 grid", "",
              f"Command: `{cmd}` (ClusterQAT, codebook refit, edge layers and the pool input at 8 bits, {steps} steps, "
-             "lr 0.01 after a linear warmup of 0.2 epoch; full test split)",
+             f"lr 0.01 after a linear warmup of {args.warmup_epochs:g} epoch; full test split)",
              f"Machine: {machine()}; ONNX Runtime CPU provider, 2 threads, batch 64", "",
              "Activation codes narrower than 8 bits travel in uint8, clipped to their own range by an integer Clip "
              "after the QuantizeLinear, so every conv stays a fused QLinearConv at A4 and A3 too. The per-channel "
@@ -108,7 +112,7 @@ def main() -> None:
                   + ", ".join(f"{b} {c:+.2f}" for b, c in r["snap_cost"].items()), ""]
     text = "\n".join(lines)
     print(text)
-    if not args.quick:
+    if not args.quick and args.warmup_epochs == 0.2:
         write_result("cluster_grid", text, {"command": cmd, "machine": machine(), "models": results})
 
 

@@ -833,7 +833,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup-epochs", type=nonnegative_float, default=0.2,
                    help="linear learning-rate warmup at the start (default 0.2 epoch): the fake-quantized network's "
                         "first gradients are large, and without it lr 0.01 made ClusterQAT diverge on a zoo model "
-                        "(docs/results/cluster_grid.md)")
+                        "(docs/methods.md, QAT)")
     p.add_argument("--weight-decay", type=nonnegative_float, default=0.0)
     p.add_argument("--no-augment", action="store_true")
     p.add_argument("--calib", type=positive_int, default=32, help="images that initialize the activation steps")

@@ -7,8 +7,8 @@ learning rate lets a few channels die in the first steps (the ReLU never lets th
 branch that reads such a channel sees a running variance of ~0, so its fused center weight gamma / sqrt(var + eps)
 reaches hundreds: in the float model it multiplies zeros and does nothing, but it sets the quantization range of
 its output channel, and per-tensor min-max INT8 collapses (seed 8: 10.17 % from 86.32; per-channel min-max
-41.18 %). This is the mechanism of the zoo's MobileOne collapse (features.40: running var 2e-10, fused weight 240)
-and of the RepVGG identity-BN outliers reported on ImageNet; `repq analyze` names the channels. Other seeds
+41.18 %). This is also the mechanism of the zoo's MobileOne collapse (features.40: running var 2e-10, fused
+weight 240); `repq analyze` names such branches. Other seeds
 (`repq demo --seed S`, S = 0..4): naive INT8 at 81.25 / 43.69 / 38.64 / 10.02 / 17.57 (FP 84.2-87.6). The demo
 says what its own run shows.
 
