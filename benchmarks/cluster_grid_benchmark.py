@@ -24,9 +24,11 @@ from repq.export import export_onnx, verify_against_simulation
 from repq.export.bench import throughput
 from zoo import select, zoo, zoo_checkpoint
 
+WARMUP_EPOCHS = 0.2   # `repq qat`'s default; the page is written only with it
+
 
 def run_model(name: str, quick: bool, pairs: list[tuple[int, int]], steps: int, seconds: float, tmp: Path,
-              warmup: float = 0.2) -> dict:
+              warmup: float = WARMUP_EPOCHS) -> dict:
     """FP32 and per-channel min-max PTQ (W8A8, the fused baseline) speeds, then the free and int8-grid ClusterQAT
     runs at each W/A pair."""
     spec = zoo(quick)[name]
@@ -76,7 +78,7 @@ def main() -> None:
     parser.add_argument("--only", default="", help="comma-separated zoo entries (default: the OABN twin, P2's "
                         "pipeline, and the strong reference, whose FP32 speed is bound by arithmetic rather than by "
                         "ONNX Runtime's per-node cost)")
-    parser.add_argument("--warmup-epochs", type=float, default=0.2,
+    parser.add_argument("--warmup-epochs", type=float, default=WARMUP_EPOCHS,
                         help="linear lr warmup of each QAT run (default 0.2, `repq qat`'s); any other value prints "
                              "its table without writing docs/results (0 reproduces the divergence in methods.md)")
     args = parser.parse_args()
@@ -112,7 +114,7 @@ def main() -> None:
                   + ", ".join(f"{b} {c:+.2f}" for b, c in r["snap_cost"].items()), ""]
     text = "\n".join(lines)
     print(text)
-    if not args.quick and args.warmup_epochs == 0.2:
+    if not args.quick and args.warmup_epochs == WARMUP_EPOCHS:
         write_result("cluster_grid", text, {"command": cmd, "machine": machine(), "models": results})
 
 

@@ -81,6 +81,21 @@ def run_measured(argv: list[str], env: dict[str, str] | None = None) -> tuple[di
     return json.loads(out.strip().splitlines()[-1]), seconds, peak_pss / 2**20, peak_rss / 2**20, quarters
 
 
+def ptq_argv(checkpoint: Path, folder: Path, image_size: int, out: Path) -> list[str]:
+    """The memory runs' `repq ptq` (default recipe, batch 64, every image of the folder evaluated)."""
+    return ["ptq", "--checkpoint", str(checkpoint), "--data", f"imagefolder:{folder}", "--image-size",
+            str(image_size), "--batch-size", "64", "--out", str(out), "--overwrite"]
+
+
+def saved_results() -> dict:
+    from common import RESULTS
+    results = json.loads((RESULTS / "scale.json").read_text())
+    results.setdefault("image_size", 224)
+    results.setdefault("throughput_images", 512)
+    results.setdefault("command", "python benchmarks/scale_benchmark.py")
+    return results
+
+
 def pipeline_throughput(folder: Path, size: int, workers: int, images: int) -> float:
     data = repq.load_dataset(f"imagefolder:{folder}", "test", image_size=size, workers=workers)
     data = data.subset(min(images, len(data)))
@@ -103,17 +118,15 @@ def main() -> None:
                              "saved scale.json and scale.md")
     args = parser.parse_args()
     if args.mmap_threshold_probe:
-        from common import RESULTS
-        results = json.loads((RESULTS / "scale.json").read_text())
-        work, size = CACHE / "scale", results.get("image_size", 224)
+        results = saved_results()
+        work = CACHE / "scale"
         n = max(m["images"] for m in results["memory"])
         folder = work / f"imagefolder_{n}"
         if not (folder / "done.json").exists():
             raise SystemExit(f"{folder} is missing: run `python benchmarks/scale_benchmark.py` first")
         _, seconds, peak, main_rss, quarters = run_measured(
-            ["ptq", "--checkpoint", str(work / "a0_quarter_fp.pt"), "--data", f"imagefolder:{folder}",
-             "--image-size", str(size), "--batch-size", "64", "--out", str(work / "small_int8_probe.pt"),
-             "--overwrite"], env={"MALLOC_MMAP_THRESHOLD_": str(args.mmap_threshold_probe)})
+            ptq_argv(work / "a0_quarter_fp.pt", folder, results["image_size"], work / "small_int8_probe.pt"),
+            env={"MALLOC_MMAP_THRESHOLD_": str(args.mmap_threshold_probe)})
         results["mmap_probe"] = {"command": "python benchmarks/scale_benchmark.py --mmap-threshold-probe "
                                             f"{args.mmap_threshold_probe}", "machine": machine(),
                                  "threshold": args.mmap_threshold_probe, "images": n, "ptq_peak_mib": peak,
@@ -123,11 +136,7 @@ def main() -> None:
         print(render(results))
         return
     if args.render_only:
-        from common import RESULTS
-        results = json.loads((RESULTS / "scale.json").read_text())
-        results.setdefault("image_size", 224)
-        results.setdefault("throughput_images", 512)
-        results.setdefault("command", "python benchmarks/scale_benchmark.py")
+        results = saved_results()
         write_result("scale", render(results), results)
         return
     sizes = [60, 120] if args.quick else [int(s) for s in args.sizes.split(",")]
@@ -149,8 +158,7 @@ def main() -> None:
         ev, ev_s, ev_mb, ev_main, ev_q = run_measured(["eval", "--checkpoint", str(small), *data,
                                                        "--batch-size", "64"])
         out = work / f"small_int8_{n}.pt"
-        pq, pq_s, pq_mb, pq_main, pq_q = run_measured(["ptq", "--checkpoint", str(small), *data, "--batch-size",
-                                                       "64", "--out", str(out), "--overwrite"])
+        pq, pq_s, pq_mb, pq_main, pq_q = run_measured(ptq_argv(small, folder, image_size, out))
         memory.append({"images": n, "eval_peak_mib": ev_mb, "eval_main_rss_mib": ev_main, "eval_seconds": ev_s,
                        "eval_n": ev["results"]["train"]["n"], "ptq_peak_mib": pq_mb, "ptq_main_rss_mib": pq_main,
                        "ptq_seconds": pq_s, "ptq_n": pq["fp"]["n"], "eval_quarter_peaks_mib": ev_q,

@@ -56,8 +56,9 @@ def test_mobileone_scale_branch_reading_a_dead_channel_is_named():
     """The zoo's MobileOne collapse: a depthwise 1x1 scale branch whose BN saw running var 2e-10."""
     from repq.analysis.report import diagnose
     model = randomize_bn(repq.create_model("mobileone_s0", num_classes=10, in_chans=1, width_scale=0.25), seed=13)
+    from repq.models.mobileone import MobileOneBlock
     name, block = next((n, m) for n, m in model.named_modules()
-                       if type(m).__name__ == "MobileOneBlock" and m.rbr_scale is not None and m.rbr_conv[0].conv.groups > 1)
+                       if isinstance(m, MobileOneBlock) and m.rbr_scale is not None and m.rbr_conv[0].conv.groups > 1)
     bn = block.rbr_scale.bn
     with torch.no_grad():
         bn.weight[2], bn.running_var[2] = 1.0, 2e-10

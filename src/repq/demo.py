@@ -121,8 +121,9 @@ def run_demo(out: str = "runs/demo", data: str = "auto", epochs: int | None = No
     report = analyze(model, calib, out_dir / "analysis", eval_data=test_ds.head(300))
     naive, default = rows[0], rows[3]
     header = (f"repq demo on {data} ({why}): {setup['model']} {setup['model_kwargs']}, {train_cfg.epochs} "
-              f"epoch(s) at lr {train_cfg.lr}, seed {train_cfg.seed} ({history['seconds']:.0f} s)\nFP top-1: train-time {fp['top1']:.2f}, fused {fz['top1']:.2f} "
-              f"({fz['n']} test images)\n{story(rows, fz['top1'])}\n")
+              f"epoch(s) at lr {train_cfg.lr}, seed {train_cfg.seed} ({history['seconds']:.0f} s)\n"
+              f"FP top-1: train-time {fp['top1']:.2f}, fused {fz['top1']:.2f} ({fz['n']} test images)\n"
+              f"{story(rows, fz['top1'])}\n")
     findings = "\n".join(report["findings"][:5]) or "no layer has center taps over 10x its surround"
     human = (header + "\n" + table + "\n\nanalysis (worst layers first):\n" + findings + "\n\nwritten: "
              + ", ".join(str(p) for p in [out_dir / "fp.pt", out_dir / "results.md", *plots])
