@@ -6,6 +6,8 @@ runs, and throughput against FP32 and the per-channel min-max model.
     python benchmarks/cfws_deploy_benchmark.py           # the zoo (~15 min on 2 cores), writes docs/results/cfws_deploy.*
     python benchmarks/cfws_deploy_benchmark.py --quick   # tiny zoo, prints only
     python benchmarks/cfws_deploy_benchmark.py --only M  # re-measure zoo entry M, keep the other rows
+    python benchmarks/cfws_deploy_benchmark.py --seed-sweep 1,2   # accuracy (simulation) at more calibration
+                                                                    # seeds, beside seed 0's rows (~20 min)
 
 Every model: repq's default recipe (equalization + CFWS + auto + bias correction), 32 calibration images (seed 0), unsigned
 activations and a quantized global-pool input (quantize_pool=True: the form ONNX Runtime fuses end to end).
@@ -35,10 +37,32 @@ def main() -> None:
     parser.add_argument("--only", default="", help="comma list of zoo entries (default: all)")
     parser.add_argument("--seconds", type=float, default=3.0, help="timing per throughput measurement")
     parser.add_argument("--render-only", action="store_true", help="rewrite cfws_deploy.md from cfws_deploy.json")
+    parser.add_argument("--seed-sweep", default="", metavar="SEEDS",
+                        help="only measure the accuracy (simulation) of exact, two-branch and min-max at these extra "
+                             "calibration seeds for the saved rows' models, and add them to the page")
     args = parser.parse_args()
-    if args.render_only:
+    if args.render_only or args.seed_sweep:
         saved = json.loads((RESULTS / "cfws_deploy.json").read_text())
-        write_result("cfws_deploy", render(saved["rows"], saved["command"], saved["machine"]), saved)
+        if args.seed_sweep:
+            seeds = [int(s) for s in args.seed_sweep.split(",")]
+            sweep = saved.setdefault("seed_sweep", {"seeds": [], "top1": {}})
+            for row in saved["rows"]:
+                name = row["model"]
+                model, _ = repq.load_checkpoint(zoo_checkpoint(name, progress=False))
+                data = zoo(False)[name]["data"]
+                train_ds, test_ds = repq.load_dataset(data, "train"), repq.load_dataset(data, "test")
+                for seed in seeds:
+                    calib = train_ds.calibration_images(32, seed=seed)
+                    sweep["top1"].setdefault(name, {})[str(seed)] = {
+                        label: repq.evaluate(repq.quantize(model, calib, repq.PTQConfig(
+                            quantize_pool=True, seed=seed, **options)), test_ds)["top1"]
+                        for label, options in RECIPES.items()}
+                    print(name, seed, sweep["top1"][name][str(seed)], flush=True)
+            sweep["seeds"] = sorted(set(sweep["seeds"]) | set(seeds))
+            sweep["command"] = f"python benchmarks/cfws_deploy_benchmark.py --seed-sweep {args.seed_sweep}"
+            sweep["machine"] = machine()
+        write_result("cfws_deploy", render(saved["rows"], saved["command"], saved["machine"],
+                                           saved.get("seed_sweep")), saved)
         return
     seconds = 0.3 if args.quick else args.seconds
     names = select(args.only, args.quick)
@@ -77,7 +101,7 @@ def main() -> None:
         rows = [fresh.pop(r["model"], r) for r in kept] + list(fresh.values())
     text = render(rows, cmd, machine())
     print(text)
-    if not args.quick:
+    if not args.quick:   # a fresh seed-0 run drops an earlier seed sweep: its seeds were measured on other rows
         write_result("cfws_deploy", text, {"command": cmd, "machine": machine(), "rows": rows})
 
 
@@ -101,7 +125,35 @@ def _sim(row: dict, label: str) -> str:
     return f"{row['sim'][label]:.2f}" if label in row["sim"] else "-"
 
 
-def render(rows: list[dict], cmd: str, machine_line: str) -> str:
+def render_seed_sweep(rows: list[dict], sweep: dict) -> list[str]:
+    """Two-branch vs exact (and vs min-max) per model over seed 0 (the rows above) and the sweep's seeds."""
+    seeds = [0, *sweep["seeds"]]
+    lines = ["", f"## Accuracy over calibration seeds {', '.join(map(str, seeds))} (simulation)", "",
+             f"Seed 0 is the table above; the others: `{sweep['command']}` ({sweep['machine']}). Same recipes, each "
+             "seed's 32 calibration images.", "",
+             "| model | CFWS exact, mean | CFWS two-branch, mean | two-branch - exact: mean / worst seed | "
+             "two-branch - min-max/channel: mean / worst seed |", "|---|---|---|---|---|"]
+    gaps, overs = [], []
+    for r in rows:
+        per_seed = {0: r["sim"], **{int(s): v for s, v in sweep["top1"].get(r["model"], {}).items()}}
+        if not all(s in per_seed for s in seeds):
+            continue
+        exact = [per_seed[s]["cfws exact"] for s in seeds]
+        two = [per_seed[s]["cfws two-branch"] for s in seeds]
+        base = [per_seed[s]["minmax/channel + percentile"] for s in seeds]
+        gap, over = [t - e for t, e in zip(two, exact)], [t - b for t, b in zip(two, base)]
+        gaps.append(sum(gap) / len(gap))
+        overs.append(sum(over) / len(over))
+        lines.append(f"| {r['model']} | {sum(exact) / len(exact):.2f} | {sum(two) / len(two):.2f} | "
+                     f"{gaps[-1]:+.2f} / {min(gap):+.2f} | {overs[-1]:+.2f} / {min(over):+.2f} |")
+    if gaps:
+        lines += ["", f"Over the seeds: two-branch - exact, per-model mean: zoo mean {sum(gaps) / len(gaps):+.3f}, "
+                  f"worst model {min(gaps):+.2f} pt; two-branch - min-max/channel, per-model mean: worst model "
+                  f"{min(overs):+.2f} pt"]
+    return lines
+
+
+def render(rows: list[dict], cmd: str, machine_line: str, sweep: dict | None = None) -> str:
     """The markdown page (also from a saved cfws_deploy.json: --render-only)."""
     def speed(row, label, batch):
         table = row["speed"][label]
@@ -138,8 +190,10 @@ def render(rows: list[dict], cmd: str, machine_line: str) -> str:
     over = [r["sim"]["cfws two-branch"] - r["sim"]["minmax/channel + percentile"] for r in rows]
     lines += ["", f"two-branch - exact: mean {sum(diffs) / len(diffs):+.3f}, worst {min(diffs):+.2f} pt; "
               f"ORT vs simulation: worst |difference| {max(parity):.2f} pt; two-branch - min-max/channel: worst "
-              f"{min(over):+.2f} pt", "",
-              "## Throughput (images/s in ONNX Runtime)", "",
+              f"{min(over):+.2f} pt"]
+    if sweep:
+        lines += render_seed_sweep(rows, sweep)
+    lines += ["", "## Throughput (images/s in ONNX Runtime)", "",
               "Models that run above ~10k images/s in FP32 (8x8 digits, quarter width, depthwise MobileOne) are "
               "bound by ONNX Runtime's per-node cost rather than arithmetic: there every quantized form, with its "
               "extra nodes, can be slower than FP32.", "",

@@ -1,5 +1,6 @@
 """Every benchmark script runs in --quick mode (tiny digits model) and prints its table."""
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -42,3 +43,23 @@ def test_quick_mode(script, needle, cache):
     assert needle in out.stdout
     after = {p: p.stat().st_mtime for p in results.glob("*")} if results.exists() else {}
     assert after == before  # --quick never overwrites the recorded results
+
+
+def test_cfws_deploy_seed_sweep_summary_by_hand(monkeypatch):
+    """The seed-sweep section: per-model mean and worst seed of two-branch - exact, from numbers chosen here."""
+    monkeypatch.syspath_prepend(str(BENCH))
+    from cfws_deploy_benchmark import render_seed_sweep
+    labels = ("cfws exact", "cfws two-branch", "minmax/channel + percentile")
+    rows = [{"model": "m1", "sim": dict(zip(labels, (90.0, 89.8, 89.0)))},
+            {"model": "m2", "sim": dict(zip(labels, (80.0, 80.1, 80.5)))},
+            {"model": "m3", "sim": dict(zip(labels, (70.0, 70.0, 70.0)))}]   # no extra seeds: left out
+    sweep = {"seeds": [1, 2], "command": "CMD", "machine": "M",
+             "top1": {"m1": {"1": dict(zip(labels, (90.2, 90.2, 89.0))), "2": dict(zip(labels, (90.0, 90.3, 89.1)))},
+                      "m2": {"1": dict(zip(labels, (80.2, 80.0, 80.0))), "2": dict(zip(labels, (80.0, 80.0, 80.0)))}}}
+    text = "\n".join(render_seed_sweep(rows, sweep))
+    # m1: gaps -0.2, 0.0, +0.3 -> mean +0.033, worst -0.20; vs min-max +0.8, +1.2, +1.2 -> mean +1.07, worst +0.80
+    assert "| m1 | 90.07 | 90.10 | +0.03 / -0.20 | +1.07 / +0.80 |" in text
+    # m2: gaps +0.1, -0.2, 0.0 -> mean -0.033, worst -0.20; vs min-max -0.4, 0.0, 0.0 -> mean -0.13, worst -0.40
+    assert "| m2 | 80.07 | 80.03 | -0.03 / -0.20 | -0.13 / -0.40 |" in text
+    assert "| m3 |" not in text
+    assert re.search(r"zoo mean [+-]0\.000, worst model -0\.03 pt", text) and "worst model -0.13 pt" in text
