@@ -153,12 +153,13 @@ def test_torchrun_two_processes_write_one_checkpoint(tmp_path):
 
 @pytest.mark.slow
 def test_demo_runs_end_to_end(tmp_path, capsys):
-    code, out, _ = run(capsys, "demo", "--data", "digits", "--out", str(tmp_path / "demo"), "--epochs", "3",
-                       "--seed", "3", "--json")
+    """The demo on the bundled digits (what a machine without Fashion-MNIST gets): it reproduces the failure too."""
+    code, out, _ = run(capsys, "demo", "--data", "digits", "--out", str(tmp_path / "demo"), "--seed", "3", "--json")
     result = json.loads(out)
     assert code == 0 and len(result["results"]) == 6 and result["data"] == "digits"
-    assert result["train"] == {"epochs": 3, "lr": 0.05, "seed": 3}
-    assert 0 <= result["naive_int8"] <= 100 and 0 <= result["repq_default_int8"] <= 100
+    assert result["train"] == {"epochs": 40, "lr": 0.2, "seed": 3}
+    fp = result["fused"]["top1"]
+    assert fp > 90 and result["naive_int8"] < fp - 20 and result["repq_default_int8"] > fp - 2
     pngs = [f for f in result["files"] if f.endswith(".png")]
     assert len(pngs) >= 6 and any(f.endswith("analysis/report.md") for f in result["files"])
     for png in pngs:
