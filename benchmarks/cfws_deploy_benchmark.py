@@ -44,23 +44,7 @@ def main() -> None:
     if args.render_only or args.seed_sweep:
         saved = json.loads((RESULTS / "cfws_deploy.json").read_text())
         if args.seed_sweep:
-            seeds = [int(s) for s in args.seed_sweep.split(",")]
-            sweep = saved.setdefault("seed_sweep", {"seeds": [], "top1": {}})
-            for row in saved["rows"]:
-                name = row["model"]
-                model, _ = repq.load_checkpoint(zoo_checkpoint(name, progress=False))
-                data = zoo(False)[name]["data"]
-                train_ds, test_ds = repq.load_dataset(data, "train"), repq.load_dataset(data, "test")
-                for seed in seeds:
-                    calib = train_ds.calibration_images(32, seed=seed)
-                    sweep["top1"].setdefault(name, {})[str(seed)] = {
-                        label: repq.evaluate(repq.quantize(model, calib, repq.PTQConfig(
-                            quantize_pool=True, seed=seed, **options)), test_ds)["top1"]
-                        for label, options in RECIPES.items()}
-                    print(name, seed, sweep["top1"][name][str(seed)], flush=True)
-            sweep["seeds"] = sorted(set(sweep["seeds"]) | set(seeds))
-            sweep["command"] = f"python benchmarks/cfws_deploy_benchmark.py --seed-sweep {args.seed_sweep}"
-            sweep["machine"] = machine()
+            seed_sweep(saved, args.seed_sweep)
         write_result("cfws_deploy", render(saved["rows"], saved["command"], saved["machine"],
                                            saved.get("seed_sweep")), saved)
         return
@@ -103,6 +87,27 @@ def main() -> None:
     print(text)
     if not args.quick:   # a fresh seed-0 run drops an earlier seed sweep: its seeds were measured on other rows
         write_result("cfws_deploy", text, {"command": cmd, "machine": machine(), "rows": rows})
+
+
+def seed_sweep(saved: dict, seeds_arg: str) -> None:
+    """Add to the saved results the simulated top-1 of RECIPES at more calibration seeds, for the saved models."""
+    seeds = [int(s) for s in seeds_arg.split(",")]
+    sweep = saved.setdefault("seed_sweep", {"seeds": [], "top1": {}})
+    for row in saved["rows"]:
+        name = row["model"]
+        model, _ = repq.load_checkpoint(zoo_checkpoint(name, progress=False))
+        data = zoo(False)[name]["data"]
+        train_ds, test_ds = repq.load_dataset(data, "train"), repq.load_dataset(data, "test")
+        for seed in seeds:
+            calib = train_ds.calibration_images(32, seed=seed)
+            sweep["top1"].setdefault(name, {})[str(seed)] = {
+                label: repq.evaluate(repq.quantize(model, calib, repq.PTQConfig(quantize_pool=True, seed=seed,
+                                                                                **options)), test_ds)["top1"]
+                for label, options in RECIPES.items()}
+            print(name, seed, sweep["top1"][name][str(seed)], flush=True)
+    sweep["seeds"] = sorted(set(sweep["seeds"]) | set(seeds))
+    sweep["command"] = f"python benchmarks/cfws_deploy_benchmark.py --seed-sweep {seeds_arg}"
+    sweep["machine"] = machine()
 
 
 def _check(check: dict | None) -> str:
