@@ -2,7 +2,11 @@
 corrupt files named in one line (or skipped and counted), file lists, shards, and the pretrained-checkpoint path
 at 224x224 end to end (import -> ptq -> eval in ONNX Runtime -> export --verify) on generated JPEGs."""
 import json
+import platform
 import random
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -191,3 +195,50 @@ def test_train_qat_analyze_on_a_streamed_folder(tmp_path, capsys):
     assert main(["analyze", "--checkpoint", fp, "--data", data, "--calib", "8", "--skip-corrupt", "--out", str(out),
                  "--json"]) == 0   # image size and crop recorded in the checkpoint: no flags needed
     assert (out / "report.md").exists()
+
+
+GLIBC_HEAP_PROBE = r"""
+import ctypes, ctypes.util, json, sys
+sys.path[:0] = [sys.argv[1]]
+libc = ctypes.CDLL(ctypes.util.find_library("c"))
+libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
+libc.free.argtypes = [ctypes.c_void_p]
+page = libc.getpagesize() if hasattr(libc, "getpagesize") else 4096
+from repq.data.memory import release_free_memory   # imports torch: before the measured blocks
+def resident_mib():
+    return int(open("/proc/self/statm").read().split()[1]) * page / 2**20
+# free one mmapped 30 MiB block: glibc raises its mmap threshold, so the 4 MiB blocks below come from the heap
+libc.free(libc.malloc(30 << 20))
+blocks = [libc.malloc(4 << 20) for _ in range(64)]
+for b in blocks:
+    ctypes.memset(b, 1, 4 << 20)
+keep = libc.malloc(4 << 20)   # holds the top of the heap, so free() cannot shrink it by itself
+ctypes.memset(keep, 1, 4 << 20)
+for b in blocks:
+    libc.free(b)
+before = resident_mib()
+released = release_free_memory()
+print(json.dumps({"before": before, "after": resident_mib(), "released": released}))
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc",
+                    reason="malloc_trim is glibc's")
+def test_free_heap_pages_go_back_to_the_system(tmp_path):
+    """256 MiB freed in the middle of glibc's heap stay resident until release_free_memory returns them."""
+    src = str(Path(repq.__file__).resolve().parents[1])
+    out = subprocess.run([sys.executable, "-c", GLIBC_HEAP_PROBE, src], capture_output=True, text=True, check=True)
+    probe = json.loads(out.stdout.strip().splitlines()[-1])
+    assert probe["released"] and probe["before"] - probe["after"] > 200, probe
+
+
+def test_streamed_batches_release_free_memory_every_trim_every_images(tmp_path, monkeypatch):
+    """The main process returns freed pages once per TRIM_EVERY images read (workers=0: the reader trims too)."""
+    import repq.data.streaming as streaming
+    make_folder(tmp_path, per_class=(2, 8))
+    calls = []
+    monkeypatch.setattr(streaming, "release_free_memory", lambda: calls.append(1) or True)
+    monkeypatch.setattr(streaming, "TRIM_EVERY", 4)
+    test = repq.load_dataset(f"imagefolder:{tmp_path}", "test", transform=ImageTransform(size=16), workers=0)
+    assert sum(len(lbl) for _, lbl in test.batches(2)) == 24
+    assert len(calls) == 24 // 4 * 2   # the reader every 4 images decoded, the batch loop every 4 images received

@@ -14,9 +14,13 @@ import torch
 from torch import Tensor
 
 from repq.data.common import epoch_order, normalize
+from repq.data.memory import release_free_memory
 from repq.data.transforms import ImageTransform, eval_transform, train_transform
 from repq.errors import RepqError
 
+# images decoded (by each worker, and by the main process's batches) between two returns of freed heap pages to the
+# system (repq.data.memory): about once per batch, which keeps a 20k-image run at a 2k-image run's peak
+TRIM_EVERY = 64
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
 
 
@@ -27,6 +31,7 @@ class _Reader(torch.utils.data.Dataset):
     def __init__(self, data: "StreamingImageDataset", train: bool, seed: int) -> None:
         self.paths, self.labels, self.transform = data.paths, data.label_array, data.transform
         self.train, self.seed = train, seed
+        self.decoded = 0   # per worker process (each holds its own copy)
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -35,6 +40,9 @@ class _Reader(torch.utils.data.Dataset):
         from PIL import Image, UnidentifiedImageError
 
         path = self.paths[index].decode()
+        self.decoded += 1
+        if self.decoded % TRIM_EVERY == 0:
+            release_free_memory()
         try:
             with Image.open(path) as img:
                 img = img.convert("RGB" if len(self.transform.mean) == 3 else "L")
@@ -97,7 +105,12 @@ class StreamingImageDataset:
         are counted in `skipped` and left out with skip_corrupt."""
         loader = torch.utils.data.DataLoader(_Reader(self, train, seed), batch_size=batch_size, sampler=order,
                                              num_workers=self.workers, pin_memory=torch.cuda.is_available())
+        since_trim = 0
         for images, labels, errors in loader:
+            since_trim += len(labels)
+            if since_trim >= TRIM_EVERY:   # the earlier batches and their activations are freed by now
+                release_free_memory()
+                since_trim = 0
             bad = labels < 0
             if bad.any():
                 first = next(e for e in errors if e)
