@@ -41,8 +41,8 @@ class _Reader(torch.utils.data.Dataset):
 
         path = self.paths[index].decode()
         self.decoded += 1
-        if self.decoded % TRIM_EVERY == 0:
-            release_free_memory()
+        if self.decoded % TRIM_EVERY == 0 and torch.utils.data.get_worker_info() is not None:
+            release_free_memory()   # in a worker (without workers the batch loop below trims)
         try:
             with Image.open(path) as img:
                 img = img.convert("RGB" if len(self.transform.mean) == 3 else "L")
