@@ -552,6 +552,7 @@ def cmd_export(args: argparse.Namespace) -> None:
     import repq
     from repq.export import export_onnx, integer_kernels, verify_against_simulation
     from repq.export.onnx_qdq import codebook_path
+    from repq.export.verify import ORT_EXACT_U8S8
 
     check_input_file(args.checkpoint, "--checkpoint")
     check_output_file(args.onnx, "--onnx", (args.checkpoint,), args.overwrite)
@@ -642,7 +643,8 @@ def cmd_export(args: argparse.Namespace) -> None:
         human += (f"\nkernels: {', '.join(f'{n} {k}' for k, n in b['kernel_counts'].items())}; FP32 twin: the same "
                   f"network with the dequantized weights, float; ONNX Runtime CPU, {os.cpu_count()} cores")
     human += (f"\nnext: run it with onnxruntime.InferenceSession('{target}') (input 'input', NCHW float32, "
-              "normalized as the training data)")
+              "normalized as the training data); on x64 CPUs without VNNI, set the session option "
+              f"{ORT_EXACT_U8S8[0]}={ORT_EXACT_U8S8[1]}, or its int8 convs may saturate")
     _emit(args, result, human)
 
 
