@@ -21,6 +21,10 @@ from repq.io import atomic_write_text
 PTQ_RECIPES = [("minmax", "tensor", "minmax", True), ("minmax", "channel", "minmax", True),
                ("cfws", "channel", "improved_kl", False)]
 TARGETS = {4: 1.0, 3: 2.5}  # issue: OABN + ClusterQAT within this many points of FP
+# --methods names: QATConfig options and table labels (cluster_channel: one codebook of weights divided by their
+# output channel's max |w|, QATConfig.codebook_scale="channel")
+METHODS = {"lsq": ({"method": "lsq"}, "LSQ"), "cluster": ({"method": "cluster"}, "ClusterQAT"),
+           "cluster_channel": ({"method": "cluster", "codebook_scale": "channel"}, "ClusterQAT per-channel codebook")}
 
 
 def _run_key(bits: int, method: str, budget: dict) -> str:
@@ -75,7 +79,7 @@ def run_variant(oabn: str | None, args: argparse.Namespace) -> dict:
         atomic_write_text(cache, json.dumps(row))
         print(f"  PTQ W{bits}A{bits} {weight}/{granularity}/{activation}: {top1:.2f}", flush=True)
     for bits, method in needed if not args.from_cache else []:
-        config = repq.QATConfig(method=method, w_bits=bits, a_bits=bits, seed=0)
+        config = repq.QATConfig(**METHODS[method][0], w_bits=bits, a_bits=bits, seed=0)
         qat = repq.prepare_qat(model, config, calib)
         start = repq.evaluate(qat, test_ds)["top1"]
         train_config = repq.TrainConfig(epochs=args.epochs, batch_size=128, lr=args.lr, weight_decay=0.0,
@@ -94,6 +98,52 @@ def run_variant(oabn: str | None, args: argparse.Namespace) -> dict:
     return {**{k: v for k, v in row.items() if k != "runs"}, "budget": budget, "qat": runs}
 
 
+def codebook_fit(oabn: str | None, args: argparse.Namespace) -> list[dict]:
+    """How well each codebook form fits the fused weights before any training: per conv layer, the SQNR of every
+    output channel's weights after the k-means initialization (per-layer vs per-channel codebook), and the spread of
+    the channels' ranges (largest max |w| over the smallest non-zero one)."""
+    import torch
+
+    from repq.quant.qat_modules import CodebookQuantizer
+    model, _ = repq.load_checkpoint(reference_checkpoint(quick=args.quick, oabn=oabn))
+    fused = repq.reparameterize(model)
+    rows = []
+    for name, layer in fused.named_modules():
+        if not isinstance(layer, torch.nn.Conv2d):
+            continue
+        w = layer.weight.detach()
+        amax = w.abs().reshape(len(w), -1).amax(1)
+        live = amax > 0
+        row = {"layer": name, "range_spread": float(amax[live].max() / amax[live].min()), "sqnr": {}}
+        for bits in args.bits:
+            for scale in ("layer", "channel"):
+                wq = CodebookQuantizer(w, bits, scale=scale).eval()(w)
+                err = (w - wq).pow(2).reshape(len(w), -1).sum(1)[live]
+                db = 10 * torch.log10(w.pow(2).reshape(len(w), -1).sum(1)[live] / err.clamp_min(1e-30))
+                row["sqnr"][f"{bits}/{scale}"] = {"median": float(db.median()), "worst": float(db.min())}
+        rows.append(row)
+    return rows
+
+
+def fit_table(variant: str, rows: list[dict], bits: list[int]) -> list[str]:
+    lines = [f"### {variant}: codebook fit at initialization (per-channel weight SQNR, dB)", "",
+             "| layer | channel range spread | " + " | ".join(
+                 f"W{b} per-layer: median / worst | W{b} per-channel: median / worst" for b in bits) + " |",
+             "|---|---|" + "---|---|" * len(bits)]
+    for r in rows:
+        cells = []
+        for b in bits:
+            for scale in ("layer", "channel"):
+                v = r["sqnr"][f"{b}/{scale}"]
+                cells.append(f"{v['median']:.1f} / {v['worst']:.1f}")
+        lines.append(f"| {r['layer']} | {r['range_spread']:.0f}x | " + " | ".join(cells) + " |")
+    worst = {(b, sc): min(r["sqnr"][f"{b}/{sc}"]["worst"] for r in rows) for b in bits for sc in ("layer", "channel")}
+    lines += ["", "Worst channel of any layer: " + "; ".join(
+        f"W{b} per-layer {worst[(b, 'layer')]:.1f} dB, per-channel {worst[(b, 'channel')]:.1f} dB" for b in bits)
+        + f". Largest channel range spread: {max(r['range_spread'] for r in rows):.0f}x.", ""]
+    return lines
+
+
 def report(results: list[dict], args: argparse.Namespace) -> str:
     cmd = " ".join(["python benchmarks/qat_benchmark.py", *sys.argv[1:]])
     spec = reference_spec(args.quick)
@@ -107,7 +157,7 @@ def report(results: list[dict], args: argparse.Namespace) -> str:
              "OABN twins: same recipe and seed as the plain reference; options "
              + "; ".join(f"{k}: {v}" for k, v in OABN_VARIANTS.items()) + ".", "",
              "| model | FP | PTQ W8A8 | PTQ W4A4 | " + " | ".join(
-                 f"{'LSQ' if m == 'lsq' else 'ClusterQAT'} W{b}A{b}" for b, m in columns)
+                 f"{METHODS[m][1]} W{b}A{b}" for b, m in columns)
              + " |", "|---|" + "---|" * (3 + len(columns))]
     for r in results:
         best_ptq = {b: max(p["top1"] for p in r["ptq"] if p["bits"] == b) for b in (8, 4)}
@@ -135,18 +185,31 @@ def report(results: list[dict], args: argparse.Namespace) -> str:
         "## Targets"]
     for r in results:
         for bits, limit in TARGETS.items():
-            cluster = next((q for q in r["qat"] if q["bits"] == bits and q["method"] == "cluster"), None)
-            if cluster:
+            for cluster in (q for q in r["qat"] if q["bits"] == bits and q["method"].startswith("cluster")):
                 drop = r["fp"] - cluster["top1"]
-                lines.append(f"- {r['variant']} + ClusterQAT W{bits}A{bits} within {limit} pt of its FP: drop "
-                             f"{drop:.2f} pt, {'met' if drop <= limit else 'NOT met'}.")
+                lines.append(f"- {r['variant']} + {METHODS[cluster['method']][1]} W{bits}A{bits} within {limit} pt "
+                             f"of its FP: drop {drop:.2f} pt, {'met' if drop <= limit else 'NOT met'}.")
     for r in results:
         for bits in (3, 4):
             by = {q["method"]: q["top1"] for q in r["qat"] if q["bits"] == bits}
-            if {"lsq", "cluster"} <= set(by):
-                verdict = "met" if by["cluster"] >= by["lsq"] else "NOT met"
-                lines.append(f"- {r['variant']} W{bits}A{bits}: ClusterQAT {by['cluster']:.2f} vs LSQ "
-                             f"{by['lsq']:.2f}, ClusterQAT at least as good: {verdict}.")
+            for cluster in ("cluster", "cluster_channel"):
+                if {"lsq", cluster} <= set(by):
+                    verdict = "met" if by[cluster] >= by["lsq"] else "NOT met"
+                    lines.append(f"- {r['variant']} W{bits}A{bits}: {METHODS[cluster][1]} {by[cluster]:.2f} vs LSQ "
+                                 f"{by['lsq']:.2f}, at least as good: {verdict}.")
+    for r in results:   # per-channel vs per-layer codebook, where both ran
+        for bits in sorted({q["bits"] for q in r["qat"]}, reverse=True):
+            by = {q["method"]: q["top1"] for q in r["qat"] if q["bits"] == bits}
+            if {"cluster", "cluster_channel"} <= set(by):
+                lines.append(f"- {r['variant']} W{bits}A{bits}: per-channel codebook {by['cluster_channel']:.2f} vs "
+                             f"per-layer {by['cluster']:.2f} ({by['cluster_channel'] - by['cluster']:+.2f}).")
+    if "cluster_channel" in args.methods:
+        lines += ["", "## Why a per-channel codebook", "",
+                  "Per-channel SQNR of the fused conv weights after the codebook's k-means initialization alone (no "
+                  "training); the channel range spread is the largest channel max |w| over the smallest non-zero "
+                  "one.", ""]
+        for r in results:
+            lines += fit_table(r["variant"], r["codebook_fit"], args.bits)
     return "\n".join(lines) + "\n"
 
 
@@ -156,7 +219,8 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=1, help="QAT epochs per run")
     parser.add_argument("--lr", type=float, default=0.01)
     parser.add_argument("--bits", default="6,4,3", help="QAT bit-widths (weights = activations)")
-    parser.add_argument("--methods", default="lsq,cluster", help="QAT methods ('' for FP and PTQ rows only)")
+    parser.add_argument("--methods", default="lsq,cluster",
+                        help="QAT methods: " + ", ".join(METHODS) + " ('' for FP and PTQ rows only)")
     parser.add_argument("--from-cache", action="store_true",
                         help="report the rows cached in runs/ (e.g. computed with different --bits per variant)")
     parser.add_argument("--max-steps", type=int, default=150, help="cap QAT steps per epoch (0: whole epochs)")
@@ -167,6 +231,8 @@ def main() -> None:
     args = parser.parse_args()
     args.bits = [4] if args.quick else [int(b) for b in args.bits.split(",")]
     args.methods = [m for m in args.methods.split(",") if m]
+    if set(args.methods) - set(METHODS):
+        parser.error(f"--methods takes {', '.join(METHODS)}")
     args.max_steps = args.max_steps or None
     if args.quick:
         args.epochs, args.max_steps = 1, 10
@@ -176,6 +242,9 @@ def main() -> None:
     if unknown:
         parser.error(f"unknown variant(s) {', '.join(sorted(unknown))}")
     results = [run_variant(None if v == "plain" else v, args) for v in variants]
+    if "cluster_channel" in args.methods:
+        for v, r in zip(variants, results):
+            r["codebook_fit"] = codebook_fit(None if v == "plain" else v, args)
     text = report(results, args)
     print(text)
     if not args.quick:

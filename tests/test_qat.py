@@ -428,3 +428,107 @@ def test_int8_grid_codebook_snaps_trains_and_deploys_as_fused_int8(trained_digit
     assert main(["qat", "--checkpoint", str(tmp_path / "q.pt"), "--data", "digits", "--method", "lsq",
                  "--codebook-grid", "int8", "--out", str(tmp_path / "x.pt")]) == 2
     assert "--codebook-grid applies to --method cluster only" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- per-channel codebook scale
+def _channel_sqnr_db(w: np.ndarray, wq: np.ndarray) -> np.ndarray:
+    w, wq = w.reshape(len(w), -1), wq.reshape(len(wq), -1)
+    return 10 * np.log10((w ** 2).sum(1) / ((w - wq) ** 2).sum(1))
+
+
+def test_channel_codebook_is_nearest_centroid_of_normalized_weights_times_each_channel_max():
+    """scale="channel": each channel's weight is max|w_c| x the nearest centroid to w / max|w_c| (brute force in
+    numpy), an all-zero channel stays zero (no division by zero), and the latent weights get the straight-through
+    gradient. On a layer whose channels differ 1000x in range (as a fused identity branch makes them) every
+    channel keeps > 15 dB of SQNR at 4 bits, where one codebook in weight units leaves the narrow channels with
+    ~0 dB (almost every weight on one centroid)."""
+    torch.manual_seed(0)
+    w = torch.randn(8, 4, 3, 3) * torch.tensor([1e-3, 1e-3, 1e-3, 0.01, 0.1, 1.0, 1.0, 0.0]).reshape(-1, 1, 1, 1)
+    w = w.requires_grad_()
+    q = CodebookQuantizer(w.detach(), bits=4, scale="channel").train()
+    out = q(w)
+    wn = w.detach().numpy()
+    amax = np.abs(wn.reshape(8, -1)).max(1)
+    cb = q.codebook.numpy()
+    normalized = wn / np.where(amax > 0, amax, 1.0).reshape(-1, 1, 1, 1)
+    nearest = cb[np.abs(normalized[..., None] - cb).argmin(-1)]
+    np.testing.assert_allclose(out.detach().numpy(), nearest * amax.reshape(-1, 1, 1, 1), rtol=1e-6, atol=1e-12)
+    assert torch.isfinite(out).all() and bool((out[7] == 0).all())
+    upstream = torch.randn_like(out)
+    (out * upstream).sum().backward()
+    torch.testing.assert_close(w.grad, upstream)
+    per_layer = CodebookQuantizer(w.detach(), bits=4, scale="layer").eval()(w.detach())
+    live = slice(0, 7)
+    assert _channel_sqnr_db(wn[live], out.detach().numpy()[live]).min() > 15
+    assert _channel_sqnr_db(wn[live], per_layer.numpy()[live]).min() < 3
+
+
+def test_channel_codebook_refits_in_normalized_units():
+    torch.manual_seed(0)
+    w = torch.randn(6, 20) * torch.logspace(-2, 0, 6).reshape(-1, 1)
+    q = CodebookQuantizer(w, bits=3, scale="channel", refit_every=1, lloyd_iters=2).train()
+    start = q.codebook.clone()
+    moved = w + 0.3 * w.abs().amax(1, keepdim=True) * torch.rand_like(w)
+    q(moved)   # step 0: no refit
+    q(moved)   # step 1: refit on moved / max|moved_c|
+    normalized = moved / moved.abs().amax(1, keepdim=True)
+    torch.testing.assert_close(q.codebook, lloyd_steps(normalized, start, 2))
+
+
+@pytest.mark.parametrize("grid", ["free", "int8"])
+def test_channel_codebook_trains_converts_round_trips_and_exports(trained_digits_model, digits, tmp_path, grid):
+    """The converted model equals the QAT model; free: indices + codebook + one scale per channel (also in the
+    side file), exported as looked-up weights times that scale; int8: int8 codes whose per-channel scale is the
+    grid step times the channel's max |w|, run by ONNX Runtime as QLinearConv. The checkpoint round-trips."""
+    pytest.importorskip("onnxruntime")
+    from repq.export import export_onnx, integer_kernels, run_onnx
+    from repq.export.onnx_qdq import codebook_path
+    train_ds, test_ds = digits
+    config = repq.QATConfig(method="cluster", w_bits=3, a_bits=4, codebook_scale="channel", codebook_grid=grid,
+                            refit_every=3, quantize_pool=True)
+    qat = repq.prepare_qat(trained_digits_model, config, train_ds)
+    repq.train(qat, train_ds, repq.TrainConfig(epochs=1, lr=0.01, weight_decay=0.0, max_steps_per_epoch=7),
+               progress=False)
+    q = repq.convert_qat(qat)
+    x, _ = test_ds.head(len(test_ds))
+    with torch.no_grad():
+        assert torch.allclose(q(x), qat.eval()(x), atol=1e-4)
+    name = "stage2.0.rbr_reparam"
+    latent = qat.get_submodule(name).weight.detach()
+    amax = latent.abs().reshape(len(latent), -1).amax(1)
+    layer = q.get_submodule(name)
+    if grid == "free":
+        assert isinstance(layer, CodebookConv2d) and layer.per_channel
+        torch.testing.assert_close(layer.channel_scale, amax)
+        assert q.repq_quant["layers"][name]["codebook_scale"] == "channel"
+    else:
+        assert isinstance(layer, QuantConv2d) and torch.unique(layer.weight_codes).numel() <= 8
+        step = qat.get_submodule(name).weight_quantizer.codebook.abs().max() / 127
+        torch.testing.assert_close(layer.weight_scale, step * torch.where(amax > 0, amax, torch.ones_like(amax)))
+    path = export_onnx(q, tmp_path / "m.onnx", x[:1])
+    ort = run_onnx(path, x.numpy())
+    with torch.no_grad():
+        expected = q(x)
+    if grid == "free":   # float convs on looked-up weights: the same arithmetic
+        np.testing.assert_allclose(ort, expected.numpy(), atol=1e-4)
+        tables = np.load(codebook_path(path))
+        np.testing.assert_array_equal(tables[f"{name}.channel_scale"], layer.channel_scale.numpy())
+    else:   # integer kernels: requantization ties may round the other way (as in the per-layer grid's test)
+        assert (torch.from_numpy(ort).argmax(1) == expected.argmax(1)).float().mean() >= 0.99
+        n_convs = sum(isinstance(m, torch.nn.Conv2d) for m in q.modules())
+        assert integer_kernels(path).get("QLinearConv", 0) == n_convs
+    repq.save_checkpoint(tmp_path / "q.pt", q)
+    with torch.no_grad():
+        assert torch.equal(repq.load_checkpoint(tmp_path / "q.pt")[0](x), q(x))
+
+
+def test_cli_codebook_scale_flag(trained_digits_model, tmp_path, capsys):
+    repq.save_checkpoint(tmp_path / "fp.pt", trained_digits_model)
+    out = tmp_path / "c.pt"
+    assert main(["qat", "--checkpoint", str(tmp_path / "fp.pt"), "--data", "digits", "--codebook-scale", "channel",
+                 "--epochs", "1", "--max-steps", "2", "--out", str(out)]) == 0
+    assert repq.checkpoint.read_checkpoint(out)["quant"]["qat"]["codebook_scale"] == "channel"
+    capsys.readouterr()
+    assert main(["qat", "--checkpoint", str(tmp_path / "fp.pt"), "--data", "digits", "--method", "lsq",
+                 "--codebook-scale", "channel", "--out", str(tmp_path / "x.pt")]) == 2
+    assert "--codebook-scale applies to --method cluster only" in capsys.readouterr().err

@@ -417,12 +417,14 @@ def cmd_qat(args: argparse.Namespace) -> None:
 
     check_input_file(args.checkpoint, "--checkpoint")
     check_output_file(args.out, "--out", (args.checkpoint,), args.overwrite)
-    cluster_only = [f"--{o.replace('_', '-')}" for o in ("codebook", "refit_every", "lloyd_iters", "codebook_grid")
+    cluster_only = [f"--{o.replace('_', '-')}" for o in ("codebook", "refit_every", "lloyd_iters", "codebook_grid",
+                                                              "codebook_scale")
                     if getattr(args, o) is not None]
     if args.method != "cluster" and cluster_only:
         raise RepqError(f"{', '.join(cluster_only)} {'apply' if len(cluster_only) > 1 else 'applies'} to --method "
                         f"cluster only; drop it for --method {args.method}")
-    cluster_defaults = {"codebook": "refit", "refit_every": 100, "lloyd_iters": 3, "codebook_grid": "free"}
+    cluster_defaults = {"codebook": "refit", "refit_every": 100, "lloyd_iters": 3, "codebook_grid": "free",
+                        "codebook_scale": "layer"}
     options = {o: getattr(args, o) if getattr(args, o) is not None else d for o, d in cluster_defaults.items()}
     config = repq.QATConfig(method=args.method, w_bits=args.w_bits, a_bits=args.a_bits,
                             edge_bits=args.edge_bits or None, num_samples=args.calib, seed=args.seed,
@@ -823,6 +825,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--codebook-grid", default=None, choices=["free", "int8"],
                    help="cluster: free centroids (deployed as float convs on looked-up weights) or centroids on one "
                         "int8 grid per layer (deployed as fused int8 convs) (default free)")
+    p.add_argument("--codebook-scale", default=None, choices=["layer", "channel"],
+                   help="cluster: one codebook in weight units per layer, or one of weights divided by their output "
+                        "channel's max |w|, deployed with that scale per channel (default layer)")
     p.add_argument("--lloyd-iters", type=positive_int, default=None,
                    help="cluster/refit: Lloyd iterations per re-fit (default 3)")
     p.add_argument("--edge-bits", type=_edge_bits, default=8, help="bits of the input layer and of the output layers "

@@ -202,7 +202,8 @@ def _swap_layers(model: nn.Module, layers: dict[str, dict[str, Any]]) -> dict[st
         float_layer = model.get_submodule(name)
         conv = isinstance(float_layer, nn.Conv2d)
         if spec.get("codebook"):
-            layer = (CodebookConv2d if conv else CodebookLinear).from_float(float_layer, spec["w_bits"], spec["a_bits"])
+            layer = (CodebookConv2d if conv else CodebookLinear).from_float(
+                float_layer, spec["w_bits"], spec["a_bits"], per_channel=spec.get("codebook_scale") == "channel")
         else:
             layer = (QuantConv2d if conv else QuantLinear).from_float(float_layer, spec["w_bits"], spec["a_bits"],
                                                                        spec["coarse"])

@@ -21,18 +21,19 @@ from repq.data.batches import take_images
 from repq.errors import RepqError
 from repq.ptq import check_supported, fit_biases, replace_module
 from repq.quant.calibrators import ACTIVATION_METHODS
-from repq.quant.codebook import assign
 from repq.quant.edges import edge_layers, layer_widths
 from repq.quant.modules import (CodebookConv2d, CodebookLinear, QuantConv2d, QuantGlobalAvgPool, QuantLinear,
                                 is_global_avg_pool)
-from repq.quant.primitives import quantize
+from repq.quant.primitives import along_axis, quantize
 from repq.quant.qat_modules import (
+    CODEBOOK_SCALES,
     QAT_LAYERS,
     CodebookQuantizer,
     LSQQuantizer,
     QATConv2d,
     QATGlobalAvgPool,
     QATLinear,
+    int8_grid_scale,
     lsq_weight_quantizer,
 )
 from repq.quant.weights import QuantizedWeight
@@ -55,6 +56,9 @@ class QATConfig:
     codebook_grid: str = "free"         # cluster: free (any float centroids; deployed as float convs on looked-up
                                         # weights) | int8 (centroids snapped to one per-layer int8 grid: deployed
                                         # as fused int8 convs, QLinearConv in ONNX Runtime)
+    codebook_scale: str = "layer"       # cluster: layer (one codebook in weight units) | channel (one codebook of
+                                        # weights divided by their output channel's max |w|; the deployed layer
+                                        # keeps that scale per channel)
     weight_init: str = "mse"            # lsq: initial per-channel steps from this PTQ weight quantizer (minmax | mse)
     activation_init: str = "mse"        # initial activation steps from this PTQ calibrator
     unsigned_activations: bool = True   # non-negative (post-ReLU) inputs get unsigned codes: one more level bit
@@ -78,6 +82,8 @@ class QATConfig:
             raise RepqError(f"codebook must be 'refit' or 'learned', not '{self.codebook}'")
         if self.codebook_grid not in ("free", "int8"):
             raise RepqError(f"codebook_grid must be 'free' or 'int8', not '{self.codebook_grid}'")
+        if self.codebook_scale not in CODEBOOK_SCALES:
+            raise RepqError(f"codebook_scale must be one of {', '.join(CODEBOOK_SCALES)}, not '{self.codebook_scale}'")
         if self.weight_init not in ("minmax", "mse"):
             raise RepqError(f"weight_init must be 'minmax' or 'mse', not '{self.weight_init}'")
         if self.activation_init not in ACTIVATION_METHODS:
@@ -132,8 +138,8 @@ def prepare_qat(model: nn.Module, config: QATConfig | None = None, calib_data: A
             weight_q = lsq_weight_quantizer(layer.weight, w_bits, config.weight_init)
         else:
             weight_q = CodebookQuantizer(layer.weight, w_bits, config.codebook, config.refit_every,
-                                         config.lloyd_iters, int8_grid=config.codebook_grid == "int8"
-                                         ).to(layer.weight.device)
+                                         config.lloyd_iters, int8_grid=config.codebook_grid == "int8",
+                                         scale=config.codebook_scale).to(layer.weight.device)
         input_q = LSQQuantizer(a_bits, signed=True, init=config.activation_init,
                                allow_unsigned=config.unsigned_activations,
                                affine=config.affine_activations).to(layer.weight.device)
@@ -217,15 +223,21 @@ def convert_qat(qat_model: nn.Module) -> nn.Module:
             spec = {"coarse": None}
         elif wq.int8_grid:   # the codebook lies on an int8 grid: uniform int8 codes, fused int8 convs
             new = (QuantConv2d if conv else QuantLinear).from_float(layer, 8, a_bits, None)
-            scale = wq.grid_scale()
-            codebook = torch.round(wq.codebook.detach() / scale).clamp(-127, 127)
-            codes = codebook[assign(layer.weight, wq.codebook)]
-            new.set_quantized_weight(QuantizedWeight(codes, scale.expand(layer.weight.shape[0]).clone()))
-            spec = {"coarse": None, "codebook_grid": {"entries": wq.codebook.numel(), "bits": w_bits}}
+            grid = int8_grid_scale(wq.codebook.detach())
+            codebook = torch.round(wq.codebook.detach() / grid).clamp(-127, 127)
+            codes = codebook[wq.indices(layer.weight)]
+            channel_scale = wq.channel_scale(layer.weight)
+            if channel_scale is not None:   # an all-zero channel stays zero
+                codes = codes * along_axis(channel_scale > 0, codes, 0)
+            scale = wq.grid_scale(layer.weight).expand(layer.weight.shape[0]).clone()
+            new.set_quantized_weight(QuantizedWeight(codes, scale))
+            spec = {"coarse": None, "codebook_grid": {"entries": wq.codebook.numel(), "bits": w_bits,
+                                                      "scale": wq.scale}}
         else:
-            new = (CodebookConv2d if conv else CodebookLinear).from_float(layer, w_bits, a_bits)
-            new.set_codebook(assign(layer.weight, wq.codebook), wq.codebook.detach())
-            spec = {"coarse": None, "codebook": wq.codebook.numel()}
+            new = (CodebookConv2d if conv else CodebookLinear).from_float(layer, w_bits, a_bits,
+                                                                          per_channel=wq.scale == "channel")
+            new.set_codebook(wq.indices(layer.weight), wq.codebook.detach(), wq.channel_scale(layer.weight))
+            spec = {"coarse": None, "codebook": wq.codebook.numel(), "codebook_scale": wq.scale}
         replace_module(model, name, new)
         layers[name] = {**spec, "w_bits": 8 if "codebook_grid" in spec else w_bits, "a_bits": a_bits,
                         **_deploy_activation(new.input_quantizer, act, name)}

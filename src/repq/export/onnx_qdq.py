@@ -200,6 +200,10 @@ def _emit_codebook_layer(g: _GraphBuilder, layer: nn.Module, x: str, base: str) 
     indices = g.const(base + "_w_indices", layer.weight_indices.cpu().numpy().astype(np.uint8))
     codebook = g.const(base + "_codebook", layer.codebook.detach().cpu().numpy().astype(np.float32))
     w = g.node("Gather", [codebook, g.node("Cast", [indices], base + "_w", to=6)], base + "_w", axis=0)
+    if layer.per_channel:   # per-output-channel codebook scale
+        shape = (-1,) + (1,) * (layer.weight.dim() - 1)
+        channel_scale = layer.channel_scale.detach().cpu().numpy().astype(np.float32).reshape(shape)
+        w = g.node("Mul", [w, g.const(base + "_w_channel_scale", channel_scale)], base + "_w")
     return _conv_or_gemm(g, layer, [xq, w] + _float_bias(g, layer, base), base)
 
 
@@ -617,9 +621,11 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, example_input: torch.
 
 
 LUT_NOTE = ("ClusterQAT layers: weight[i] = codebook[indices[i]] (indices uint8, shape of the weight; codebook "
-            "float32, 2^b entries). A lookup-table runtime multiplies the quantized input codes, minus "
+            "float32, 2^b entries), times channel_scale[output channel of i] where a layer has a channel_scale "
+            "(float32, one per output channel). A lookup-table runtime multiplies the quantized input codes, minus "
             "input_zero_point, by codebook entries picked by the b-bit indices (or precomputes codebook x "
-            "input-level products per layer), accumulates, then scales by the input scale and adds the float bias. "
+            "input-level products per layer), accumulates, then scales by the input scale (and the channel scale) "
+            "and adds the float bias. "
             "Runtimes without LUT kernels use the dequantized weights (what the ONNX graph computes).")
 
 
@@ -636,6 +642,8 @@ def codebook_tables(model: nn.Module) -> dict[str, np.ndarray]:
         if isinstance(layer, CODEBOOK_LAYERS):
             tables[f"{name}.indices"] = layer.weight_indices.cpu().numpy().astype(np.uint8)
             tables[f"{name}.codebook"] = layer.codebook.detach().cpu().numpy().astype(np.float32)
+            if layer.per_channel:
+                tables[f"{name}.channel_scale"] = layer.channel_scale.detach().cpu().numpy().astype(np.float32)
             tables[f"{name}.input_scale"] = np.array(float(layer.input_quantizer.scale), dtype=np.float32)
             tables[f"{name}.input_zero_point"] = np.array(int(layer.input_quantizer.zero_point), dtype=np.int32)
             tables[f"{name}.bits"] = np.array([layer.w_bits, layer.input_quantizer.bits], dtype=np.int32)

@@ -15,7 +15,7 @@ from torch import Tensor, nn
 
 from repq.errors import RepqError
 from repq.quant.calibrators import CalibrationConfig, HistogramObserver, compute_amax
-from repq.quant.primitives import asymmetric_params, fake_quantize, int_range, symmetric_scale
+from repq.quant.primitives import along_axis, asymmetric_params, fake_quantize, int_range, symmetric_scale
 from repq.quant.weights import COARSE_LAYOUTS, QuantizedWeight, quantize_weight
 
 _INT32_MIN, _INT32_MAX = -(2 ** 31), 2 ** 31 - 1
@@ -475,13 +475,14 @@ class QuantLinear(SimulatedLinear, QuantWeightMixin):
 
 
 class CodebookWeightMixin:
-    """Non-uniform weights (ClusterQAT's deploy form): b-bit indices into a codebook of 2^b float centroids; the
-    input is quantized uniformly per tensor and the bias stays float (there is no common integer grid)."""
+    """Non-uniform weights (ClusterQAT's deploy form): b-bit indices into a codebook of 2^b float centroids, times
+    a float scale per output channel for a per-channel codebook; the input is quantized uniformly per tensor and
+    the bias stays float (there is no common integer grid)."""
 
     weight: Tensor
     bias: Tensor | None
 
-    def _adopt_codebook(self, float_layer: nn.Module, w_bits: int, a_bits: int) -> None:
+    def _adopt_codebook(self, float_layer: nn.Module, w_bits: int, a_bits: int, per_channel: bool) -> None:
         if not 2 <= w_bits <= 8:
             raise RepqError(f"codebook layers take 2 to 8 weight bits, got {w_bits}")
         with torch.no_grad():
@@ -491,18 +492,33 @@ class CodebookWeightMixin:
         self.w_bits, self.coarse = w_bits, None
         self.register_buffer("weight_indices", torch.zeros_like(self.weight, dtype=torch.uint8))
         self.register_buffer("codebook", torch.zeros(2 ** w_bits))
+        if per_channel:
+            self.register_buffer("channel_scale", torch.ones(self.weight.shape[0]))
         self.input_quantizer = ActQuantizer(a_bits)
         self.use_float_weight = False
 
+    @property
+    def per_channel(self) -> bool:
+        return "channel_scale" in self._buffers
+
     @torch.no_grad()
-    def set_codebook(self, indices: Tensor, codebook: Tensor) -> None:
+    def set_codebook(self, indices: Tensor, codebook: Tensor, channel_scale: Tensor | None = None) -> None:
         if codebook.numel() != self.codebook.numel() or indices.shape != self.weight.shape:
             raise ValueError("codebook or indices do not match the layer")
+        if (channel_scale is None) == self.per_channel:
+            raise ValueError("a per-channel codebook layer takes a channel scale, a per-layer one none")
         self.weight_indices.copy_(indices.to(torch.uint8))
         self.codebook.copy_(codebook)
+        if channel_scale is not None:
+            self.channel_scale.copy_(channel_scale.reshape(-1))
 
     def effective_weight(self) -> Tensor:
-        return self.weight if self.use_float_weight else self.codebook[self.weight_indices.long()]
+        if self.use_float_weight:
+            return self.weight
+        weight = self.codebook[self.weight_indices.long()]
+        if self.per_channel:
+            weight = weight * along_axis(self.channel_scale, weight, 0)
+        return weight
 
     def effective_bias(self) -> Tensor | None:
         return self.bias
@@ -510,17 +526,17 @@ class CodebookWeightMixin:
 
 class CodebookConv2d(SimulatedConv2d, CodebookWeightMixin):
     @classmethod
-    def from_float(cls, conv: nn.Conv2d, w_bits: int, a_bits: int) -> "CodebookConv2d":
+    def from_float(cls, conv: nn.Conv2d, w_bits: int, a_bits: int, per_channel: bool = False) -> "CodebookConv2d":
         layer = conv_like(cls, conv)
-        layer._adopt_codebook(conv, w_bits, a_bits)
+        layer._adopt_codebook(conv, w_bits, a_bits, per_channel)
         return layer.to(conv.weight.device)
 
 
 class CodebookLinear(SimulatedLinear, CodebookWeightMixin):
     @classmethod
-    def from_float(cls, linear: nn.Linear, w_bits: int, a_bits: int) -> "CodebookLinear":
+    def from_float(cls, linear: nn.Linear, w_bits: int, a_bits: int, per_channel: bool = False) -> "CodebookLinear":
         layer = linear_like(cls, linear)
-        layer._adopt_codebook(linear, w_bits, a_bits)
+        layer._adopt_codebook(linear, w_bits, a_bits, per_channel)
         return layer.to(linear.weight.device)
 
 

@@ -29,7 +29,8 @@ def round_codes(x: Tensor, rounding: str = "half_even") -> Tensor:
     raise ValueError(f"unknown rounding '{rounding}'; choose one of {ROUNDING}")
 
 
-def _broadcast(param: Tensor | float, x: Tensor, axis: int | None) -> Tensor:
+def along_axis(param: Tensor | float, x: Tensor, axis: int | None) -> Tensor:
+    """`param` shaped to broadcast against `x` along `axis` (per-channel values), or as is for a scalar/None axis."""
     param = torch.as_tensor(param, dtype=x.dtype, device=x.device)
     if axis is None or param.dim() == 0:
         return param
@@ -41,12 +42,12 @@ def _broadcast(param: Tensor | float, x: Tensor, axis: int | None) -> Tensor:
 def quantize(x: Tensor, scale: Tensor | float, zero_point: Tensor | float, qmin: int, qmax: int,
              axis: int | None = None, rounding: str = "half_even") -> Tensor:
     """Integer codes clamp(round(x / scale) + zero_point, qmin, qmax); `axis` selects per-channel parameters."""
-    s, z = _broadcast(scale, x, axis), _broadcast(zero_point, x, axis)
+    s, z = along_axis(scale, x, axis), along_axis(zero_point, x, axis)
     return torch.clamp(round_codes(x / s, rounding) + z, qmin, qmax)
 
 
 def dequantize(codes: Tensor, scale: Tensor | float, zero_point: Tensor | float, axis: int | None = None) -> Tensor:
-    return (codes - _broadcast(zero_point, codes, axis)) * _broadcast(scale, codes, axis)
+    return (codes - along_axis(zero_point, codes, axis)) * along_axis(scale, codes, axis)
 
 
 def fake_quantize(x: Tensor, scale: Tensor | float, zero_point: Tensor | float, qmin: int, qmax: int,

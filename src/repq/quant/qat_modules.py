@@ -15,7 +15,7 @@ from repq.errors import RepqError
 from repq.quant.calibrators import CalibrationConfig, compute_amax
 from repq.quant.codebook import assign, kmeans_1d, lloyd_steps
 from repq.quant.modules import conv_like, linear_like
-from repq.quant.primitives import asymmetric_params, int_range, symmetric_scale
+from repq.quant.primitives import along_axis, asymmetric_params, int_range, symmetric_scale
 from repq.quant.weights import quantize_weight
 
 
@@ -156,16 +156,25 @@ class CodebookQuantizer(nn.Module):
     training steps; "learned": the codebook is a parameter whose gradient is the sum of the gradients of the
     weights assigned to each centroid, divided by their number [choice]. The latent weights always get the
     straight-through gradient.
+
+    `scale="channel"` [choice]: the codebook holds values of weights divided by their output channel's max |w|
+    (re-read from the latent weights at every step), and each channel's weights are its centroids times that
+    scale. One codebook in weight units has to cover channels whose ranges differ widely in a fused RepVGG kernel
+    (the identity branch's BN scale lands in some channels and not others), so the narrow channels get a handful
+    of centroids; normalized, every channel spans the same codebook (the absmax blocks of NF4 do the same). The
+    deployed layer stores b-bit indices, the codebook and one float per output channel.
     """
 
     def __init__(self, weight: Tensor, bits: int, mode: str = "refit", refit_every: int = 100, lloyd_iters: int = 3,
-                 init_iters: int = 30, int8_grid: bool = False):
+                 init_iters: int = 30, int8_grid: bool = False, scale: str = "layer"):
         super().__init__()
         if mode not in ("refit", "learned"):
             raise RepqError(f"unknown codebook mode '{mode}'; choose 'refit' or 'learned'")
+        if scale not in CODEBOOK_SCALES:
+            raise RepqError(f"unknown codebook scale '{scale}'; choose one of {', '.join(CODEBOOK_SCALES)}")
         self.bits, self.mode, self.refit_every, self.lloyd_iters = bits, mode, refit_every, lloyd_iters
-        self.int8_grid = int8_grid
-        codebook = kmeans_1d(weight, 2 ** bits, init_iters)
+        self.int8_grid, self.scale = int8_grid, scale
+        codebook = kmeans_1d(self.normalized(weight), 2 ** bits, init_iters)
         if int8_grid:
             codebook = snap_to_int8_grid(codebook)
         if mode == "learned":
@@ -174,30 +183,73 @@ class CodebookQuantizer(nn.Module):
             self.register_buffer("codebook", codebook)
         self.register_buffer("steps", torch.tensor(0, dtype=torch.long))
 
+    def channel_scale(self, w: Tensor) -> Tensor | None:
+        """Per-output-channel max |w|, detached (0 for an all-zero channel, which so stays zero); None for a
+        per-layer codebook."""
+        if self.scale == "layer":
+            return None
+        return w.detach().abs().reshape(w.shape[0], -1).amax(dim=1)
+
+    def normalized(self, w: Tensor) -> Tensor:
+        """The detached weights in codebook units."""
+        scale = self.channel_scale(w)
+        return w.detach() if scale is None else w.detach() / along_axis(_nonzero(scale), w, 0)
+
+    def indices(self, w: Tensor) -> Tensor:
+        """The centroid each weight uses (no refit, no step counted)."""
+        return assign(self.normalized(w), self.codebook)
+
     def forward(self, w: Tensor) -> Tensor:
+        values = self.normalized(w)
         if self.training and self.mode == "refit" and self.refit_every > 0:
             if int(self.steps) > 0 and int(self.steps) % self.refit_every == 0:
-                refit = lloyd_steps(w, self.codebook, self.lloyd_iters)
+                refit = lloyd_steps(values, self.codebook, self.lloyd_iters)
                 self.codebook.copy_(snap_to_int8_grid(refit) if self.int8_grid else refit)
             self.steps += 1
         codebook = self.codebook
         if self.int8_grid and self.mode == "learned":   # the learned values move freely; the forward snaps them
             codebook = codebook + (snap_to_int8_grid(codebook) - codebook).detach()
-        idx = assign(w, codebook)
+        idx = assign(values, codebook)
         if self.mode == "learned":
             # The gradient of a centroid is the sum over its weights; divided by their number, a centroid moves at
             # the pace of one weight under the same learning rate (the raw sum scales with the layer size).
             counts = torch.bincount(idx.reshape(-1), minlength=codebook.numel()).clamp_min(1).to(codebook.dtype)
             codebook = scale_grad(codebook, 1.0 / counts)
-        return codebook[idx] + (w - w.detach())
+        scale = self.channel_scale(w)
+        if scale is None:
+            quantized = codebook[idx]
+        elif self.int8_grid:   # int8 codes times each channel's step, computed as the deployed layer computes them
+            grid = int8_grid_scale(codebook.detach())
+            codes = codebook / grid
+            codes = codes + (torch.round(codes) - codes).detach()
+            codes = codes[idx] * along_axis(scale > 0, w, 0)   # an all-zero channel stays zero
+            quantized = codes * along_axis(grid * _nonzero(scale), w, 0)
+        else:
+            quantized = codebook[idx] * along_axis(scale, w, 0)
+        return quantized + (w - w.detach())
 
     def extra_repr(self) -> str:
-        return (f"bits={self.bits}, mode={self.mode}, refit_every={self.refit_every}"
+        return (f"bits={self.bits}, mode={self.mode}, refit_every={self.refit_every}, scale={self.scale}"
                 + (", int8 grid" if self.int8_grid else ""))
 
-    def grid_scale(self) -> Tensor:
-        """The per-layer scale of the int8 grid the codebook lies on (max |centroid| / 127)."""
-        return int8_grid_scale(self.codebook.detach())
+    def grid_scale(self, w: Tensor | None = None) -> Tensor:
+        """The scale of the int8 grid the weights lie on: max |centroid| / 127, times each channel's scale (per
+        output channel, from the latent weights `w`; 1 for an all-zero channel, whose codes are 0) for a
+        per-channel codebook."""
+        grid = int8_grid_scale(self.codebook.detach())
+        scale = None if w is None else self.channel_scale(w)
+        if scale is None:
+            if self.scale != "layer":
+                raise ValueError("a per-channel codebook's grid scale needs the weights")
+            return grid
+        return grid * _nonzero(scale)
+
+
+CODEBOOK_SCALES = ("layer", "channel")
+
+
+def _nonzero(scale: Tensor) -> Tensor:
+    return torch.where(scale > 0, scale, torch.ones_like(scale))
 
 
 def int8_grid_scale(codebook: Tensor) -> Tensor:
@@ -254,7 +306,7 @@ class QATLayerMixin:
         wq = self.weight_quantizer
         if isinstance(wq, LSQQuantizer):
             return wq.current_step()
-        return wq.grid_scale() if getattr(wq, "int8_grid", False) else None
+        return wq.grid_scale(self.weight) if getattr(wq, "int8_grid", False) else None
 
 
 class QATConv2d(nn.Conv2d, QATLayerMixin):
