@@ -153,13 +153,24 @@ def test_torchrun_two_processes_write_one_checkpoint(tmp_path):
 
 @pytest.mark.slow
 def test_demo_runs_end_to_end(tmp_path, capsys):
-    """The demo on the bundled digits (what a machine without Fashion-MNIST gets): it reproduces the failure too."""
+    """The demo on the bundled digits (what a machine without Fashion-MNIST gets). Whether its training kills
+    channels, and so whether naive INT8 collapses, depends on the CPU's float rounding: with seed 3 naive INT8 fell
+    to 23.96 on the Intel machine of 2026-12 and held at 97.21 (FP 96.94) on an AMD EPYC. So the test checks that
+    the demo tells the story its own numbers show: the collapse where there is one, else the outliers at 4-bit
+    weights (per-channel min-max W4A8 89.42 against repq's default 96.38 on that EPYC)."""
     code, out, _ = run(capsys, "demo", "--data", "digits", "--out", str(tmp_path / "demo"), "--seed", "3", "--json")
     result = json.loads(out)
     assert code == 0 and len(result["results"]) == 6 and result["data"] == "digits"
     assert result["train"] == {"epochs": 40, "lr": 0.2, "seed": 3}
     fp = result["fused"]["top1"]
-    assert fp > 90 and result["naive_int8"] < fp - 20 and result["repq_default_int8"] > fp - 2
+    assert fp > 90 and result["repq_default_int8"] > fp - 2
+    story = (tmp_path / "demo" / "results.md").read_text()
+    if result["naive_int8"] < fp - 20:
+        assert "naive INT8 fails on this model" in story
+    else:
+        baseline4, default4 = result["results"][4], result["results"][5]
+        assert (baseline4["bits"], default4["bits"]) == ("W4A8", "W4A8")
+        assert "naive INT8 holds on this model" in story and default4["top1"] > baseline4["top1"] + 3
     pngs = [f for f in result["files"] if f.endswith(".png")]
     assert len(pngs) >= 6 and any(f.endswith("analysis/report.md") for f in result["files"])
     for png in pngs:
