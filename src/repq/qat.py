@@ -24,7 +24,7 @@ from repq.quant.calibrators import ACTIVATION_METHODS
 from repq.quant.edges import edge_layers, layer_widths
 from repq.quant.modules import (CodebookConv2d, CodebookLinear, QuantConv2d, QuantGlobalAvgPool, QuantLinear,
                                 is_global_avg_pool)
-from repq.quant.primitives import along_axis, quantize
+from repq.quant.primitives import quantize
 from repq.quant.qat_modules import (
     CODEBOOK_SCALES,
     QAT_LAYERS,
@@ -33,7 +33,6 @@ from repq.quant.qat_modules import (
     QATConv2d,
     QATGlobalAvgPool,
     QATLinear,
-    int8_grid_scale,
     lsq_weight_quantizer,
 )
 from repq.quant.weights import QuantizedWeight
@@ -223,12 +222,7 @@ def convert_qat(qat_model: nn.Module) -> nn.Module:
             spec = {"coarse": None}
         elif wq.int8_grid:   # the codebook lies on an int8 grid: uniform int8 codes, fused int8 convs
             new = (QuantConv2d if conv else QuantLinear).from_float(layer, 8, a_bits, None)
-            grid = int8_grid_scale(wq.codebook.detach())
-            codebook = torch.round(wq.codebook.detach() / grid).clamp(-127, 127)
-            codes = codebook[wq.indices(layer.weight)]
-            channel_scale = wq.channel_scale(layer.weight)
-            if channel_scale is not None:   # an all-zero channel stays zero
-                codes = codes * along_axis(channel_scale > 0, codes, 0)
+            codes = wq.int8_codes(wq.codebook.detach(), wq.indices(layer.weight), wq.channel_scale(layer.weight))
             scale = wq.grid_scale(layer.weight).expand(layer.weight.shape[0]).clone()
             new.set_quantized_weight(QuantizedWeight(codes, scale))
             spec = {"coarse": None, "codebook_grid": {"entries": wq.codebook.numel(), "bits": w_bits,

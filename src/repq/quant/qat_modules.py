@@ -219,14 +219,18 @@ class CodebookQuantizer(nn.Module):
         if scale is None:
             quantized = codebook[idx]
         elif self.int8_grid:   # int8 codes times each channel's step, computed as the deployed layer computes them
-            grid = int8_grid_scale(codebook.detach())
-            codes = codebook / grid
-            codes = codes + (torch.round(codes) - codes).detach()
-            codes = codes[idx] * along_axis(scale > 0, w, 0)   # an all-zero channel stays zero
-            quantized = codes * along_axis(grid * _nonzero(scale), w, 0)
+            quantized = self.int8_codes(codebook, idx, scale) * along_axis(self.grid_scale(w), w, 0)
         else:
             quantized = codebook[idx] * along_axis(scale, w, 0)
         return quantized + (w - w.detach())
+
+    @staticmethod
+    def int8_codes(codebook: Tensor, idx: Tensor, scale: Tensor | None) -> Tensor:
+        """The int8 code of every weight on the codebook's grid (straight-through to the codebook); zero in an
+        all-zero channel of a per-channel codebook. Shared by the forward and `convert_qat`."""
+        codes = codebook / int8_grid_scale(codebook.detach())
+        codes = (codes + (torch.round(codes) - codes).detach())[idx]
+        return codes if scale is None else codes * along_axis(scale > 0, idx, 0)
 
     def extra_repr(self) -> str:
         return (f"bits={self.bits}, mode={self.mode}, refit_every={self.refit_every}, scale={self.scale}"
