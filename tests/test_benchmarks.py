@@ -32,7 +32,8 @@ def cache(tmp_path_factory):
                                            ("cluster_grid_benchmark.py", "Cost of the snap (int8 - free, top-1)"),
                                            ("cfws_deploy_224.py", "| CFWS two-branch | QLinearConv "),
                                            ("detection_benchmark.py", "| two_branch |"),
-                                           ("identity_diagonal.py", "| model | square 1x1 convs |")])
+                                           ("identity_diagonal.py", "| model | square 1x1 convs |"),
+                                           ("saturation_benchmark.py", "| CFWS two-branch | 7-bit (reduce_range) | 63 |")])
 def test_quick_mode(script, needle, cache):
     env = {**os.environ, "REPQ_CACHE": str(cache)}
     results = BENCH.parent / "docs" / "results"

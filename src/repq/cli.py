@@ -210,13 +210,13 @@ def _ptq_config(args: argparse.Namespace, options: dict[str, Any]):
                                               or ("minmax" if args.signed_activations else "affine")).replace("-", "_"),
                             skip_layers=tuple(n.strip() for n in args.skip_layers.split(",") if n.strip()),
                             cfws_deploy=_cfws_deploy(args, options["weight"]), edge_bits=args.edge_bits or None,
-                            one_conv_fallback=not args.no_one_conv_fallback,
+                            one_conv_fallback=not args.no_one_conv_fallback, reduce_range=args.reduce_range,
                             **options)
     try:
         config.validate()
     except RepqError as err:   # name the flag, not the Python field
-        for field, flag in (("edge_bits", "--edge-bits"), ("w_bits", "--w-bits"), ("a_bits", "--a-bits"),
-                            ("num_samples", "--calib"),
+        for field, flag in (("reduce_range", "--reduce-range"), ("edge_bits", "--edge-bits"), ("w_bits", "--w-bits"),
+                            ("a_bits", "--a-bits"), ("num_samples", "--calib"),
                             ("input_activation", "--input-activation"),
                             ("activation method", "--activation"), ("weight method", "--weight"),
                             ("weight_granularity", "--granularity"), ("skip_layers", "--skip-layers"),
@@ -337,7 +337,7 @@ def cmd_ptq(args: argparse.Namespace) -> None:
                             "edge_bits": config.edge_bits, "edges": qmodel.repq_quant.get("edges"),
                             "fusion": qmodel.repq_quant["fusion"],
                             "equalization": _equalization_summary(qmodel.repq_quant.get("equalization")),
-                            "cfws_deploy": config.cfws_deploy,
+                            "cfws_deploy": config.cfws_deploy, "reduce_range": config.reduce_range,
                             "two_branch_check": qmodel.repq_quant.get("two_branch_check"),
                             "guard": (qmodel.repq_quant.get("auto") or {}).get("guard")})
             last = qmodel
@@ -373,6 +373,9 @@ def cmd_ptq(args: argparse.Namespace) -> None:
                       f"images, per-channel min-max INT8 {check['baseline_error']:.3g}"
                       + (": WORSE than the plain INT8 model; check the accuracy above before deploying, or use "
                          "--cfws-deploy exact" if check["worse_than_baseline"] else ""))
+    if results[0]["reduce_range"]:
+        human += ("\n--reduce-range: every integer layer has 7-bit weights (codes within +-63): exact in ONNX "
+                  "Runtime's default u8 x s8 kernels on any x64 CPU")
     human += "\nkept in float: " + (", ".join(results[0]["float_layers"]) or "nothing")
     if results[0]["edges"]:
         edges = results[0]["edges"]
@@ -403,7 +406,8 @@ def _equalization_summary(record: dict[str, Any] | None) -> dict[str, Any]:
 
 def _ptq_table(fp: dict[str, Any], results: list[dict[str, Any]]) -> str:
     rows = [[r["weight"], r["weight_granularity"], r["activation"],
-             f"W{r['w_bits']}A{r['a_bits']}" + (f", edges {r['edge_bits']}" if r.get("edges") else ""), r["top1"],
+             f"W{r['w_bits']}A{r['a_bits']}" + (f", edges {r['edge_bits']}" if r.get("edges") else "")
+             + (", weights <= 7 bits" if r.get("reduce_range") else ""), r["top1"],
              r["drop"], f"{r['ptq_seconds']:.1f}"] for r in results]
     calibration = results[0]["calibration"]
     return (f"FP top-1 {fp['top1']:.2f} ({fp['n']} test images, {calibration['images']} calibration images, seed "
@@ -554,7 +558,7 @@ def cmd_export(args: argparse.Namespace) -> None:
     import repq
     from repq.export import export_onnx, integer_kernels, verify_against_simulation
     from repq.export.onnx_qdq import codebook_path
-    from repq.export.verify import ORT_EXACT_U8S8
+    from repq.export.verify import ORT_EXACT_U8S8, U8S8_EXACT_LIMIT, largest_weight_code
 
     check_input_file(args.checkpoint, "--checkpoint")
     check_output_file(args.onnx, "--onnx", (args.checkpoint,), args.overwrite)
@@ -592,7 +596,7 @@ def cmd_export(args: argparse.Namespace) -> None:
         metadata = {"repq_data": payload["data_meta"]} if payload.get("data_meta") else None
         path = export_onnx(model, staging, example, allow_float=args.fp, metadata=metadata)
         result: dict[str, Any] = {"command": "export", "onnx": str(target), "bytes": path.stat().st_size,
-                                  "kernels": integer_kernels(path)}
+                                  "kernels": integer_kernels(path), "largest_weight_code": largest_weight_code(path)}
         human = f"wrote {target} ({path.stat().st_size / 1e6:.2f} MB)\nONNX Runtime kernels: {result['kernels']}"
         if codebook_path(staging).exists():
             human += (f"\nClusterQAT indices + codebooks: {codebook_path(target)} (ONNX Runtime runs these layers "
@@ -643,10 +647,18 @@ def cmd_export(args: argparse.Namespace) -> None:
             [[batch, f"{v['model']:.1f}", f"{v['fp32']:.1f}", f"{v['ratio']:.2f}x"]
              for batch, v in b["images_per_s"].items()])
         human += (f"\nkernels: {', '.join(f'{n} {k}' for k, n in b['kernel_counts'].items())}; FP32 twin: the same "
-                  f"network with the dequantized weights, float; ONNX Runtime CPU, {os.cpu_count()} cores")
+                  f"network with the dequantized weights, float; ONNX Runtime CPU, {os.cpu_count()} cores"
+                  + (f", session option {ORT_EXACT_U8S8[0]}={ORT_EXACT_U8S8[1]} (weight codes beyond "
+                     f"+-{U8S8_EXACT_LIMIT})" if b["exact_u8s8"] else ""))
     human += (f"\nnext: run it with onnxruntime.InferenceSession('{target}') (input 'input', NCHW float32, "
-              "normalized as the training data); on x64 CPUs without VNNI, set the session option "
-              f"{ORT_EXACT_U8S8[0]}={ORT_EXACT_U8S8[1]}, or its int8 convs may saturate")
+              "normalized as the training data)")
+    if result["largest_weight_code"] > U8S8_EXACT_LIMIT:
+        human += (f"; its int8 weight codes reach +-{result['largest_weight_code']}: on x64 CPUs without VNNI set "
+                  f"the session option {ORT_EXACT_U8S8[0]}={ORT_EXACT_U8S8[1]} (exact, slower there), or its int8 "
+                  "convs may saturate; `repq ptq --reduce-range` keeps the codes within +-63, exact at full speed")
+    elif result["largest_weight_code"]:
+        human += (f"; its int8 weight codes stay within +-{result['largest_weight_code']}: exact in ONNX Runtime's "
+                  "default kernels on any x64 CPU")
     _emit(args, result, human)
 
 
@@ -899,6 +911,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --cfws-deploy two-branch/residual: deploy every CFWS layer as two branches (default: a "
                         "layer whose output one per-channel min-max conv reconstructs better on the calibration "
                         "images becomes that one conv)")
+    p.add_argument("--reduce-range", action="store_true",
+                   help="7-bit weights (codes within +-63) in every integer layer, so ONNX Runtime's fast u8 x s8 "
+                        "kernels stay exact on x64 CPUs without VNNI (AVX2, AVX-512 without VNNI) without the slower "
+                        "session.x64quantprecision option (docs/results/saturation.md)")
     p.add_argument("--skip-layers", default="",
                    help="comma list of layers of the fused model to keep in float (names or patterns, e.g. "
                         "'linear' or 'stage4.*')")

@@ -25,7 +25,7 @@ from repq.quant.modules import (ActQuantizer, CodebookConv2d, CodebookLinear, Qu
                                 is_global_avg_pool)
 from repq.quant.selection import (CANDIDATES, apply_grid, check_all_ran, following_activations, input_grid,
                                   observe, select_ranges)
-from repq.quant.weights import WEIGHT_METHODS, quantize_weight
+from repq.quant.weights import REDUCED_WEIGHT_BITS, WEIGHT_METHODS, quantize_weight
 from repq.reparam.model import fuse_blocks, fused_blocks
 
 # Leaf layers with parameters that a fused model may contain; anything else is reported as unsupported.
@@ -93,6 +93,12 @@ class PTQConfig:
                                          # one per-channel min-max conv reconstructs better on the calibration
                                          # images is deployed as that one conv (faster too); False: every CFWS
                                          # layer as two branches
+    reduce_range: bool = False           # weights of every integer layer (edges and both CFWS branches included) on
+                                         # a 7-bit grid (codes within +-63): ONNX Runtime's fast u8 x s8 kernels on
+                                         # x64 CPUs without VNNI add pairs of products in int16 and saturate beyond
+                                         # 255 x 128; with 7-bit codes they are exact without the slower
+                                         # session.x64quantprecision option (ORT's own reduce_range, for the same
+                                         # reason; docs/results/saturation.md measures both)
 
     @property
     def widens_edges(self) -> bool:
@@ -135,6 +141,8 @@ class PTQConfig:
             raise RepqError(f"cfws_deploy='{self.cfws_deploy}' runs int8 kernels: w_bits and a_bits must be at most 8")
         if self.cfws_deploy != "exact" and (self.edge_bits or 0) > 8:
             raise RepqError(f"cfws_deploy='{self.cfws_deploy}' runs int8 kernels: edge_bits must be at most 8")
+        if self.reduce_range and max(self.w_bits, self.edge_bits or 0) > 8:
+            raise RepqError("reduce_range narrows int8 weights to 7 bits: w_bits and edge_bits must be at most 8")
         unknown = [c for c in self.auto_candidates if c not in CANDIDATES]
         if unknown or not self.auto_candidates:
             raise RepqError(f"auto_candidates must name some of {', '.join(CANDIDATES)}; "
@@ -240,7 +248,10 @@ def _widths(fused: nn.Module, config: PTQConfig, keep_float: set[str],
     names = [n for n, m in fused.named_modules() if isinstance(m, _PARAMETRIC) and n not in keep_float]
     if not names:
         raise RepqError("the model has no Conv2d or Linear layer to quantize")
-    return layer_widths(names, config.w_bits, config.a_bits, config.edge_bits, set(edges[0]) | set(edges[1]))
+    widths = layer_widths(names, config.w_bits, config.a_bits, config.edge_bits, set(edges[0]) | set(edges[1]))
+    if config.reduce_range:
+        widths = {n: (min(w, REDUCED_WEIGHT_BITS), a) for n, (w, a) in widths.items()}
+    return widths
 
 
 def _quantize_weights(fused: nn.Module, config: PTQConfig, keep_float: set[str] = frozenset(),

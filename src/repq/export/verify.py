@@ -13,20 +13,51 @@ from repq.errors import RepqError
 
 # The ONNX Runtime session option that keeps u8 x s8 integer kernels exact on x64 CPUs without VNNI.
 ORT_EXACT_U8S8 = ("session.x64quantprecision", "1")
+# x64 CPUs without VNNI multiply u8 x s8 with an instruction that adds each pair of products in int16 and saturates.
+# With every weight code within +-64 a pair stays within 255 x 64 x 2 = 32640 < 2^15, whatever the pairing.
+U8S8_EXACT_LIMIT = 64
+_WEIGHT_INPUT = {"DequantizeLinear": 0, "ConvInteger": 1, "MatMulInteger": 1, "QLinearConv": 3, "QLinearMatMul": 3}
+
+
+def largest_weight_code(path: str | os.PathLike) -> int:
+    """The largest |code| of the int8 weights of an exported model (the constant int8 input of each
+    DequantizeLinear, and the weight input of ConvInteger / MatMulInteger / QLinearConv / QLinearMatMul); 0 when
+    it has none."""
+    import onnx
+    from onnx import numpy_helper
+
+    graph = onnx.load(str(path)).graph
+    initializers = {i.name: i for i in graph.initializer if i.data_type == onnx.TensorProto.INT8}
+    largest = 0
+    for node in graph.node:
+        slot = _WEIGHT_INPUT.get(node.op_type)
+        if slot is not None and len(node.input) > slot and node.input[slot] in initializers:
+            codes = numpy_helper.to_array(initializers[node.input[slot]]).astype(np.int32)
+            largest = max(largest, int(np.abs(codes).max(initial=0)))
+    return largest
+
+
+def needs_exact_u8s8(path: str | os.PathLike) -> bool:
+    """Whether the model needs ORT_EXACT_U8S8 to run exactly on x64 CPUs without VNNI: some int8 weight code is
+    beyond +-64 (PTQConfig.reduce_range keeps them within +-63)."""
+    return largest_weight_code(path) > U8S8_EXACT_LIMIT
 
 
 def _session(path: str | os.PathLike, optimized_out: str | None = None, threads: int | None = None,
-             profile_prefix: str | None = None):
+             profile_prefix: str | None = None, exact_u8s8: bool | None = None):
+    """An ONNX Runtime CPU session. `exact_u8s8` None: set ORT_EXACT_U8S8 only where the model needs it (the option
+    makes ONNX Runtime convert int8 weights to uint8 and use slower u8 x u8 kernels on CPUs without VNNI; measured
+    on an AMD EPYC, 20-35 % fewer images/s: docs/results/saturation.md)."""
     try:
         import onnxruntime as ort
     except ImportError:
         raise RepqError("verification needs onnxruntime: pip install 'repq[export]'") from None
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    # x64 CPUs without VNNI multiply u8 x s8 with instructions that add pairs of products in int16 and saturate
-    # (255 x 127 x 2 > 32767): CFWS fills its codes to +-127, and on such a CPU (an AMD EPYC here) every fused conv
-    # test drifted from the simulation by whole output steps. This option makes ONNX Runtime's x64 kernels exact.
-    options.add_session_config_entry(ORT_EXACT_U8S8[0], ORT_EXACT_U8S8[1])
+    # CFWS fills its codes to +-127, and on such a CPU (an AMD EPYC here) every fused conv test drifted from the
+    # simulation by whole output steps without the option.
+    if needs_exact_u8s8(path) if exact_u8s8 is None else exact_u8s8:
+        options.add_session_config_entry(ORT_EXACT_U8S8[0], ORT_EXACT_U8S8[1])
     options.log_severity_level = 3  # the optimized-graph dump warns that it is hardware specific: we only read it
     if threads:
         options.intra_op_num_threads = threads
@@ -41,8 +72,8 @@ def _session(path: str | os.PathLike, optimized_out: str | None = None, threads:
 class OnnxRuntimeModel:
     """An exported model run by ONNX Runtime, called like a module on a float tensor (for `repq.evaluate`)."""
 
-    def __init__(self, path: str | os.PathLike, threads: int | None = None) -> None:
-        self.session = _session(path, threads=threads)
+    def __init__(self, path: str | os.PathLike, threads: int | None = None, exact_u8s8: bool | None = None) -> None:
+        self.session = _session(path, threads=threads, exact_u8s8=exact_u8s8)
         self.outputs = [o.name for o in self.session.get_outputs()]
 
     def __call__(self, images):

@@ -15,6 +15,9 @@ from repq.errors import RepqError
 from repq.quant.primitives import channel_amax, dequantize, int_range, quantize, symmetric_scale
 from repq.reparam.fold import pad_to
 
+# PTQConfig.reduce_range: int8 weight codes within +-63, so that a u8 x s8 pair sum (255 x 63 x 2 = 32130) fits the
+# int16 that x64 CPUs without VNNI add pairs of products in (repq.export.verify.U8S8_EXACT_LIMIT).
+REDUCED_WEIGHT_BITS = 7
 WEIGHT_METHODS = ("minmax", "mse", "cfws", "cfws_whole")
 COARSE_LAYOUTS = ("center", "diagonal", "whole")
 # A 1x1 kernel "carries a merged identity" when its diagonal holds the largest |w| of at least this share of the
