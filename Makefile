@@ -44,7 +44,8 @@ bench: $(STAMP) data  ## the recorded benchmarks (a few hours on 2 cores), write
 	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[dev,export,peers]'
 	cd benchmarks && ../$(PY) train_zoo.py && ../$(PY) ptq_benchmark.py --peers && ../$(PY) calibration_benchmark.py \
 		&& ../$(PY) fusion_benchmark.py && ../$(PY) calibration_coverage.py && ../$(PY) scale_benchmark.py \
-		&& ../$(PY) cfws_deploy_benchmark.py && ../$(PY) cfws_deploy_224.py && ../$(PY) cluster_grid_benchmark.py \
+		&& ../$(PY) cfws_deploy_benchmark.py && ../$(PY) cfws_deploy_224.py && ../$(PY) saturation_benchmark.py \
+		&& ../$(PY) cluster_grid_benchmark.py \
 		&& ../$(PY) ptq_timing.py && ../$(PY) train_reference.py && ../$(PY) export_benchmark.py \
 		&& ../$(PY) peer_benchmark.py && ../$(PY) qat_benchmark.py \
 		&& ../$(PY) detection_common.py && ../$(PY) detection_benchmark.py && ../$(PY) identity_diagonal.py \

@@ -64,3 +64,23 @@ def test_cfws_deploy_seed_sweep_summary_by_hand(monkeypatch):
     assert "| m2 | 80.07 | 80.03 | -0.03 / -0.20 | -0.13 / -0.40 |" in text
     assert "| m3 |" not in text
     assert re.search(r"zoo mean [+-]0\.000, worst model -0\.03 pt", text) and "worst model -0.13 pt" in text
+
+
+def test_saturation_page_summary_by_hand(monkeypatch):
+    """The saturation page's accuracy table: 7-bit - 8-bit per model (mean / worst seed) and over the zoo, from
+    numbers chosen here."""
+    monkeypatch.syspath_prepend(str(BENCH))
+    from saturation_benchmark import RECIPES, render
+    two, mm = RECIPES
+    ort = {"largest_code": 127, "default": 50.0, "exact option": 90.0, "same_prediction": 60.0}
+    rows = [{"model": "m1", "fp": 91.0,
+             "sim": {f"{two} | 8-bit": {"0": 90.0, "1": 90.4}, f"{two} | 7-bit (reduce_range)": {"0": 89.8, "1": 90.6},
+                     f"{mm} | 8-bit": {"0": 88.0, "1": 88.0}, f"{mm} | 7-bit (reduce_range)": {"0": 87.5, "1": 88.1}},
+             "ort": {f"{r} | {w}": ort for r in RECIPES for w in ("8-bit", "7-bit (reduce_range)")}}]
+    text = render({"accuracy": {"command": "CMD", "machine": "M", "cpu": "C", "seeds": [0, 1], "rows": rows}})
+    # two-branch: -0.2 and +0.2 -> mean +0.00, worst -0.20; min-max: -0.5 and +0.1 -> mean -0.20, worst -0.50
+    # ONNX Runtime (seed 0) against the simulation's seed 0: 90.0 - 90.0 (8-bit), 50.0 - 89.8 (7-bit)
+    assert (f"| m1 | 91.00 | {two} | 90.20 | 90.20 | +0.00 / -0.20 | 50.00 | 90.00 (+0.00) | 60.00% | "
+            "50.00 (-39.80) | 60.00% |") in text
+    assert f"| m1 | 91.00 | {mm} | 88.00 | 87.80 | -0.20 / -0.50 |" in text
+    assert f"{mm}: 7-bit - 8-bit weights over 1 models x 2 seeds: mean -0.200, worst -0.50 pt" in text

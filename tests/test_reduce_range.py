@@ -1,5 +1,5 @@
-"""PTQConfig.reduce_range: 7-bit weight codes that ONNX Runtime's u8 x s8 kernels multiply exactly on every x64
-CPU, and repq's ONNX Runtime sessions, which set the slower exact-kernel option only where a model needs it."""
+"""PTQConfig.reduce_range: 7-bit weight codes that ONNX Runtime's default u8 x s8 kernels multiply exactly on every
+x64 CPU (without VNNI they add pairs of products in int16), and how repq reports the codes a model has."""
 import numpy as np
 import pytest
 import torch

@@ -648,8 +648,10 @@ def cmd_export(args: argparse.Namespace) -> None:
              for batch, v in b["images_per_s"].items()])
         human += (f"\nkernels: {', '.join(f'{n} {k}' for k, n in b['kernel_counts'].items())}; FP32 twin: the same "
                   f"network with the dequantized weights, float; ONNX Runtime CPU, {os.cpu_count()} cores"
-                  + (f", session option {ORT_EXACT_U8S8[0]}={ORT_EXACT_U8S8[1]} (weight codes beyond "
-                     f"+-{U8S8_EXACT_LIMIT})" if b["exact_u8s8"] else ""))
+                  f", session option {ORT_EXACT_U8S8[0]}={ORT_EXACT_U8S8[1]}"
+                  + (f" (on CPUs without VNNI, ONNX Runtime runs the layers with weight codes beyond "
+                     f"+-{U8S8_EXACT_LIMIT} on slower exact kernels; `repq ptq --reduce-range` avoids that)"
+                     if b["largest_weight_code"] > U8S8_EXACT_LIMIT else ""))
     human += (f"\nnext: run it with onnxruntime.InferenceSession('{target}') (input 'input', NCHW float32, "
               "normalized as the training data)")
     if result["largest_weight_code"] > U8S8_EXACT_LIMIT:

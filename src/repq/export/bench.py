@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from repq.export.verify import _session, needs_exact_u8s8
+from repq.export.verify import _session, largest_weight_code
 from repq.quant.modules import QUANT_LAYERS, QuantGlobalAvgPool
 
 KERNEL_ORDER = ("QLinearConv", "QGemm", "QLinearMatMul", "ConvInteger", "MatMulInteger", "Conv", "Gemm", "MatMul")
@@ -63,9 +63,9 @@ def layer_kernels(optimized_nodes: list[Any], layer_names: list[str]) -> dict[st
 
 
 def throughput(path: str | Path, input_shape: list[int], batch: int, seconds: float = 3.0,
-               threads: int | None = None, exact_u8s8: bool | None = None) -> float:
+               threads: int | None = None, exact_u8s8: bool = True) -> float:
     """Images/s of ONNX Runtime on random inputs: 2 warm-up runs, then runs until `seconds` (at least 3).
-    `exact_u8s8`: as repq.export.verify._session (None: the session option only where the model needs it)."""
+    `exact_u8s8`: as repq.export.verify._session (False: the default kernels, which may saturate)."""
     session = _session(path, threads=threads, exact_u8s8=exact_u8s8)
     x = np.random.default_rng(0).standard_normal((batch, *input_shape)).astype(np.float32)
     name = session.get_inputs()[0].name
@@ -109,8 +109,8 @@ def layer_times(path: str | Path, layer_names: list[str], input_shape: list[int]
 
 def bench(qmodel: nn.Module, path: str | Path, example: torch.Tensor, batches: tuple[int, ...] = (64, 1),
           seconds: float = 3.0) -> dict[str, Any]:
-    """Kernels per quantized layer, images/s of the exported model vs its FP32 twin at each batch size (the model's
-    session with ORT_EXACT_U8S8 where its weight codes need it, as repq verifies it), and the
+    """Kernels per quantized layer, images/s of the exported model vs its FP32 twin at each batch size (sessions
+    with ORT_EXACT_U8S8, as repq verifies the model), and the
     time of each layer of the exported model at the largest batch. (Not of the twin: ONNX Runtime renames a float
     conv fused with its activation after the activation, so its nodes cannot be told apart by name.)"""
     import onnx
@@ -133,5 +133,5 @@ def bench(qmodel: nn.Module, path: str | Path, example: torch.Tensor, batches: t
     for kind in kernels.values():
         counts[kind] = counts.get(kind, 0) + 1
     return {"layers": kernels, "kernel_counts": counts, "images_per_s": speed, "input_shape": shape,
-            "exact_u8s8": needs_exact_u8s8(path),
+            "largest_weight_code": largest_weight_code(path),
             "layer_ms": {"batch": batch, "layers": times}}

@@ -38,16 +38,17 @@ def largest_weight_code(path: str | os.PathLike) -> int:
 
 
 def needs_exact_u8s8(path: str | os.PathLike) -> bool:
-    """Whether the model needs ORT_EXACT_U8S8 to run exactly on x64 CPUs without VNNI: some int8 weight code is
-    beyond +-64 (PTQConfig.reduce_range keeps them within +-63)."""
+    """Whether some int8 weight code of the model is beyond +-64, where ONNX Runtime's default u8 x s8 kernels can
+    saturate on x64 CPUs without VNNI (PTQConfig.reduce_range keeps the codes within +-63)."""
     return largest_weight_code(path) > U8S8_EXACT_LIMIT
 
 
 def _session(path: str | os.PathLike, optimized_out: str | None = None, threads: int | None = None,
-             profile_prefix: str | None = None, exact_u8s8: bool | None = None):
-    """An ONNX Runtime CPU session. `exact_u8s8` None: set ORT_EXACT_U8S8 only where the model needs it (the option
-    makes ONNX Runtime convert int8 weights to uint8 and use slower u8 x u8 kernels on CPUs without VNNI; measured
-    on an AMD EPYC, 20-35 % fewer images/s: docs/results/saturation.md)."""
+             profile_prefix: str | None = None, exact_u8s8: bool = True):
+    """An ONNX Runtime CPU session; `exact_u8s8` sets ORT_EXACT_U8S8. With it, on x64 CPUs without VNNI ONNX Runtime
+    turns each int8 weight tensor with a code beyond +-64 into uint8 and runs it with slower u8 x u8 kernels
+    (tensors within +-64 keep the fast kernels: they cannot saturate); elsewhere it changes nothing. False is for
+    measuring the default kernels only (docs/results/saturation.md)."""
     try:
         import onnxruntime as ort
     except ImportError:
@@ -56,7 +57,7 @@ def _session(path: str | os.PathLike, optimized_out: str | None = None, threads:
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     # CFWS fills its codes to +-127, and on such a CPU (an AMD EPYC here) every fused conv test drifted from the
     # simulation by whole output steps without the option.
-    if needs_exact_u8s8(path) if exact_u8s8 is None else exact_u8s8:
+    if exact_u8s8:
         options.add_session_config_entry(ORT_EXACT_U8S8[0], ORT_EXACT_U8S8[1])
     options.log_severity_level = 3  # the optimized-graph dump warns that it is hardware specific: we only read it
     if threads:
@@ -72,7 +73,7 @@ def _session(path: str | os.PathLike, optimized_out: str | None = None, threads:
 class OnnxRuntimeModel:
     """An exported model run by ONNX Runtime, called like a module on a float tensor (for `repq.evaluate`)."""
 
-    def __init__(self, path: str | os.PathLike, threads: int | None = None, exact_u8s8: bool | None = None) -> None:
+    def __init__(self, path: str | os.PathLike, threads: int | None = None, exact_u8s8: bool = True) -> None:
         self.session = _session(path, threads=threads, exact_u8s8=exact_u8s8)
         self.outputs = [o.name for o in self.session.get_outputs()]
 
