@@ -11,7 +11,7 @@ from repq.errors import RepqError
 onnx = pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")
 from repq.export import export_onnx  # noqa: E402
-from repq.export.verify import OnnxRuntimeModel, largest_weight_code, needs_exact_u8s8  # noqa: E402
+from repq.export.verify import U8S8_EXACT_LIMIT, OnnxRuntimeModel, largest_weight_code  # noqa: E402
 from repq.quant.modules import QUANT_LAYERS  # noqa: E402
 from tests.test_export import assert_parity  # noqa: E402
 
@@ -55,7 +55,7 @@ def test_reduce_range_keeps_every_weight_code_within_63(setup, tmp_path, deploy)
     narrow_path = export_onnx(narrow, tmp_path / "narrow.onnx", calib[:1])
     assert np.abs(int8_initializers(narrow_path)).max() == 63 == largest_weight_code(narrow_path)
     assert np.abs(int8_initializers(wide_path)).max() == 127 == largest_weight_code(wide_path)
-    assert not needs_exact_u8s8(narrow_path) and needs_exact_u8s8(wide_path)
+    assert largest_weight_code(narrow_path) <= U8S8_EXACT_LIMIT < largest_weight_code(wide_path)
 
 
 def test_reduce_range_caps_the_edge_layers_and_leaves_narrower_layers(setup):

@@ -37,12 +37,6 @@ def largest_weight_code(path: str | os.PathLike) -> int:
     return largest
 
 
-def needs_exact_u8s8(path: str | os.PathLike) -> bool:
-    """Whether some int8 weight code of the model is beyond +-64, where ONNX Runtime's default u8 x s8 kernels can
-    saturate on x64 CPUs without VNNI (PTQConfig.reduce_range keeps the codes within +-63)."""
-    return largest_weight_code(path) > U8S8_EXACT_LIMIT
-
-
 def _session(path: str | os.PathLike, optimized_out: str | None = None, threads: int | None = None,
              profile_prefix: str | None = None, exact_u8s8: bool = True):
     """An ONNX Runtime CPU session; `exact_u8s8` sets ORT_EXACT_U8S8. With it, on x64 CPUs without VNNI ONNX Runtime
