@@ -35,6 +35,7 @@ from zoo import select, zoo, zoo_checkpoint
 RECIPES = {"CFWS two-branch": {"cfws_deploy": "two_branch"},
            "min-max/channel + percentile": {**PLAIN, "weight": "minmax", "activation": "percentile"}}
 WIDTHS = {"8-bit": False, "7-bit (reduce_range)": True}
+KERNELS = (("default", False), ("exact option", True))   # ONNX Runtime session: exact_u8s8
 
 
 def cpu_line() -> str:
@@ -66,11 +67,10 @@ def speed_part(quick: bool, seconds: float, repeats: int, tmp: Path) -> dict:
                                        allow_float=True)}
     for (label, width), q in quantized_models(model, calib).items():
         paths[(label, width)] = export_onnx(q, tmp / f"{label[:6]}_{width[0]}.onnx".replace(" ", "_"), calib[:1])
-    kinds = (("default", False), ("exact option", True))
-    speeds: dict = {key: {kind: {"64": [], "1": []} for kind, _ in kinds} for key in paths}   # json keys
+    speeds: dict = {key: {kind: {"64": [], "1": []} for kind, _ in KERNELS} for key in paths}   # json keys
     for _ in range(repeats):   # interleaved repeats: a slow spell of the machine hits every model alike
         for key, path in paths.items():
-            for kind, exact in kinds:
+            for kind, exact in KERNELS:
                 for b in (64, 1):
                     speeds[key][kind][str(b)].append(throughput(path, [3, size, size], b, seconds, threads=2,
                                                            exact_u8s8=exact))
@@ -97,6 +97,7 @@ def accuracy_part(names: list[str], quick: bool, seeds: list[int], tmp: Path, on
         data = zoo(quick)[name]["data"]
         train_ds, test_ds = repq.load_dataset(data, "train"), repq.load_dataset(data, "test")
         row = {"model": name, "fp": repq.evaluate(model, test_ds)["top1"], "sim": {}, "ort": {}}
+        probe = test_ds.normalize(test_ds.images[:2000])
         for seed in seeds:
             calib = train_ds.calibration_images(32, seed=seed)
             for (label, width), q in quantized_models(model, calib, seed).items():
@@ -107,11 +108,10 @@ def accuracy_part(names: list[str], quick: bool, seeds: list[int], tmp: Path, on
                 path = export_onnx(q, tmp / f"{name}.onnx", calib[:1])
                 row["ort"][key] = {"largest_code": largest_weight_code(path)}
                 predictions = {}
-                for kind, exact in (("default", False), ("exact option", True)):
+                for kind, exact in KERNELS:
                     runtime = OnnxRuntimeModel(path, exact_u8s8=exact)
                     row["ort"][key][kind] = repq.evaluate(runtime, test_ds)["top1"]
-                    images = test_ds.normalize(test_ds.images[:2000])
-                    predictions[kind] = runtime(images).argmax(1)
+                    predictions[kind] = runtime(probe).argmax(1)
                 row["ort"][key]["same_prediction"] = float(
                     (predictions["default"] == predictions["exact option"]).float().mean() * 100)
         print(row, flush=True)
