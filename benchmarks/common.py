@@ -45,6 +45,19 @@ def machine() -> str:
             f"{torch.get_num_threads()} threads, {date.today().isoformat()}")
 
 
+def cpu_line() -> str:
+    """The CPU's model name and whether it has VNNI (from /proc/cpuinfo where there is one)."""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return "CPU: unknown"
+    name = next((ln.split(":", 1)[1].strip() for ln in info.splitlines() if ln.startswith("model name")), "?")
+    flags = set(next((ln.split(":", 1)[1].split() for ln in info.splitlines() if ln.startswith("flags")), []))
+    vnni = sorted(flags & {"avx512_vnni", "avx_vnni"})
+    isa = "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else "SSE"
+    return f"CPU: {name}, {isa}, " + (f"VNNI ({', '.join(vnni)})" if vnni else "no VNNI")
+
+
 def reference_spec(quick: bool = False, oabn: str | None = None) -> dict:
     """The reference recipe; `oabn` names an entry of OABN_VARIANTS (None: plain BN)."""
     spec = QUICK_REFERENCE if quick else REFERENCE
@@ -83,6 +96,20 @@ def kernel_counts(path: Path) -> dict[str, int]:
     return {"QLinearConv": k.get("QLinearConv", 0), "ConvInteger": k.get("ConvInteger", 0),
             "QLinearAdd": k.get("QLinearAdd", 0),
             "float_convs": sum(k.get(op, 0) for op in ("Conv", "FusedConv", "NchwcConv"))}
+
+
+def interleaved_throughput(paths: dict[str, Path], input_shape: list[int], batch: int, seconds: float,
+                           repeats: int = 3) -> dict[str, float]:
+    """ONNX Runtime images/s of every model (repq's sessions, 2 threads), the median of `repeats` rounds that each
+    time every model once in turn: a slow spell of the machine then hits every model alike instead of one."""
+    import statistics
+
+    from repq.export.bench import throughput
+    runs: dict[str, list[float]] = {label: [] for label in paths}
+    for _ in range(repeats):
+        for label, path in paths.items():
+            runs[label].append(throughput(path, input_shape, batch, seconds, threads=2))
+    return {label: statistics.median(v) for label, v in runs.items()}
 
 
 def write_result(name: str, markdown: str, data: dict) -> None:

@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from common import PLAIN, RESULTS, machine, repq, write_result
+from common import PLAIN, RESULTS, cpu_line, machine, repq, write_result
 from repq.export import export_onnx
 from repq.export.bench import throughput
 from repq.export.verify import OnnxRuntimeModel, largest_weight_code
@@ -36,19 +36,6 @@ RECIPES = {"CFWS two-branch": {"cfws_deploy": "two_branch"},
            "min-max/channel + percentile": {**PLAIN, "weight": "minmax", "activation": "percentile"}}
 WIDTHS = {"8-bit": False, "7-bit (reduce_range)": True}
 KERNELS = (("default", False), ("exact option", True))   # ONNX Runtime session: exact_u8s8
-
-
-def cpu_line() -> str:
-    """The CPU's model name and whether it has VNNI (from /proc/cpuinfo where there is one)."""
-    try:
-        info = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return "CPU: unknown"
-    name = next((ln.split(":", 1)[1].strip() for ln in info.splitlines() if ln.startswith("model name")), "?")
-    flags = set(next((ln.split(":", 1)[1].split() for ln in info.splitlines() if ln.startswith("flags")), []))
-    vnni = sorted(flags & {"avx512_vnni", "avx_vnni"})
-    isa = "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else "SSE"
-    return f"CPU: {name}, {isa}, " + (f"VNNI ({', '.join(vnni)})" if vnni else "no VNNI")
 
 
 def quantized_models(model, calib, seed: int = 0) -> dict[tuple[str, str], torch.nn.Module]:

@@ -111,3 +111,82 @@ def test_cli_ptq_and_export_report_the_weight_range(setup, tmp_path, capsys):
     assert main(["export", "--checkpoint", str(tmp_path / "w.pt"), "--onnx", str(tmp_path / "w.onnx")]) == 0
     out = capsys.readouterr().out
     assert "reach +-127" in out and "session.x64quantprecision=1" in out and "--reduce-range" in out
+
+
+# ---------------------------------------------------------------- QATConfig.reduce_range
+def _train_briefly(qat, train_ds):
+    repq.train(qat, train_ds, repq.TrainConfig(epochs=1, lr=0.01, weight_decay=0.0, max_steps_per_epoch=4),
+               progress=False)   # codebook refits and LSQ step updates happen: the range must survive them
+
+
+@pytest.mark.parametrize("method", ["lsq", "cluster"])
+def test_qat_reduce_range_keeps_trained_codes_within_63_and_is_exact_in_the_default_kernels(
+        trained_digits_model, digits, tmp_path, method):
+    """QAT with reduce_range: after training and conversion every integer layer (edges at 8 -> 7 bits included)
+    has codes within +-63, read back from the ONNX initializers with onnx; ONNX Runtime's default and exact kernels
+    then agree bit for bit, and both match the converted model. Without it the same recipe reaches beyond 64."""
+    train_ds, test_ds = digits
+    extra = {"codebook_grid": "int8", "refit_every": 2} if method == "cluster" else {}
+    config = dict(method=method, w_bits=8 if method == "lsq" else 4, a_bits=8, quantize_pool=True, **extra)
+    x = test_ds.normalize(test_ds.images)
+    paths = {}
+    for reduce in (False, True):
+        torch.manual_seed(0)
+        qat = repq.prepare_qat(trained_digits_model, repq.QATConfig(reduce_range=reduce, **config), train_ds)
+        _train_briefly(qat, train_ds)
+        q = repq.convert_qat(qat)
+        codes = module_codes(q)
+        edges = set(q.repq_quant["edges"]["input"]) | set(q.repq_quant["edges"]["output"])
+        assert edges and set(codes) >= edges
+        paths[reduce] = export_onnx(q, tmp_path / f"{method}_{reduce}.onnx", x[:1])
+        stored = int(np.abs(int8_initializers(paths[reduce])).max())
+        if not reduce:
+            assert stored > U8S8_EXACT_LIMIT
+            continue
+        assert max(codes.values()) <= 63 and stored <= 63 and largest_weight_code(paths[reduce]) == stored
+        assert all(q.repq_quant["layers"][n]["w_bits"] <= 7 for n in codes)
+        fast = OnnxRuntimeModel(paths[reduce], exact_u8s8=False)(x).numpy()
+        exact = OnnxRuntimeModel(paths[reduce], exact_u8s8=True)(x).numpy()
+        np.testing.assert_array_equal(fast, exact)
+        with torch.no_grad():
+            sim = q(x).numpy()
+        assert_parity(sim, fast, test_ds.labels.numpy())
+
+
+def test_qat_reduce_range_codebook_lies_on_the_63_grid(trained_digits_model, digits):
+    from repq.quant.qat_modules import CodebookQuantizer, snap_to_int8_grid
+    c = torch.tensor([-0.31, -0.02, 0.0049, 0.5])
+    step = 0.5 / 63   # independent: the grid of max |centroid| / 63
+    assert torch.allclose(snap_to_int8_grid(c, 63), torch.round(c / step) * step)
+    train_ds, _ = digits
+    qat = repq.prepare_qat(trained_digits_model, repq.QATConfig(method="cluster", w_bits=4, a_bits=8,
+                                                                codebook_grid="int8", reduce_range=True), train_ds)
+    _train_briefly(qat, train_ds)
+    books = [m for m in qat.modules() if isinstance(m, CodebookQuantizer)]
+    assert books and all(b.grid_max == 63 for b in books)
+    for b in books:
+        units = b.codebook / (b.codebook.abs().max() / 63)
+        assert torch.allclose(units, units.round(), atol=1e-4) and units.abs().max() <= 63 + 1e-4
+    assert max(b.codebook.numel() for b in books) == 2 ** 7      # the 8-bit edge layers: 7-bit indices
+
+
+def test_qat_reduce_range_refusals_and_cli(trained_digits_model, tmp_path, capsys):
+    from repq.cli import main
+    with pytest.raises(RepqError, match="codebook_grid='int8'"):
+        repq.QATConfig(method="cluster", reduce_range=True).validate()
+    repq.save_checkpoint(tmp_path / "fp.pt", trained_digits_model, data="digits")
+    base = ["qat", "--checkpoint", str(tmp_path / "fp.pt"), "--data", "digits", "--epochs", "1", "--max-steps", "2"]
+    assert main(base + ["--reduce-range", "--out", str(tmp_path / "c.pt")]) == 2
+    err = capsys.readouterr().err
+    assert "--reduce-range" in err and "--codebook-grid int8" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "c.pt").exists()
+    assert main(base + ["--method", "lsq", "--w-bits", "8", "--a-bits", "8", "--reduce-range",
+                        "--out", str(tmp_path / "r.pt")]) == 0
+    assert "QAT lsq W8A8, weights <= 7 bits" in capsys.readouterr().out
+    assert main(["export", "--checkpoint", str(tmp_path / "r.pt"), "--onnx", str(tmp_path / "r.onnx")]) == 0
+    assert "stay within +-63" in capsys.readouterr().out
+    assert main(base + ["--method", "lsq", "--w-bits", "8", "--a-bits", "8", "--json",
+                        "--out", str(tmp_path / "w.pt")]) == 0
+    capsys.readouterr()
+    assert main(["export", "--checkpoint", str(tmp_path / "w.pt"), "--onnx", str(tmp_path / "w.onnx")]) == 0
+    assert "`repq qat --reduce-range`" in capsys.readouterr().out

@@ -430,10 +430,13 @@ def cmd_qat(args: argparse.Namespace) -> None:
     cluster_defaults = {"codebook": "refit", "refit_every": 100, "lloyd_iters": 3, "codebook_grid": "free",
                         "codebook_scale": "layer"}
     options = {o: getattr(args, o) if getattr(args, o) is not None else d for o, d in cluster_defaults.items()}
+    if args.reduce_range and args.method == "cluster" and options["codebook_grid"] != "int8":
+        raise RepqError("--reduce-range narrows integer weight codes, and a free codebook deploys as float convs: "
+                        "add --codebook-grid int8 (or use --method lsq)")
     config = repq.QATConfig(method=args.method, w_bits=args.w_bits, a_bits=args.a_bits,
                             edge_bits=args.edge_bits or None, num_samples=args.calib, seed=args.seed,
                             quantize_pool=args.quantize_pool, affine_activations=args.affine_activations,
-                            **options)
+                            reduce_range=args.reduce_range, **options)
     try:
         config.validate()
     except RepqError as err:
@@ -470,7 +473,8 @@ def cmd_qat(args: argparse.Namespace) -> None:
     qmodel = repq.convert_qat(qat_model)
     if rank != 0:
         return
-    rows.append([f"QAT {args.method} W{args.w_bits}A{args.a_bits}", repq.evaluate(qmodel, test_ds)])
+    rows.append([f"QAT {args.method} W{args.w_bits}A{args.a_bits}"
+                 + (", weights <= 7 bits" if config.reduce_range else ""), repq.evaluate(qmodel, test_ds)])
     metrics = {"fp": rows[0][1], "start": rows[1][1], "qat": rows[2][1]}
     repq.save_checkpoint(args.out, qmodel, source=str(args.checkpoint), data=args.data, metrics=metrics,
                          history=history, data_meta=data_meta(train_ds))
@@ -550,6 +554,13 @@ def cmd_eval(args: argparse.Namespace) -> None:
     gate = rows[next(k for k in rows if "ONNX" in k)] if args.runtime == "ort" else rows[payload["kind"]]
     if args.min_top1 is not None and not gate["top1"] >= args.min_top1:
         raise CheckFailed(f"--min-top1: top-1 {gate['top1']:.2f} is below {args.min_top1:.2f}")
+
+
+def _reduce_range_remedy(quant: dict) -> str:
+    """The command that gives this quantized checkpoint 7-bit weights again: its own kind of quantization."""
+    if quant.get("qat"):
+        return ("repq qat --reduce-range" + (" --codebook-grid int8" if quant["qat"].get("method") == "cluster" else ""))
+    return "repq ptq --reduce-range"
 
 
 def cmd_export(args: argparse.Namespace) -> None:
@@ -650,14 +661,15 @@ def cmd_export(args: argparse.Namespace) -> None:
                   f"network with the dequantized weights, float; ONNX Runtime CPU, {os.cpu_count()} cores"
                   f", session option {ORT_EXACT_U8S8[0]}={ORT_EXACT_U8S8[1]}"
                   + (f" (on CPUs without VNNI, ONNX Runtime runs the layers with weight codes beyond "
-                     f"+-{U8S8_EXACT_LIMIT} on slower exact kernels; `repq ptq --reduce-range` avoids that)"
+                     f"+-{U8S8_EXACT_LIMIT} on slower exact kernels; `{_reduce_range_remedy(quant)}` avoids that)"
                      if b["largest_weight_code"] > U8S8_EXACT_LIMIT else ""))
     human += (f"\nnext: run it with onnxruntime.InferenceSession('{target}') (input 'input', NCHW float32, "
               "normalized as the training data)")
     if result["largest_weight_code"] > U8S8_EXACT_LIMIT:
         human += (f"; its int8 weight codes reach +-{result['largest_weight_code']}: on x64 CPUs without VNNI set "
                   f"the session option {ORT_EXACT_U8S8[0]}={ORT_EXACT_U8S8[1]} (exact, slower there), or its int8 "
-                  "convs may saturate; `repq ptq --reduce-range` keeps the codes within +-63, exact at full speed")
+                  f"convs may saturate; `{_reduce_range_remedy(quant)}` keeps the codes within +-63, exact at full "
+                  "speed")
     elif result["largest_weight_code"]:
         human += (f"; its int8 weight codes stay within +-{result['largest_weight_code']}: exact in ONNX Runtime's "
                   "default kernels on any x64 CPU")
@@ -863,6 +875,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--affine-activations", action="store_true",
                    help="inputs with negative values (SiLU outputs) get unsigned codes with a learned zero point "
                         "(LSQ+) instead of a signed symmetric grid")
+    p.add_argument("--reduce-range", action="store_true",
+                   help="integer weights within +-63 (LSQ: at most 7 bits; cluster with --codebook-grid int8: a grid "
+                        "of max |centroid| / 63), edge layers included, so ONNX Runtime's fast u8 x s8 kernels stay "
+                        "exact on x64 CPUs without VNNI (docs/results/saturation.md)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-steps", type=positive_int, default=None, help="cap steps per epoch (smoke runs)")
     p.add_argument("--out", required=True, help="quantized checkpoint to write")

@@ -253,7 +253,8 @@ def qat(args: argparse.Namespace, model, payload: dict[str, Any], config, device
     qmodel = repq.convert_qat(qat_model)
     if rank != 0:
         return {}
-    rows.append([f"QAT {args.method} W{args.w_bits}A{args.a_bits}", evaluate_detection(qmodel, test_ds)])
+    rows.append([f"QAT {args.method} W{args.w_bits}A{args.a_bits}"
+                 + (", weights <= 7 bits" if config.reduce_range else ""), evaluate_detection(qmodel, test_ds)])
     metrics = {"fp": rows[0][1], "start": rows[1][1], "qat": rows[2][1]}
     repq.save_checkpoint(args.out, qmodel, source=str(args.checkpoint), data=args.data, metrics=metrics,
                          history=history, data_meta=data_meta(train_ds))

@@ -35,7 +35,7 @@ from repq.quant.qat_modules import (
     QATLinear,
     lsq_weight_quantizer,
 )
-from repq.quant.weights import QuantizedWeight
+from repq.quant.weights import REDUCED_WEIGHT_BITS, QuantizedWeight
 from repq.reparam.model import fuse_blocks
 from repq.reparam.verify import guess_example
 
@@ -68,6 +68,10 @@ class QATConfig:
                                         # (None: same as the rest)
     quantize_pool: bool = False         # also quantize the global-pool input (at the last layer's width), trained
                                         # like the others: the last conv then runs fused in ONNX Runtime
+    reduce_range: bool = False          # integer weights (LSQ; an int8-grid codebook) within +-63, edge layers
+                                        # included: exact in ONNX Runtime's fast u8 x s8 kernels on x64 CPUs
+                                        # without VNNI, as PTQConfig.reduce_range (LSQ: at most 7 bits; cluster:
+                                        # the grid of max |centroid| / 63, and at most 2^7 centroids)
     num_samples: int = 32
     seed: int = 0
 
@@ -88,6 +92,9 @@ class QATConfig:
         if self.activation_init not in ACTIVATION_METHODS:
             raise RepqError(f"unknown activation_init '{self.activation_init}'; "
                             f"choose one of {', '.join(ACTIVATION_METHODS)}")
+        if self.reduce_range and self.method == "cluster" and self.codebook_grid != "int8":
+            raise RepqError("reduce_range narrows integer weight codes, and a free codebook deploys as float convs: "
+                            "use codebook_grid='int8' (or method='lsq')")
         if self.refit_every < 0 or self.lloyd_iters < 1 or self.num_samples < 1:
             raise RepqError("refit_every must be >= 0, lloyd_iters and num_samples >= 1")
 
@@ -130,6 +137,9 @@ def prepare_qat(model: nn.Module, config: QATConfig | None = None, calib_data: A
         images = images.to(next(fused.parameters()).device)
     first, last = _edges(fused, images, names)
     bits = layer_widths(names, config.w_bits, config.a_bits, config.edge_bits, set(first) | set(last))
+    if config.reduce_range:
+        bits = {n: (min(w, REDUCED_WEIGHT_BITS), a) for n, (w, a) in bits.items()}
+    grid_max = 2 ** (REDUCED_WEIGHT_BITS - 1) - 1 if config.reduce_range else 127
     for name in names:
         layer = fused.get_submodule(name)
         w_bits, a_bits = bits[name]
@@ -138,7 +148,7 @@ def prepare_qat(model: nn.Module, config: QATConfig | None = None, calib_data: A
         else:
             weight_q = CodebookQuantizer(layer.weight, w_bits, config.codebook, config.refit_every,
                                          config.lloyd_iters, int8_grid=config.codebook_grid == "int8",
-                                         scale=config.codebook_scale).to(layer.weight.device)
+                                         scale=config.codebook_scale, grid_max=grid_max).to(layer.weight.device)
         input_q = LSQQuantizer(a_bits, signed=True, init=config.activation_init,
                                allow_unsigned=config.unsigned_activations,
                                affine=config.affine_activations).to(layer.weight.device)
@@ -221,19 +231,21 @@ def convert_qat(qat_model: nn.Module) -> nn.Module:
             new.set_quantized_weight(QuantizedWeight(codes, step))
             spec = {"coarse": None}
         elif wq.int8_grid:   # the codebook lies on an int8 grid: uniform int8 codes, fused int8 convs
-            new = (QuantConv2d if conv else QuantLinear).from_float(layer, 8, a_bits, None)
+            grid_bits = int(wq.grid_max).bit_length() + 1   # 127: 8 bits, 63 (reduce_range): 7
+            new = (QuantConv2d if conv else QuantLinear).from_float(layer, grid_bits, a_bits, None)
             codes = wq.int8_codes(wq.codebook.detach(), wq.indices(layer.weight), wq.channel_scale(layer.weight))
             scale = wq.grid_scale(layer.weight).expand(layer.weight.shape[0]).clone()
             new.set_quantized_weight(QuantizedWeight(codes, scale))
             spec = {"coarse": None, "codebook_grid": {"entries": wq.codebook.numel(), "bits": w_bits,
-                                                      "scale": wq.scale}}
+                                                      "scale": wq.scale, "grid_bits": grid_bits}}
         else:
             new = (CodebookConv2d if conv else CodebookLinear).from_float(layer, w_bits, a_bits,
                                                                           per_channel=wq.scale == "channel")
             new.set_codebook(wq.indices(layer.weight), wq.codebook.detach(), wq.channel_scale(layer.weight))
             spec = {"coarse": None, "codebook": wq.codebook.numel(), "codebook_scale": wq.scale}
         replace_module(model, name, new)
-        layers[name] = {**spec, "w_bits": 8 if "codebook_grid" in spec else w_bits, "a_bits": a_bits,
+        layers[name] = {**spec, "w_bits": spec["codebook_grid"]["grid_bits"] if "codebook_grid" in spec else w_bits,
+                        "a_bits": a_bits,
                         **_deploy_activation(new.input_quantizer, act, name)}
     pools: dict[str, dict[str, Any]] = {}
     for name, pool in list(model.named_modules()):
@@ -245,5 +257,5 @@ def convert_qat(qat_model: nn.Module) -> nn.Module:
     widened = fit_biases({n: model.get_submodule(n) for n in layers})
     del model.repq_qat
     model.repq_quant = {"qat": meta["qat"], "layers": layers, "pools": pools, "input_shape": meta.get("input_shape"),
-                        "bias_grid_widened": widened}
+                        "edges": meta["edges"], "bias_grid_widened": widened}
     return model

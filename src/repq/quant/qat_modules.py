@@ -166,17 +166,19 @@ class CodebookQuantizer(nn.Module):
     """
 
     def __init__(self, weight: Tensor, bits: int, mode: str = "refit", refit_every: int = 100, lloyd_iters: int = 3,
-                 init_iters: int = 30, int8_grid: bool = False, scale: str = "layer"):
+                 init_iters: int = 30, int8_grid: bool = False, scale: str = "layer", grid_max: int = 127):
         super().__init__()
+        if not 1 <= grid_max <= 127:
+            raise RepqError(f"grid_max must be between 1 and 127, got {grid_max}")
         if mode not in ("refit", "learned"):
             raise RepqError(f"unknown codebook mode '{mode}'; choose 'refit' or 'learned'")
         if scale not in CODEBOOK_SCALES:
             raise RepqError(f"unknown codebook scale '{scale}'; choose one of {', '.join(CODEBOOK_SCALES)}")
         self.bits, self.mode, self.refit_every, self.lloyd_iters = bits, mode, refit_every, lloyd_iters
-        self.int8_grid, self.scale = int8_grid, scale
+        self.int8_grid, self.scale, self.grid_max = int8_grid, scale, grid_max
         codebook = kmeans_1d(self.normalized(weight), 2 ** bits, init_iters)
         if int8_grid:
-            codebook = snap_to_int8_grid(codebook)
+            codebook = snap_to_int8_grid(codebook, grid_max)
         if mode == "learned":
             self.codebook = nn.Parameter(codebook)
         else:
@@ -204,11 +206,11 @@ class CodebookQuantizer(nn.Module):
         if self.training and self.mode == "refit" and self.refit_every > 0:
             if int(self.steps) > 0 and int(self.steps) % self.refit_every == 0:
                 refit = lloyd_steps(values, self.codebook, self.lloyd_iters)
-                self.codebook.copy_(snap_to_int8_grid(refit) if self.int8_grid else refit)
+                self.codebook.copy_(snap_to_int8_grid(refit, self.grid_max) if self.int8_grid else refit)
             self.steps += 1
         codebook = self.codebook
         if self.int8_grid and self.mode == "learned":   # the learned values move freely; the forward snaps them
-            codebook = codebook + (snap_to_int8_grid(codebook) - codebook).detach()
+            codebook = codebook + (snap_to_int8_grid(codebook, self.grid_max) - codebook).detach()
         idx = assign(values, codebook)
         if self.mode == "learned":
             # The gradient of a centroid is the sum over its weights; divided by their number, a centroid moves at
@@ -224,23 +226,22 @@ class CodebookQuantizer(nn.Module):
             quantized = codebook[idx] * along_axis(scale, w, 0)
         return quantized + (w - w.detach())
 
-    @staticmethod
-    def int8_codes(codebook: Tensor, idx: Tensor, scale: Tensor | None) -> Tensor:
+    def int8_codes(self, codebook: Tensor, idx: Tensor, scale: Tensor | None) -> Tensor:
         """The int8 code of every weight on the codebook's grid (straight-through to the codebook); zero in an
         all-zero channel of a per-channel codebook. Shared by the forward and `convert_qat`."""
-        codes = codebook / int8_grid_scale(codebook.detach())
+        codes = codebook / int8_grid_scale(codebook.detach(), self.grid_max)
         codes = (codes + (torch.round(codes) - codes).detach())[idx]
         return codes if scale is None else codes * along_axis(scale > 0, idx, 0)
 
     def extra_repr(self) -> str:
         return (f"bits={self.bits}, mode={self.mode}, refit_every={self.refit_every}, scale={self.scale}"
-                + (", int8 grid" if self.int8_grid else ""))
+                + (f", int8 grid (codes within +-{self.grid_max})" if self.int8_grid else ""))
 
     def grid_scale(self, w: Tensor | None = None) -> Tensor:
-        """The scale of the int8 grid the weights lie on: max |centroid| / 127, times each channel's scale (per
-        output channel, from the latent weights `w`; 1 for an all-zero channel, whose codes are 0) for a
+        """The scale of the int8 grid the weights lie on: max |centroid| / grid_max, times each channel's scale
+        (per output channel, from the latent weights `w`; 1 for an all-zero channel, whose codes are 0) for a
         per-channel codebook."""
-        grid = int8_grid_scale(self.codebook.detach())
+        grid = int8_grid_scale(self.codebook.detach(), self.grid_max)
         scale = None if w is None else self.channel_scale(w)
         if scale is None:
             if self.scale != "layer":
@@ -256,17 +257,18 @@ def _nonzero(scale: Tensor) -> Tensor:
     return torch.where(scale > 0, scale, torch.ones_like(scale))
 
 
-def int8_grid_scale(codebook: Tensor) -> Tensor:
+def int8_grid_scale(codebook: Tensor, grid_max: int = 127) -> Tensor:
     amax = codebook.detach().abs().max()
-    return torch.where(amax > 0, amax / 127.0, torch.ones_like(amax))
+    return torch.where(amax > 0, amax / float(grid_max), torch.ones_like(amax))
 
 
-def snap_to_int8_grid(codebook: Tensor) -> Tensor:
-    """Centroids moved to the nearest multiple of one per-layer scale (max |centroid| / 127): every weight of the
-    layer is then an int8 code times that scale, so the deployed layer runs as a fused int8 conv while it keeps
-    at most 2^b distinct values (b-bit indices + codebook)."""
-    scale = int8_grid_scale(codebook)
-    return torch.clamp(torch.round(codebook / scale), -127, 127) * scale
+def snap_to_int8_grid(codebook: Tensor, grid_max: int = 127) -> Tensor:
+    """Centroids moved to the nearest multiple of one per-layer scale (max |centroid| / grid_max): every weight of
+    the layer is then an int8 code within +-grid_max times that scale, so the deployed layer runs as a fused int8
+    conv while it keeps at most 2^b distinct values (b-bit indices + codebook). grid_max 63 is QATConfig's
+    reduce_range (codes exact in ONNX Runtime's u8 x s8 kernels on CPUs without VNNI)."""
+    scale = int8_grid_scale(codebook, grid_max)
+    return torch.clamp(torch.round(codebook / scale), -grid_max, grid_max) * scale
 
 
 class QATLayerMixin:
