@@ -67,15 +67,13 @@ def run_model(name: str, quick: bool, pairs: list[tuple[int, int]], steps: int, 
                                    "top1_ort": check["top1_onnxruntime"], "agreement": check["argmax_agreement"],
                                    **{k: kernels[k] for k in ("QLinearConv", "ConvInteger", "float_convs")},
                                    "largest_code": largest_weight_code(path)})
-            paths[len(result["rows"]) - 1] = path
+            paths[f"row {len(result['rows']) - 1}"] = path
             print(result["rows"][-1], flush=True)
     speeds = interleaved_throughput(paths, shape, 64, seconds, repeats)
-    for key, value in speeds.items():
-        if isinstance(key, int):
-            result["rows"][key]["images_per_s"] = value
-        else:
-            result[key] = value
-    result["repeats"] = repeats
+    for i, row in enumerate(result["rows"]):
+        row["images_per_s"] = speeds[f"row {i}"]
+    result.update({key: speeds[key] for key in ("fp32_images_per_s", "minmax_images_per_s",
+                                                "minmax_7bit_images_per_s")}, repeats=repeats)
     print(name, {k: v for k, v in result.items() if k != "rows"}, flush=True)
     result["snap_cost"] = {}   # grid -> bits -> top-1 of the snapped codebook minus the free one
     for grid in [g for g in GRIDS if g != "free"]:

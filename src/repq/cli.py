@@ -430,9 +430,6 @@ def cmd_qat(args: argparse.Namespace) -> None:
     cluster_defaults = {"codebook": "refit", "refit_every": 100, "lloyd_iters": 3, "codebook_grid": "free",
                         "codebook_scale": "layer"}
     options = {o: getattr(args, o) if getattr(args, o) is not None else d for o, d in cluster_defaults.items()}
-    if args.reduce_range and args.method == "cluster" and options["codebook_grid"] != "int8":
-        raise RepqError("--reduce-range narrows integer weight codes, and a free codebook deploys as float convs: "
-                        "add --codebook-grid int8 (or use --method lsq)")
     config = repq.QATConfig(method=args.method, w_bits=args.w_bits, a_bits=args.a_bits,
                             edge_bits=args.edge_bits or None, num_samples=args.calib, seed=args.seed,
                             quantize_pool=args.quantize_pool, affine_activations=args.affine_activations,
@@ -440,6 +437,9 @@ def cmd_qat(args: argparse.Namespace) -> None:
     try:
         config.validate()
     except RepqError as err:
+        if "reduce_range" in str(err):   # name the flags, not the Python fields
+            raise RepqError("--reduce-range narrows integer weight codes, and a free codebook deploys as float "
+                            "convs: add --codebook-grid int8 (or use --method lsq)") from None
         raise RepqError(f"{err} (check --w-bits, --a-bits, --edge-bits)") from None
     device = resolve_device(args.device, amp=args.amp)
     model, payload = repq.load_checkpoint(args.checkpoint)
