@@ -211,7 +211,7 @@ def measure_ptq(rows: Rows, name: str, model, train, val, seeds, quick: bool) ->
     def sensitivity():
         from repq.analysis.sensitivity import layer_sensitivity
         q = repq.quantize(model, train.calibration_images(32, 0), repq.PTQConfig(**naive))
-        subset = val.subset(64 if quick else 200)
+        subset = val.subset(16 if quick else 200)   # quick: one evaluation per layer, so a quarter of its scenes
         base, ranking = layer_sensitivity(q, lambda net: evaluate_detection(net, subset)["map"])
         return {"float_map": base, "images": len(subset), "ranking": ranking}
     ranking = rows.get(f"{name}|sensitivity|naive", sensitivity)["ranking"]
