@@ -61,7 +61,8 @@ def main() -> None:
                        "images_per_s": {b: speeds[b][label] for b in (64, 1)}}
         print(label, rows[label], flush=True)
     cmd = "python benchmarks/cfws_deploy_224.py" + (" --quick" if args.quick else "")
-    lines = [f"# INT8 deployments at {size}x{size}: RepVGG-A0 ({'quarter width, 10' if args.quick else 'full width, 1000'} classes) in ONNX Runtime", "",
+    width = "quarter width, 10" if args.quick else "full width, 1000"
+    lines = [f"# INT8 deployments at {size}x{size}: RepVGG-A0 ({width} classes) in ONNX Runtime", "",
              f"Command: `{cmd}`", f"Machine: {machine()}; {cpu_line()}; ONNX Runtime CPU provider, 2 threads, "
              f"session option session.x64quantprecision=1 (repq's sessions: exact u8 x s8 products on CPUs without "
              f"VNNI, where the layers with weight codes beyond +-64 run on slower u8 x u8 kernels); random inputs, "
