@@ -248,10 +248,8 @@ def _widths(fused: nn.Module, config: PTQConfig, keep_float: set[str],
     names = [n for n, m in fused.named_modules() if isinstance(m, _PARAMETRIC) and n not in keep_float]
     if not names:
         raise RepqError("the model has no Conv2d or Linear layer to quantize")
-    widths = layer_widths(names, config.w_bits, config.a_bits, config.edge_bits, set(edges[0]) | set(edges[1]))
-    if config.reduce_range:
-        widths = {n: (min(w, REDUCED_WEIGHT_BITS), a) for n, (w, a) in widths.items()}
-    return widths
+    return layer_widths(names, config.w_bits, config.a_bits, config.edge_bits, set(edges[0]) | set(edges[1]),
+                        REDUCED_WEIGHT_BITS if config.reduce_range else None)
 
 
 def _quantize_weights(fused: nn.Module, config: PTQConfig, keep_float: set[str] = frozenset(),

@@ -136,10 +136,9 @@ def prepare_qat(model: nn.Module, config: QATConfig | None = None, calib_data: A
                           stacklevel=2)
         images = images.to(next(fused.parameters()).device)
     first, last = _edges(fused, images, names)
-    bits = layer_widths(names, config.w_bits, config.a_bits, config.edge_bits, set(first) | set(last))
-    if config.reduce_range:
-        bits = {n: (min(w, REDUCED_WEIGHT_BITS), a) for n, (w, a) in bits.items()}
-    grid_max = 2 ** (REDUCED_WEIGHT_BITS - 1) - 1 if config.reduce_range else 127
+    grid_bits = REDUCED_WEIGHT_BITS if config.reduce_range else 8
+    bits = layer_widths(names, config.w_bits, config.a_bits, config.edge_bits, set(first) | set(last),
+                        REDUCED_WEIGHT_BITS if config.reduce_range else None)
     for name in names:
         layer = fused.get_submodule(name)
         w_bits, a_bits = bits[name]
@@ -148,7 +147,7 @@ def prepare_qat(model: nn.Module, config: QATConfig | None = None, calib_data: A
         else:
             weight_q = CodebookQuantizer(layer.weight, w_bits, config.codebook, config.refit_every,
                                          config.lloyd_iters, int8_grid=config.codebook_grid == "int8",
-                                         scale=config.codebook_scale, grid_max=grid_max).to(layer.weight.device)
+                                         scale=config.codebook_scale, grid_bits=grid_bits).to(layer.weight.device)
         input_q = LSQQuantizer(a_bits, signed=True, init=config.activation_init,
                                allow_unsigned=config.unsigned_activations,
                                affine=config.affine_activations).to(layer.weight.device)
@@ -231,13 +230,12 @@ def convert_qat(qat_model: nn.Module) -> nn.Module:
             new.set_quantized_weight(QuantizedWeight(codes, step))
             spec = {"coarse": None}
         elif wq.int8_grid:   # the codebook lies on an int8 grid: uniform int8 codes, fused int8 convs
-            grid_bits = int(wq.grid_max).bit_length() + 1   # 127: 8 bits, 63 (reduce_range): 7
-            new = (QuantConv2d if conv else QuantLinear).from_float(layer, grid_bits, a_bits, None)
+            new = (QuantConv2d if conv else QuantLinear).from_float(layer, wq.grid_bits, a_bits, None)
             codes = wq.int8_codes(wq.codebook.detach(), wq.indices(layer.weight), wq.channel_scale(layer.weight))
             scale = wq.grid_scale(layer.weight).expand(layer.weight.shape[0]).clone()
             new.set_quantized_weight(QuantizedWeight(codes, scale))
             spec = {"coarse": None, "codebook_grid": {"entries": wq.codebook.numel(), "bits": w_bits,
-                                                      "scale": wq.scale, "grid_bits": grid_bits}}
+                                                      "scale": wq.scale, "grid_bits": wq.grid_bits}}
         else:
             new = (CodebookConv2d if conv else CodebookLinear).from_float(layer, w_bits, a_bits,
                                                                           per_channel=wq.scale == "channel")

@@ -63,10 +63,16 @@ def widens_edges(edge_bits: int | None, w_bits: int, a_bits: int) -> bool:
     return edge_bits is not None and edge_bits > min(w_bits, a_bits)
 
 
-def layer_widths(names: list[str], w_bits: int, a_bits: int, edge_bits: int | None, edges: set[str]
-                 ) -> dict[str, tuple[int, int]]:
+def layer_widths(names: list[str], w_bits: int, a_bits: int, edge_bits: int | None, edges: set[str],
+                 max_w_bits: int | None = None) -> dict[str, tuple[int, int]]:
     """(weight bits, activation bits) per layer: at least `edge_bits` for both on the `edges` layers when it is
-    set, `w_bits` / `a_bits` elsewhere (PTQConfig.edge_bits and QATConfig.edge_bits)."""
+    set, `w_bits` / `a_bits` elsewhere (PTQConfig.edge_bits and QATConfig.edge_bits); weights at most
+    `max_w_bits` everywhere when it is set (reduce_range)."""
     if not widens_edges(edge_bits, w_bits, a_bits):
-        return {n: (w_bits, a_bits) for n in names}
-    return {n: (max(edge_bits, w_bits), max(edge_bits, a_bits)) if n in edges else (w_bits, a_bits) for n in names}
+        widths = {n: (w_bits, a_bits) for n in names}
+    else:
+        widths = {n: (max(edge_bits, w_bits), max(edge_bits, a_bits)) if n in edges else (w_bits, a_bits)
+                  for n in names}
+    if max_w_bits is not None:
+        widths = {n: (min(w, max_w_bits), a) for n, (w, a) in widths.items()}
+    return widths

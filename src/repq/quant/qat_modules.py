@@ -166,19 +166,20 @@ class CodebookQuantizer(nn.Module):
     """
 
     def __init__(self, weight: Tensor, bits: int, mode: str = "refit", refit_every: int = 100, lloyd_iters: int = 3,
-                 init_iters: int = 30, int8_grid: bool = False, scale: str = "layer", grid_max: int = 127):
+                 init_iters: int = 30, int8_grid: bool = False, scale: str = "layer", grid_bits: int = 8):
         super().__init__()
-        if not 1 <= grid_max <= 127:
-            raise RepqError(f"grid_max must be between 1 and 127, got {grid_max}")
+        if not 2 <= grid_bits <= 8:
+            raise RepqError(f"grid_bits must be between 2 and 8, got {grid_bits}")
         if mode not in ("refit", "learned"):
             raise RepqError(f"unknown codebook mode '{mode}'; choose 'refit' or 'learned'")
         if scale not in CODEBOOK_SCALES:
             raise RepqError(f"unknown codebook scale '{scale}'; choose one of {', '.join(CODEBOOK_SCALES)}")
         self.bits, self.mode, self.refit_every, self.lloyd_iters = bits, mode, refit_every, lloyd_iters
-        self.int8_grid, self.scale, self.grid_max = int8_grid, scale, grid_max
+        self.int8_grid, self.scale, self.grid_bits = int8_grid, scale, grid_bits
+        self.grid_max = 2 ** (grid_bits - 1) - 1   # the largest |code| on the grid: 127, or 63 with reduce_range
         codebook = kmeans_1d(self.normalized(weight), 2 ** bits, init_iters)
         if int8_grid:
-            codebook = snap_to_int8_grid(codebook, grid_max)
+            codebook = snap_to_int8_grid(codebook, self.grid_max)
         if mode == "learned":
             self.codebook = nn.Parameter(codebook)
         else:
